@@ -1,0 +1,310 @@
+"""Typed, frozen configuration: one dataclass per concern, loaded from YAML with `--set` overrides.
+
+Every stage takes a `Config`; every run writes the resolved one next to its outputs (`save_config`),
+so a result can always be traced back to exactly the settings that produced it. Errors name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from skinray import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is unknown, of the wrong type or out of range; `key` names it."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key '{key}': {message}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+# === Sections ===
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split.
+
+    Args:
+        archive: folder-per-class archive: a local path or any URI pyarrow.fs reads (s3://, gs://).
+        val_fraction: share of each class's training images held out for validation.
+        seed: seeds the split, the per-epoch shuffle and every augmentation draw.
+        max_pixels: images claiming more pixels than this are refused (decompression-bomb guard).
+        cpus_per_task: CPUs Ray Data reserves for each decode-and-augment task.
+    """
+
+    archive: str = ""
+    val_fraction: float = 0.2
+    seed: int = 0
+    max_pixels: int = 80_000_000
+    cpus_per_task: float = 1.0
+
+    def __post_init__(self):
+        _require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        _require(self.max_pixels > 0, "max_pixels", "must be positive")
+        _require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation, as the seed notebook's ImageDataGenerator, drawn per image and epoch.
+
+    Args:
+        rotation: maximum rotation in degrees, either way.
+        shear: maximum shear factor (tangent of the shear angle), either way.
+        zoom: each axis is scaled by a factor drawn from [1 - zoom, 1 + zoom].
+        width_shift: maximum horizontal shift as a fraction of the width.
+        height_shift: maximum vertical shift as a fraction of the height.
+        horizontal_flip: flip half of the images left to right.
+    """
+
+    rotation: float = 30.0
+    shear: float = 0.2
+    zoom: float = 0.3
+    width_shift: float = 0.2
+    height_shift: float = 0.2
+    horizontal_flip: bool = True
+
+    def __post_init__(self):
+        _require(0.0 <= self.rotation <= 180.0, "rotation", "must be in [0, 180] degrees")
+        _require(0.0 <= self.shear < 1.0, "shear", "must be in [0, 1)")
+        _require(0.0 <= self.zoom < 1.0, "zoom", "must be in [0, 1)")
+        _require(0.0 <= self.width_shift < 1.0, "width_shift", "must be in [0, 1)")
+        _require(0.0 <= self.height_shift < 1.0, "height_shift", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: a registered backbone and the classification head on top of it.
+
+    Args:
+        backbone: a name from the backbone registry (`skinray.models.backbones`).
+        image_size: input side in pixels; 0 means the backbone's native size.
+        weights: 'imagenet', 'none', or a path to a weights file for the backbone.
+        head_units: width of the head's hidden dense layer.
+        head_activation: activation of that layer (any Keras activation name).
+        dropout: dropout before the hidden dense layer.
+        head_dropout: dropout between the hidden dense layer and the logits.
+        l2: L2 penalty on the head's kernels.
+    """
+
+    backbone: str = "resnet50"
+    image_size: int = 0
+    weights: str = "imagenet"
+    head_units: int = 256
+    head_activation: str = "relu"
+    dropout: float = 0.3
+    head_dropout: float = 0.3
+    l2: float = 1e-4
+
+    def __post_init__(self):
+        _require(self.image_size == 0 or 32 <= self.image_size <= 1024, "image_size",
+                 "must be 0 (native) or between 32 and 1024")
+        _require(bool(self.weights), "weights", "must be 'imagenet', 'none' or a path")
+        _require(self.head_units > 0, "head_units", "must be positive")
+        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _require(0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
+        _require(self.l2 >= 0.0, "l2", "must be >= 0")
+
+
+MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
+LR_SCALING = ("linear", "sqrt", "none")
+MONITORS = ("val_macro_f1", "val_accuracy", "val_loss")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Distributed fine-tuning on Ray Train.
+
+    Learning rates are given for `base_batch` images a step; the rate used is scaled to the global
+    batch (`batch_size` x `workers`) by `lr_scaling` (see the README's training section).
+
+    Args:
+        workers: Ray Train workers (one per GPU on a GPU cluster).
+        gpus_per_worker: GPUs each worker reserves; 0 trains on CPUs.
+        cpus_per_worker: CPUs each worker reserves.
+        batch_size: images per worker per step.
+        epochs: total epochs over both phases.
+        head_epochs: epochs of the first phase (backbone frozen); the rest fine-tune.
+        head_lr, finetune_lr: learning rates of the two phases, for `base_batch` images.
+        base_batch: the global batch the learning rates are given for.
+        lr_scaling: 'linear', 'sqrt' or 'none': how rates follow the global batch.
+        unfreeze_top: backbone layers unfrozen in the second phase (counted from the top).
+        label_smoothing: label smoothing of the cross-entropy loss.
+        monitor: the validation metric early stopping, plateau and checkpoint ranking follow.
+        early_stopping_patience: epochs without improvement before a phase stops (0: never).
+        plateau_patience: epochs without improvement before the learning rate is reduced.
+        plateau_factor: factor the learning rate is multiplied by on a plateau.
+        min_lr: the learning rate is never reduced below this.
+        mixed_precision: 'none', 'mixed_float16' (with loss scaling) or 'mixed_bfloat16'.
+        xla: compile the train step with XLA.
+        memory_growth: let TensorFlow grow GPU memory instead of taking it all at start.
+        keep_checkpoints: best checkpoints kept, ranked by `monitor`.
+        max_failures: worker-group failures survived by restarting from the latest checkpoint.
+        run_name: name of the run directory under --out; empty picks backbone and time.
+        kill_rank, kill_at_step: fault injection: that worker kills itself once, at that step.
+    """
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    batch_size: int = 32
+    epochs: int = 10
+    head_epochs: int = 3
+    head_lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    base_batch: int = 32
+    lr_scaling: str = "linear"
+    unfreeze_top: int = 30
+    label_smoothing: float = 0.1
+    monitor: str = "val_macro_f1"
+    early_stopping_patience: int = 5
+    plateau_patience: int = 2
+    plateau_factor: float = 0.2
+    min_lr: float = 1e-6
+    mixed_precision: str = "none"
+    xla: bool = False
+    memory_growth: bool = True
+    keep_checkpoints: int = 3
+    max_failures: int = 2
+    run_name: str = ""
+    kill_rank: int = -1
+    kill_at_step: int = -1
+
+    def __post_init__(self):
+        _require(self.workers >= 1, "workers", "must be >= 1")
+        _require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.epochs >= 1, "epochs", "must be >= 1")
+        _require(0 <= self.head_epochs <= self.epochs, "head_epochs", "must be in [0, epochs]")
+        _require(self.head_lr > 0, "head_lr", "must be positive")
+        _require(self.finetune_lr > 0, "finetune_lr", "must be positive")
+        _require(self.base_batch >= 1, "base_batch", "must be >= 1")
+        _require(self.lr_scaling in LR_SCALING, "lr_scaling", f"must be one of {LR_SCALING}")
+        _require(self.unfreeze_top >= 0, "unfreeze_top", "must be >= 0")
+        _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+        _require(self.monitor in MONITORS, "monitor", f"must be one of {MONITORS}")
+        _require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
+        _require(self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
+        _require(0.0 < self.plateau_factor < 1.0, "plateau_factor", "must be in (0, 1)")
+        _require(self.min_lr >= 0, "min_lr", "must be >= 0")
+        _require(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+                 f"must be one of {MIXED_PRECISION}")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs, one section per concern."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+# === Loading ===
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds a `Config` from defaults, then a YAML file, then `key.sub=value` overrides.
+
+    Example:
+        >>> load_config(overrides=["data.val_fraction=0.1"]).data.val_fraction
+        0.1
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("<root>", f"{path} must hold a mapping of sections")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, "an override must look like section.key=value")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value != "" else "")
+    return from_dict(Config, raw)
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(".".join(parts), f"'{part}' is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a plain mapping, checking keys and types recursively."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(names)})")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        if prefix and not err.key.startswith(prefix):
+            raise ConfigError(f"{prefix}{err.key}", str(err).split(": ", 1)[1]) from None
+        raise
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, f"{key}.")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None:
+            return None
+        hint = options[0]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) and hint is not bool or not isinstance(value, hint):
+            raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {hint}")
+
+
+# === Writing ===
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Writes the resolved config next to a run's outputs; `load_config` reads it back unchanged."""
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path

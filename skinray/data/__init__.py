@@ -1,0 +1,1 @@
+"""The image data layer: archive -> catalog -> decode -> augment -> Ray Data pipeline."""

@@ -1,0 +1,1 @@
+"""Backbone registry and classifier head."""

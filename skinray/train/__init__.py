@@ -1,0 +1,1 @@
+"""Distributed fine-tuning on Ray Train."""

@@ -1,0 +1,101 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from corpus import CASES
+from skinray.data.decode import DecodeError, decode, is_image_name
+
+
+def _decode_case(awkward_files, case, **kw):
+    return decode(awkward_files[case].read_bytes(), **kw)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, _, expect) in CASES.items() if expect != "ok"])
+def test_bad_files_raise_with_reason(awkward_files, case):
+    with pytest.raises(DecodeError) as err:
+        _decode_case(awkward_files, case)
+    assert CASES[case][2] in err.value.reason
+
+
+def test_bomb_under_pillows_limit_is_refused_by_ours():
+    from corpus import bomb_png
+
+    with pytest.raises(DecodeError, match="12000x8000"):
+        decode(bomb_png(12_000, 8_000))  # 96 MP: past skinray's 80 MP default, not Pillow's
+
+
+def test_png_named_jpg_decodes_by_content(awkward_files):
+    image = _decode_case(awkward_files, "png_as_jpg")
+    assert image.mode == "RGB" and image.size == (120, 80)
+    assert np.asarray(image)[40, 60].tolist() == [220, 30, 30]
+
+
+def test_cmyk_jpeg_becomes_the_same_rgb_colour(awkward_files):
+    pixel = np.asarray(_decode_case(awkward_files, "cmyk_jpeg"))[40, 60].astype(int)
+    assert np.abs(pixel - [220, 30, 30]).max() <= 8
+
+
+def test_16bit_png_is_scaled_not_clipped(awkward_files):
+    grey = np.asarray(_decode_case(awkward_files, "png_16bit"))
+    assert grey.dtype == np.uint8 and grey.shape == (16, 64, 3)
+    assert grey[0, 0].tolist() == [0, 0, 0] and grey[0, -1].tolist() == [255, 255, 255]
+    assert 120 <= grey[0, 32, 0] <= 136  # mid-grey stays mid-grey (clipping would give 255)
+
+
+def test_transparency_is_composited_on_white(awkward_files):
+    pixels = np.asarray(_decode_case(awkward_files, "palette_transparent"))
+    assert pixels[16, 5].tolist() == [255, 255, 255]
+    assert pixels[16, 50].tolist() == [0, 200, 0]
+
+
+def test_animated_gif_gives_first_frame(awkward_files):
+    pixel = np.asarray(_decode_case(awkward_files, "animated_gif"))[20, 20].astype(int)
+    assert pixel[0] > 200 and pixel[2] < 50
+
+
+def test_exif_orientation_is_applied(awkward_files):
+    image = _decode_case(awkward_files, "exif_rotated")
+    pixels = np.asarray(image).astype(int)
+    assert image.size == (100, 200)  # upright: portrait
+    assert pixels[20, 50, 2] > 200 and pixels[20, 50, 0] < 60  # blue on top
+    assert pixels[180, 50, 0] > 200 and pixels[180, 50, 2] < 60  # yellow below
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "1", "I", "F"])
+def test_every_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (32, 24), (90, 90, 90)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, "TIFF")
+    out = decode(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (32, 24)
+
+
+def test_large_jpeg_is_decoded_reduced_but_never_below_the_target():
+    big = Image.new("RGB", (2000, 1500), (10, 120, 200))
+    buf = io.BytesIO()
+    big.save(buf, "JPEG")
+    out = decode(buf.getvalue(), min_size=224)
+    assert min(out.size) >= 224 and max(out.size) < 1000
+    full = decode(buf.getvalue())
+    assert full.size == (2000, 1500)
+
+
+def test_large_png_is_box_reduced_to_within_twice_the_target():
+    buf = io.BytesIO()
+    Image.new("RGB", (1200, 900), (10, 120, 200)).save(buf, "PNG")
+    out = decode(buf.getvalue(), min_size=100)
+    assert 100 <= min(out.size) < 200
+
+
+def test_pixel_limit_is_configurable():
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, "PNG")
+    with pytest.raises(DecodeError, match="100x100"):
+        decode(buf.getvalue(), max_pixels=5_000)
+
+
+def test_image_names_are_matched_case_insensitively():
+    assert is_image_name("a.JPG") and is_image_name("b.Png") and is_image_name("c.tiff")
+    assert not is_image_name("notes.txt") and not is_image_name("README")
