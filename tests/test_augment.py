@@ -36,12 +36,14 @@ def test_rotation_by_90_degrees_rotates_the_pixels(square):
     assert np.abs(turned - np.rot90(np.asarray(square), k=1)).max() <= 1
 
 
-def test_shift_moves_content_and_fills_black():
-    image = Image.new("RGB", (100, 100), (200, 200, 200))
-    shifted = warp(image, AffineParams(shift_x=0.25), 100)
-    # Output->input mapping: a positive shift samples from further right, so the right quarter is empty.
-    assert shifted[:, :70].min() == 200
-    assert shifted[:, 80:].max() == 0
+def test_shift_moves_content_and_fills_with_the_nearest_edge():
+    a = np.zeros((100, 100, 3), np.uint8)
+    a[:, :, 0] = np.arange(100, dtype=np.uint8)[None, :]  # red = column index
+    shifted = warp(Image.fromarray(a), AffineParams(shift_x=0.25), 100)
+    # Output->input mapping: a positive shift samples 25 px further right...
+    assert shifted[50, 10, 0] == 35 and shifted[50, 70, 0] == 95
+    # ...and past the right edge repeats the edge column, as fill_mode="nearest".
+    assert (shifted[:, 80:, 0] == 99).all()
 
 
 def test_zoom_below_one_magnifies_the_centre():
@@ -104,7 +106,7 @@ def test_augmentation_inside_a_ray_dataset_equals_the_eager_call(ray_cluster, tm
     cfg = AugmentConfig()
     eager = load_batch({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names},
                        source=source, size=48, augment=cfg, seed=7, epoch=2)
-    batches = list(iter_stream(stream(table, source=source, size=48, batch_size=2, augment=cfg, seed=7, epoch=2)))
+    batches = list(iter_stream(stream(table, source=source, size=48, batch_size=2, augment=cfg, seed=7, epoch=2), 2))
     piped = {p: img for b in batches for p, img in zip(b["path"], b["image"])}
     assert sum(len(b["path"]) for b in batches) == 4
     for path, image in zip(eager["path"], eager["image"]):

@@ -1,0 +1,51 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def messy_archive(sample_archive, awkward_files, tmp_path_factory):
+    """The sample archive, plus a duplicate within train, a train image copied into test, and the
+    awkward corpus as its own class."""
+    root = tmp_path_factory.mktemp("messy")
+    shutil.copytree(sample_archive, root, dirs_exist_ok=True)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    first = sorted((root / "train" / classes[0]).glob("*.jpg"))[0]
+    shutil.copy(first, root / "train" / classes[0] / "copy_of_first.jpg")
+    second = sorted((root / "train" / classes[1]).glob("*.jpg"))[0]
+    shutil.copy(second, root / "test" / classes[1] / "leaked.jpg")
+    shutil.copytree(next(iter(awkward_files.values())).parent, root / "train" / "Odd")
+    return root
+
+
+def test_report(ray_cluster, messy_archive):
+    from skinray.data.check import check_archive, format_report
+
+    report = check_archive(str(messy_archive))
+    assert report["counts"]["test"][report["classes"][1]] == 7
+    assert report["counts"]["train"][report["classes"][0]] == 25
+    assert report["imbalance"]["train"] == pytest.approx(25 / 10)
+    assert report["duplicates_within_split"] == 1 and report["duplicates_across_splits"] == 1
+    leaked = [d for d in report["duplicates"] if d["splits"] == ["test", "train"]][0]
+    assert any(p.endswith("leaked.jpg") for p in leaked["paths"])
+    reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in report["unreadable"]}
+    assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"}
+    assert "empty file" in reasons["empty.jpg"]
+    assert [m["path"].rsplit("/", 1)[-1] for m in report["misnamed"]] == ["really_png.jpg"]
+    assert report["ok"] is False
+    text = format_report(report)
+    assert "PROBLEMS FOUND" in text and "truncated.jpg" in text
+
+
+def test_cli_json_and_exit_codes(ray_cluster, messy_archive, sample_archive):
+    proc = subprocess.run([sys.executable, "-m", "skinray", "data", "check", str(messy_archive), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["duplicates_across_splits"] == 1
+    clean = subprocess.run([sys.executable, "-m", "skinray", "data", "check", str(sample_archive)],
+                           capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.strip().endswith("ok")
