@@ -78,23 +78,23 @@ def ray_rate(paths, size, repeats) -> float:
     import pyarrow.fs as pafs
     import ray
 
-    from skinray.data.pipeline import ImageSource, iter_stream, shard, stream
+    from skinray.data.pipeline import ImageSource, epochs_of_rows, iter_stream, stream
 
     table = pa.table({"path": paths, "label": ["x"] * len(paths),
                       "label_index": pa.array(np.zeros(len(paths)), pa.int32())})
     source = ImageSource(pafs.LocalFileSystem())
 
-    def one_epoch(epoch):
-        rows = shard(table, rank=0, world=1, batch_size=BATCH, seed=0, epoch=epoch, train=True)
+    def epochs(which: range) -> int:
+        rows = epochs_of_rows(table, rank=0, world=1, batch_size=BATCH, seed=0, epochs=which)
         n = 0
         for batch in iter_stream(stream(rows, source=source, size=size, batch_size=BATCH,
-                                        augment=AugmentConfig(), epoch=epoch), BATCH):
+                                        augment=AugmentConfig()), BATCH):
             n += len(batch["image"])
         return n
 
-    one_epoch(99)  # warm: worker processes and imports
+    epochs(range(99, 100))  # warm: worker processes and imports
     start = time.perf_counter()
-    n = sum(one_epoch(e) for e in range(repeats))
+    n = epochs(range(repeats))
     return n / (time.perf_counter() - start)
 
 

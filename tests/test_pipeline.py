@@ -5,7 +5,8 @@ import pytest
 from corpus import CASES
 from skinray.config import AugmentConfig
 from skinray.data.catalog import list_archive
-from skinray.data.pipeline import FailureLog, ImageSource, iter_stream, shard, steps_per_epoch, stream
+from skinray.data.pipeline import (FailureLog, ImageSource, epochs_of_rows, iter_stream, shard,
+                                   steps_per_epoch, stream)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,14 @@ def test_evaluation_shards_cover_every_row_once(catalog):
     assert sorted(p for s in shards for p in s["path"].to_pylist()) == sorted(table["path"].to_pylist())
 
 
-def test_stream_gives_fixed_shape_batches_with_labels(ray_cluster, catalog):
-    table = shard(catalog.split("train"), rank=0, world=1, batch_size=8, seed=0, epoch=0, train=True)
+def test_a_multi_epoch_stream_keeps_its_epochs_in_order(ray_cluster, catalog):
+    table = epochs_of_rows(catalog.split("train"), rank=1, world=2, batch_size=8, seed=0, epochs=range(2, 5))
+    assert table["epoch"].to_pylist() == [2] * 48 + [3] * 48 + [4] * 48
     batches = list(iter_stream(stream(table, source=ImageSource.of(catalog), size=64, batch_size=8,
-                                      augment=AugmentConfig(), epoch=0), 8))
-    assert len(batches) == 12
+                                      augment=AugmentConfig()), 8))
+    assert len(batches) == 3 * steps_per_epoch(96, 2, 8)
+    assert [b["path"].tolist() for b in batches] == [
+        table["path"].to_pylist()[i:i + 8] for i in range(0, table.num_rows, 8)]
     for batch in batches:
         assert batch["image"].shape == (8, 64, 64, 3) and batch["image"].dtype == np.uint8
         assert batch["ok"].all()
@@ -49,7 +53,8 @@ def test_augmentation_is_reproducible_per_epoch_through_ray(ray_cluster, catalog
     source = ImageSource.of(catalog)
 
     def images(epoch):
-        batches = iter_stream(stream(table, source=source, size=48, batch_size=4, augment=AugmentConfig(), epoch=epoch), 4)
+        rows = table.append_column("epoch", pa.array([epoch] * 4, pa.int32()))
+        batches = iter_stream(stream(rows, source=source, size=48, batch_size=4, augment=AugmentConfig()), 4)
         return {p: img for b in batches for p, img in zip(b["path"], b["image"])}
 
     first, again, other = images(0), images(0), images(1)

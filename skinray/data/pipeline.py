@@ -12,6 +12,9 @@ decides what a cluster costs. It is built to carry nothing it does not need:
 * The global shuffle is a permutation of the (small) catalog, drawn per (seed, epoch), and each
   training worker streams its own equal share of it. Equal shares matter: under
   MultiWorkerMirroredStrategy every worker must take the same number of steps.
+* A worker's epochs are one stream (rows carry their epoch), in order: no executor start-up and
+  no empty pipeline at each epoch boundary, and the next epoch's images are decoded while the
+  current one finishes. Resuming at epoch k is a stream that starts at epoch k.
 
 A file that cannot be read or decoded does not stop the stream and is not dropped: its row comes
 out with `ok = False`, an all-black image and the reason in `error`, so the batch keeps its shape,
@@ -64,13 +67,14 @@ def load_batch(
     size: int,
     augment: AugmentConfig | None = None,
     seed: int = 0,
-    epoch: int = 0,
 ) -> dict[str, np.ndarray]:
     """The Ray Data map function: a block of catalog rows -> a batch of model input.
 
-    With `augment`, each image gets its own draw for (seed, epoch, path); without, a plain resize.
+    With `augment`, each image gets its own draw for (seed, epoch, path), the epoch taken from the
+    row's `epoch` column (see `epochs_of_rows`; 0 without one); without, a plain resize.
     """
     paths = batch["path"]
+    epochs = batch["epoch"] if "epoch" in batch else np.zeros(len(paths), np.int32)
     images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     ok = np.ones(len(paths), dtype=bool)
     errors = [""] * len(paths)
@@ -80,7 +84,7 @@ def load_batch(
         except DecodeError as exc:
             ok[i], errors[i] = False, exc.reason
             continue
-        params = sample_params(augment, image_seed(seed, epoch, path)) if augment else IDENTITY
+        params = sample_params(augment, image_seed(seed, int(epochs[i]), path)) if augment else IDENTITY
         images[i] = warp(image, params, size)
     return {
         "image": images,
@@ -113,6 +117,17 @@ def shard(
     return table.take(pa.array(order[rank::world], pa.int64()))
 
 
+def epochs_of_rows(
+    table: pa.Table, *, rank: int, world: int, batch_size: int, seed: int, epochs: range
+) -> pa.Table:
+    """One training worker's rows for several epochs, in order, each row tagged with its epoch."""
+    parts = []
+    for epoch in epochs:
+        rows = shard(table, rank=rank, world=world, batch_size=batch_size, seed=seed, epoch=epoch, train=True)
+        parts.append(rows.append_column("epoch", pa.array(np.full(rows.num_rows, epoch), pa.int32())))
+    return pa.concat_tables(parts) if parts else table.slice(0, 0)
+
+
 def steps_per_epoch(num_rows: int, world: int, batch_size: int) -> int:
     return num_rows // (world * batch_size)
 
@@ -135,13 +150,12 @@ def stream(
     batch_size: int,
     augment: AugmentConfig | None = None,
     seed: int = 0,
-    epoch: int = 0,
     cpus_per_task: float = 1.0,
 ):
     """A Ray Dataset of decoded (and, with `augment`, augmented) images, in blocks of whole batches.
 
     Example:
-        >>> rows = shard(table, rank=0, world=1, batch_size=32, seed=0, epoch=0, train=True)
+        >>> rows = epochs_of_rows(table, rank=0, world=1, batch_size=32, seed=0, epochs=range(10))
         >>> for batch in iter_stream(stream(rows, source=src, size=224, batch_size=32, augment=cfg), 32):
         ...     batch["image"].shape   # (32, 224, 224, 3) uint8
     """
@@ -150,12 +164,15 @@ def stream(
         load_batch,
         batch_size=None,
         num_cpus=cpus_per_task,
-        fn_kwargs=dict(source=source, size=size, augment=augment, seed=seed, epoch=epoch),
+        fn_kwargs=dict(source=source, size=size, augment=augment, seed=seed),
     )
     # Ray Data reserves half of the CPUs for "other operators" by default; this pipeline has one
     # operator, so the reservation only idles cores (on 2 CPUs: one task at a time, 0.4x the
     # throughput; see benchmarks/ingest.py). Backpressure on object-store memory still applies.
     ds.context.op_resource_reservation_enabled = False
+    # In order, so that a training stream's epochs end exactly where its steps say they do. With
+    # tasks of equal size this costs no throughput (measured).
+    ds.context.execution_options.preserve_order = True
     return ds
 
 
