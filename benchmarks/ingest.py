@@ -144,17 +144,16 @@ def main() -> None:
         str(p) for p in (folder / "train").rglob("*.*"))
     print(f"{len(paths)} images in {folder}, {os.cpu_count()} cores")
 
+    # The pools first: forked after ray.init, their workers would inherit Ray's signal handlers.
+    results = {size: {"pool": pool_rate(paths, size, args.repeats),
+                      "decode": pool_rate(paths, size, args.repeats, full_decode=True)}
+               for size in args.sizes}
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    results = {}
     for size in args.sizes:
-        results[size] = {
-            "pool": pool_rate(paths, size, args.repeats),
-            "ray": ray_rate(paths, size, args.repeats),
-            "decode": pool_rate(paths, size, args.repeats, full_decode=True),
-        }
+        results[size]["ray"] = ray_rate(paths, size, args.repeats)
     ray.shutdown()
     for size in args.sizes:
         results[size]["tfdata"] = tfdata_rate(paths, size, args.repeats)

@@ -1,0 +1,98 @@
+"""Backbone + head = the classifier; freezing for the two transfer-learning phases.
+
+The model takes raw uint8 RGB images of the run's input size and returns logits. Its first layer
+applies the backbone's own preprocessing, so a saved `.keras` model is all a scorer needs besides
+the resize: training, bulk scoring and serving cannot disagree about normalisation.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from skinray.config import ModelConfig
+from skinray.models.backbones import BackboneSpec
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="skinray")
+class ImagePreprocessing(keras.layers.Layer):
+    """Raw 0..255 RGB -> the input a backbone was trained on.
+
+    Args:
+        mode: 'caffe' (RGB->BGR, ImageNet mean subtracted; ResNet50), 'tf' (scaled to [-1, 1];
+            InceptionV3) or 'raw' (unchanged; EfficientNetV2 normalises itself).
+
+    Example:
+        >>> ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255, "uint8"))  # all 1.0
+    """
+
+    MODES = ("caffe", "tf", "raw")
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"preprocessing mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+
+    def call(self, images):
+        x = ops.cast(images, self.compute_dtype)
+        if self.mode == "caffe":
+            return ops.flip(x, axis=-1) - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, size: int,
+                     weights: str | None) -> keras.Model:
+    """uint8 images (size x size x 3) -> logits over `num_classes`.
+
+    The backbone is a nested model named "backbone", so freezing can address it as a whole.
+    The logits stay float32 under mixed precision, for a numerically safe softmax and loss.
+    """
+    regularizer = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
+    inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
+    x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(inputs)
+    backbone = spec.build(size, weights)
+    backbone.name = "backbone"
+    x = backbone(x)
+    # === Head ===
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    x = keras.layers.Dense(cfg.head_units, activation=cfg.head_activation, kernel_regularizer=regularizer,
+                           name="hidden")(x)
+    x = keras.layers.Dropout(cfg.head_dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(num_classes, kernel_regularizer=regularizer, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name=f"skinray_{spec.name}")
+
+
+def freeze_backbone(model: keras.Model) -> None:
+    """Phase 1: only the head trains."""
+    model.get_layer("backbone").trainable = False
+
+
+def unfreeze_top(model: keras.Model, count: int, keep_batchnorm_frozen: bool) -> int:
+    """Phase 2: the top `count` layers of the backbone train too; returns how many were unfrozen.
+
+    With pretrained weights, BatchNormalization layers stay frozen (and so in inference mode):
+    their ImageNet statistics are worth more than what small fine-tuning batches would estimate.
+    """
+    backbone = model.get_layer("backbone")
+    backbone.trainable = True
+    layers = [layer for layer in backbone.layers if layer.weights]
+    for layer in layers[: max(len(layers) - count, 0)]:
+        layer.trainable = False
+    unfrozen = layers[max(len(layers) - count, 0):]
+    if keep_batchnorm_frozen:
+        for layer in unfrozen:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    return len(unfrozen)

@@ -1,0 +1,476 @@
+"""What runs inside each Ray Train worker: the two-phase fine-tuning loop with a hand-written step.
+
+Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), so the step
+is written out: `strategy.run` inside a `tf.function`, with the class-weighted, label-smoothed loss,
+loss scaling for mixed_float16 and optional XLA in one place. Keras' optimizer all-reduces the
+gradients when applied in a replica context; each replica's loss is divided by the global batch.
+
+Each worker streams its own equal shard of the training set (skinray.data.pipeline), so every
+worker takes the same number of steps; validation metrics are all-reduced so that every worker
+makes the same early-stopping and learning-rate decisions. Every epoch ends with a checkpoint
+reported together with its metrics (Train V2 keeps only those), and a restarted worker group
+resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from skinray.config import Config, save_config
+from skinray.data.catalog import resolve
+from skinray.data.pipeline import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
+from skinray.evaluate import confusion_metrics
+
+PHASES = ("head", "finetune")
+# Through Ray Train's own logging: a print() in a worker is teed and shows up twice on the driver.
+logger = logging.getLogger("skinray.train")
+logger.setLevel(logging.INFO)
+
+
+@dataclass
+class LoopInputs:
+    """Everything the driver hands each worker (pickled once per worker)."""
+
+    cfg: Config
+    train_rows: pa.Table
+    val_rows: pa.Table
+    classes: list[str]
+    class_weights: list[float]
+    source: ImageSource
+    run_uri: str
+
+
+@dataclass
+class Monitor:
+    """Early stopping and plateau learning-rate reduction on one validation metric.
+
+    Plain Python, so its decisions are easy to test and identical on every worker (they all see
+    the same all-reduced metric). Saved in every checkpoint.
+    """
+
+    mode: str  # "max" or "min"
+    patience: int  # epochs without improvement before a phase stops; 0 never stops
+    plateau_patience: int
+    best: float | None = None
+    best_epoch: int = -1
+    wait: int = 0
+    plateau_wait: int = 0
+
+    def update(self, value: float, epoch: int) -> tuple[bool, bool, bool]:
+        """Returns (improved, reduce_lr, stop_phase) after an epoch's value."""
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_epoch, self.wait, self.plateau_wait = value, epoch, 0, 0
+            return True, False, False
+        self.wait += 1
+        self.plateau_wait += 1
+        reduce_lr = self.plateau_wait >= self.plateau_patience
+        if reduce_lr:
+            self.plateau_wait = 0
+        return False, reduce_lr, bool(self.patience and self.wait >= self.patience)
+
+    def new_phase(self) -> None:
+        self.wait = self.plateau_wait = 0
+
+
+@dataclass
+class LoopState:
+    """Where a run is: saved as state.json in every checkpoint."""
+
+    epoch: int = -1  # last completed epoch
+    phase: str = "head"
+    learning_rate: float = 0.0
+    finished: bool = False
+    monitor: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train entry point: `config["inputs"]` is a `LoopInputs`."""
+    WorkerLoop(config["inputs"]).run()
+
+
+def scaled_learning_rate(lr: float, global_batch: int, base_batch: int, rule: str) -> float:
+    """The learning-rate scaling rule: linear (Goyal et al. 2017), square root, or none."""
+    ratio = global_batch / base_batch
+    return lr * {"linear": ratio, "sqrt": ratio ** 0.5, "none": 1.0}[rule]
+
+
+class WorkerLoop:
+    def __init__(self, inputs: LoopInputs):
+        import ray.train
+
+        self.inputs, self.cfg = inputs, inputs.cfg
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.batch = self.cfg.train.batch_size
+        self.global_batch = self.batch * self.world
+        self.steps = steps_per_epoch(inputs.train_rows.num_rows, self.world, self.batch)
+        self.num_classes = len(inputs.classes)
+        self.best_weights = None  # the weights of the best epoch so far (early stopping restores them)
+        self.saved_optimizer = None  # optimizer state from a checkpoint, applied by the next phase
+        # One stream per worker: Ray's per-operator progress bars from every worker would interleave.
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+    # === Setup ===
+
+    def run(self) -> None:
+        self._setup_tensorflow()
+        self._build()
+        state = self._restore()
+        if state.finished or state.epoch + 1 >= self.cfg.train.epochs:
+            self._log(f"run already complete at epoch {state.epoch + 1}; nothing to do")
+            return
+        self._train(state)
+
+    def _setup_tensorflow(self) -> None:
+        import keras
+        import tensorflow as tf
+
+        if self.cfg.train.memory_growth:
+            for gpu in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(gpu, True)
+        keras.config.set_dtype_policy("float32" if self.cfg.train.mixed_precision == "none"
+                                      else self.cfg.train.mixed_precision)
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        self.local_replicas = len(self.strategy.extended.worker_devices)
+        if self.batch % self.local_replicas:
+            raise ValueError(f"train.batch_size {self.batch} must divide over {self.local_replicas} local GPUs")
+
+    def _build(self) -> None:
+        from skinray.models.backbones import get_backbone, input_size, resolve_weights
+        from skinray.models.classifier import build_classifier
+
+        self.spec = get_backbone(self.cfg.model.backbone)
+        self.size = input_size(self.spec, self.cfg.model.image_size)
+        weights = resolve_weights(self.spec, self.cfg.model.weights)
+        self.pretrained = weights is not None
+        with self.strategy.scope():
+            self.model = build_classifier(self.spec, self.num_classes, self.cfg.model, self.size, weights)
+        self.all_sum = self._make_all_sum()
+
+    def _restore(self) -> LoopState:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        state = LoopState()
+        if checkpoint is None:
+            return state
+        with checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            state = LoopState(**json.loads((folder / "state.json").read_text()))
+            self.model.load_weights(folder / "model.keras")
+            self.best_weights = self._load_best(folder, state)
+            self.saved_optimizer = dict(np.load(folder / "optimizer.npz"))
+        state.events.append({"event": "resumed", "from_epoch": state.epoch, "time": time.time()})
+        self._log(f"resumed from the checkpoint of epoch {state.epoch + 1} ({state.phase} phase)")
+        return state
+
+    def _load_best(self, folder: Path, state: LoopState):
+        if not (folder / "best.weights.h5").exists():
+            return self.model.get_weights()
+        current = self.model.get_weights()
+        self.model.load_weights(folder / "best.weights.h5")
+        best = self.model.get_weights()
+        self.model.set_weights(current)
+        return best
+
+    # === Phases ===
+
+    def _start_phase(self, phase: str, learning_rate: float | None) -> float:
+        """Freezes or unfreezes, builds the phase's optimizer and traces its train step."""
+        import keras
+
+        from skinray.models.classifier import freeze_backbone, unfreeze_top
+
+        train = self.cfg.train
+        if phase == "head":
+            freeze_backbone(self.model)
+            base_lr = train.head_lr
+        else:
+            count = unfreeze_top(self.model, train.unfreeze_top, keep_batchnorm_frozen=self.pretrained)
+            self._log(f"fine-tuning: top {count} backbone layers unfrozen")
+            base_lr = train.finetune_lr
+        if learning_rate is None:
+            learning_rate = scaled_learning_rate(base_lr, self.global_batch, train.base_batch, train.lr_scaling)
+        with self.strategy.scope():
+            optimizer = keras.optimizers.Adam(learning_rate)
+            if train.mixed_precision == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(self.model.trainable_variables)
+        saved = self.saved_optimizer
+        if saved is not None and len(saved) == len(optimizer.variables):
+            for i, variable in enumerate(optimizer.variables):
+                variable.assign(saved[f"v{i}"])
+        self.saved_optimizer = None
+        self.optimizer = optimizer
+        self.train_step = self._make_train_step()
+        return learning_rate
+
+    # === The distributed step ===
+
+    def _make_train_step(self):
+        import keras
+        import tensorflow as tf
+
+        model, optimizer, strategy = self.model, self.optimizer, self.strategy
+        class_weights = tf.constant(self.inputs.class_weights, tf.float32)
+        smoothing, num_classes, global_batch = self.cfg.train.label_smoothing, self.num_classes, self.global_batch
+
+        def forward_backward(images, labels, valid):
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+                per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
+                weights = tf.gather(class_weights, labels) * valid
+                loss = tf.reduce_sum(per_example * weights) / global_batch
+                if model.losses:
+                    loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, model.trainable_variables)
+            return loss, grads, tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+        if self.cfg.train.xla:
+            forward_backward = tf.function(forward_backward, jit_compile=True)
+
+        def replica_step(images, labels, valid):
+            loss, grads, predictions = forward_backward(images, labels, valid)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss, predictions
+
+        @tf.function
+        def step(images, labels, valid):
+            loss, predictions = strategy.run(replica_step, args=(images, labels, valid))
+            return strategy.reduce("SUM", loss, axis=None), predictions
+
+        return step
+
+    def _distribute(self, *arrays):
+        """Splits a worker's batch over its local replicas (one, unless a worker has several GPUs)."""
+        if self.local_replicas == 1:
+            return arrays
+        n = len(arrays[0]) // self.local_replicas
+
+        def part(ctx):
+            i = ctx.replica_id_in_sync_group % self.local_replicas
+            return tuple(a[i * n:(i + 1) * n] for a in arrays)
+
+        return self.strategy.experimental_distribute_values_from_function(part)
+
+    def _make_all_sum(self):
+        """Sums a float vector over all workers (every worker must call it, once per epoch)."""
+        import tensorflow as tf
+
+        strategy, local = self.strategy, self.local_replicas
+
+        @tf.function
+        def all_sum(vector):
+            # tf.identity places the value on the replica's device; all_reduce needs one.
+            summed = strategy.run(
+                lambda v: tf.distribute.get_replica_context().all_reduce("SUM", tf.identity(v)), args=(vector,))
+            return strategy.experimental_local_results(summed)[0]
+
+        # Each local replica contributes the worker's vector once: divide by their number.
+        return lambda array: all_sum(tf.constant(array, tf.float64)).numpy() / local
+
+    # === Epochs ===
+
+    def _train(self, state: LoopState) -> None:
+        train = self.cfg.train
+        monitor = Monitor(**state.monitor) if state.monitor else Monitor(
+            mode="min" if train.monitor == "val_loss" else "max",
+            patience=train.early_stopping_patience, plateau_patience=train.plateau_patience)
+        start = state.epoch + 1
+        if state.phase == "head" and start >= train.head_epochs:
+            state.phase = "finetune"
+        lr = self._start_phase(state.phase, state.learning_rate or None)
+        rows = epochs_of_rows(self.inputs.train_rows, rank=self.rank, world=self.world, batch_size=self.batch,
+                              seed=self.cfg.data.seed, epochs=range(start, train.epochs))
+        batches = iter(iter_stream(stream(rows, source=self.inputs.source, size=self.size, batch_size=self.batch,
+                                          augment=self.cfg.augment, seed=self.cfg.data.seed,
+                                          cpus_per_task=self.cfg.data.cpus_per_task), self.batch))
+        writer = TensorBoard(self.inputs.run_uri) if self.rank == 0 else None
+        for epoch in range(start, train.epochs):
+            if state.phase == "head" and epoch >= train.head_epochs:
+                state.phase, lr = "finetune", self._start_phase("finetune", None)
+                monitor.new_phase()
+            started = time.perf_counter()
+            metrics = self._train_epoch(batches, epoch)
+            metrics["images_per_second"] = self.steps * self.global_batch / (time.perf_counter() - started)
+            metrics |= self._validate() | {"epoch": epoch + 1, "phase": state.phase, "learning_rate": lr}
+            improved, reduce_lr, stop = monitor.update(metrics[train.monitor], epoch)
+            if improved:
+                self.best_weights = self.model.get_weights()
+            state.epoch, state.learning_rate, state.monitor = epoch, lr, asdict(monitor)
+            state.history.append(metrics)
+            if reduce_lr and lr > train.min_lr:
+                lr = max(lr * train.plateau_factor, train.min_lr)
+                self.optimizer.learning_rate = lr
+                state.events.append({"event": "reduce_lr", "epoch": epoch + 1, "learning_rate": lr})
+            if stop:
+                state.events.append({"event": "early_stop", "epoch": epoch + 1, "phase": state.phase})
+                if state.phase == "head" and epoch + 1 < train.epochs:
+                    self.model.set_weights(self.best_weights)
+                    state.phase, lr = "finetune", self._start_phase("finetune", None)
+                    monitor.new_phase()
+                else:
+                    state.finished = True
+            if epoch + 1 == train.epochs:
+                state.finished = True
+            state.learning_rate = lr
+            self._report(state, metrics, monitor)
+            if writer:
+                writer.write(metrics)
+            if state.finished:
+                break
+        if writer:
+            writer.close()
+
+    def _train_epoch(self, batches, epoch: int) -> dict:
+        confusion = np.zeros((self.num_classes, self.num_classes))
+        loss_sum, failures = 0.0, FailureLog()
+        for step in range(self.steps):
+            self._maybe_inject_fault(epoch * self.steps + step)
+            batch = next(batches)
+            failures.add(batch)
+            valid = batch["ok"].astype(np.float32)
+            loss, predictions = self.train_step(*self._distribute(batch["image"], batch["label_index"], valid))
+            loss_sum += float(loss)
+            predicted = np.concatenate([np.asarray(p) for p in self.strategy.experimental_local_results(predictions)])
+            np.add.at(confusion, (batch["label_index"][batch["ok"]], predicted[batch["ok"]]), 1)
+        totals = self.all_sum(np.concatenate([confusion.ravel(), [failures.count]]))
+        k2 = self.num_classes ** 2
+        scores = confusion_metrics(totals[:k2].reshape(self.num_classes, self.num_classes))
+        if failures.count:
+            self._log(f"rank {self.rank}: {failures.summary()}: " + "; ".join(
+                f"{p}: {r}" for p, r in list(failures.files.items())[:5]))
+        return {"train_loss": loss_sum / max(self.steps, 1), "train_accuracy": scores["accuracy"],
+                "train_macro_f1": scores["macro_f1"], "failed_files": int(totals[k2])}
+
+    def _validate(self) -> dict:
+        """Every worker scores its share of the validation set; the sums are all-reduced."""
+        import keras
+        import tensorflow as tf
+
+        if not hasattr(self, "predict"):
+            self.predict = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        rows = shard(self.inputs.val_rows, rank=self.rank, world=self.world, batch_size=self.batch,
+                     seed=0, epoch=0, train=False)
+        confusion = np.zeros((self.num_classes, self.num_classes))
+        loss_sum = 0.0
+        if rows.num_rows:
+            ds = stream(rows, source=self.inputs.source, size=self.size, batch_size=self.batch,
+                        cpus_per_task=self.cfg.data.cpus_per_task)
+            for batch in iter_stream(ds, self.batch):
+                ok = batch["ok"]
+                if not ok.any():
+                    continue
+                logits = self.predict(batch["image"][ok]).numpy()
+                labels = batch["label_index"][ok]
+                loss_sum += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+                    labels, logits, from_logits=True)))
+                np.add.at(confusion, (labels, logits.argmax(axis=1)), 1)
+        totals = self.all_sum(np.concatenate([confusion.ravel(), [loss_sum]]))
+        k2 = self.num_classes ** 2
+        matrix = totals[:k2].reshape(self.num_classes, self.num_classes)
+        scores = confusion_metrics(matrix)
+        return {"val_loss": float(totals[k2] / max(matrix.sum(), 1)), "val_accuracy": scores["accuracy"],
+                "val_macro_f1": scores["macro_f1"]}
+
+    # === Checkpoints, faults, logs ===
+
+    def _report(self, state: LoopState, metrics: dict, monitor: Monitor) -> None:
+        """Every worker reports; rank 0 attaches the checkpoint (the model is the same on all)."""
+        import ray.train
+
+        self._log(_progress_line(metrics, self.cfg.train.epochs) + (
+            "  *best*" if monitor.best_epoch == state.epoch else ""))
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                self._write_checkpoint(Path(folder), state, monitor)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state.epoch + 1:04d}")
+
+    def _write_checkpoint(self, folder: Path, state: LoopState, monitor: Monitor) -> None:
+        self.model.save(folder / "model.keras")
+        np.savez(folder / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)})
+        if monitor.best_epoch != state.epoch and self.best_weights is not None:
+            current = self.model.get_weights()
+            self.model.set_weights(self.best_weights)
+            self.model.save_weights(folder / "best.weights.h5")
+            self.model.set_weights(current)
+        (folder / "state.json").write_text(json.dumps(asdict(state), indent=2))
+        (folder / "classes.json").write_text(json.dumps(self.inputs.classes))
+        (folder / "model.json").write_text(json.dumps({
+            "backbone": self.spec.name, "image_size": self.size, "classes": self.inputs.classes,
+            "epoch": state.epoch + 1, "metrics": state.history[-1]}, indent=2))
+        save_config(self.cfg, folder)
+
+    def _maybe_inject_fault(self, global_step: int) -> None:
+        """Fault injection for tests: the chosen worker SIGKILLs itself once, at the chosen step."""
+        train = self.cfg.train
+        if self.rank != train.kill_rank or global_step != train.kill_at_step:
+            return
+        fs, path, _ = resolve(self.inputs.run_uri)
+        marker = f"{path}/fault_injected_rank{self.rank}"
+        if fs.get_file_info(marker).type != pafs.FileType.NotFound:  # done once already
+            return
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(marker) as f:
+            f.write(f"killed at step {global_step}\n".encode())
+        self._log(f"fault injection: rank {self.rank} kills itself at step {global_step}", every_rank=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _log(self, message: str, every_rank: bool = False) -> None:
+        if self.rank == 0 or every_rank:
+            logger.info(f"[skinray] {message}")
+
+
+def _progress_line(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']}/{epochs} [{m['phase']}] loss {m['train_loss']:.4f} "
+            f"acc {m['train_accuracy']:.3f} f1 {m['train_macro_f1']:.3f} | val loss {m['val_loss']:.4f} "
+            f"acc {m['val_accuracy']:.3f} f1 {m['val_macro_f1']:.3f} | lr {m['learning_rate']:.2e} | "
+            f"{m['images_per_second']:.0f} img/s | {m['failed_files']} files failed")
+
+
+class TensorBoard:
+    """Rank 0's TensorBoard event files, written locally and copied to `run/tensorboard` each epoch
+    (the run directory may be in an object store, which TensorFlow cannot append to)."""
+
+    def __init__(self, run_uri: str):
+        import tensorflow as tf
+
+        self.local = tempfile.mkdtemp(prefix="skinray-tb-")
+        self.writer = tf.summary.create_file_writer(self.local)
+        self.fs, path, _ = resolve(run_uri)
+        self.remote = f"{path}/tensorboard"
+
+    def write(self, metrics: dict) -> None:
+        import tensorflow as tf
+
+        with self.writer.as_default(step=metrics["epoch"]):
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    tf.summary.scalar(key, value)
+        self.writer.flush()
+        self.fs.create_dir(self.remote, recursive=True)
+        pafs.copy_files(self.local, self.remote, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def close(self) -> None:
+        self.writer.close()

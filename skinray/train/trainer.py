@@ -1,0 +1,188 @@
+"""The driver side of training: catalog and splits, then a TensorflowTrainer with scaling, checkpoint
+and failure configs from the typed config; ends with the run directory and its best checkpoint.
+
+    skinray train --backbone resnet50 --data data/dermnet --out runs --workers 4 --gpus-per-worker 1
+
+The run directory is `OUT/NAME` (local or any pyarrow.fs URI). Ray Train writes one
+`checkpoint_epoch_NNNN/` per epoch there and keeps the best `train.keep_checkpoints` by
+`train.monitor` (and always the latest); skinray adds `config.yaml`, `classes.json`,
+`tensorboard/` and, at the end, `summary.json`. Running the same command with the same `--name`
+resumes an interrupted run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from skinray import UserError
+from skinray.config import Config, load_config, save_config
+from skinray.data.catalog import class_weights, list_archive, resolve, splits
+from skinray.data.pipeline import ImageSource, steps_per_epoch
+from skinray.train.loop import LoopInputs, train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: str
+    best_checkpoint: str
+    best_metrics: dict
+    history: list
+
+
+def train(cfg: Config, out: str, name: str = "") -> TrainResult:
+    """Fine-tunes `cfg.model.backbone` on `cfg.data.archive`; returns where the best model is."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from skinray.models.backbones import get_backbone, input_size, resolve_weights
+
+    spec = get_backbone(cfg.model.backbone)
+    input_size(spec, cfg.model.image_size)
+    resolve_weights(spec, cfg.model.weights)  # fail here, not after the cluster has started
+    inputs = _inputs(cfg)
+    run_name = name or cfg.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = out if "://" in out else str(Path(out).expanduser().resolve())
+    run_uri = f"{storage.rstrip('/')}/{run_name}"
+    inputs = replace(inputs, run_uri=run_uri)
+    _write_run_files(cfg, inputs, run_uri)
+
+    train_cfg = cfg.train
+    _connect(train_cfg.workers * train_cfg.cpus_per_worker)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"inputs": inputs},
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.workers,
+            use_gpu=train_cfg.gpus_per_worker > 0,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker,
+                                  **({"GPU": train_cfg.gpus_per_worker} if train_cfg.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train_cfg.keep_checkpoints,
+                checkpoint_score_attribute=train_cfg.monitor,
+                checkpoint_score_order="min" if train_cfg.monitor == "val_loss" else "max",
+            ),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    return _summarise(result, cfg, run_uri)
+
+
+def _connect(training_cpus: float) -> None:
+    """Joins the cluster (RAY_ADDRESS, or one started with `ray start`), or starts a local one.
+
+    The training workers' CPUs are not available to ingest: a cluster with no CPU left over would
+    wait forever for its first batch, so that is refused here. A local cluster on a small machine
+    gets enough logical CPUs for the workers plus two ingest tasks (they then share the cores).
+    """
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+        except ConnectionError:
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(training_cpus) + 2))
+    spare = ray.cluster_resources().get("CPU", 0) - training_cpus
+    if spare < 1:
+        raise UserError(f"the Ray cluster has {spare + training_cpus:g} CPUs and the training workers take "
+                        f"{training_cpus:g}: none is left for ingest. Add CPUs, or lower train.workers or "
+                        "train.cpus_per_worker.")
+
+
+def _inputs(cfg: Config) -> LoopInputs:
+    if not cfg.data.archive:
+        raise UserError("no archive given: pass --data DIR (or set data.archive)")
+    catalog = list_archive(cfg.data.archive)
+    parts = splits(catalog, cfg.data.val_fraction, cfg.data.seed)
+    train_rows, val_rows = parts["train"], parts["val"]
+    if val_rows.num_rows == 0:
+        raise UserError("the validation split is empty: set data.val_fraction > 0 or add a val/ folder")
+    global_batch = cfg.train.batch_size * cfg.train.workers
+    if steps_per_epoch(train_rows.num_rows, cfg.train.workers, cfg.train.batch_size) == 0:
+        raise UserError(f"the training split has {train_rows.num_rows} images, fewer than one global batch "
+                        f"({cfg.train.workers} workers x {cfg.train.batch_size}): lower train.batch_size")
+    print(f"[skinray] {catalog.num_classes} classes; {train_rows.num_rows} training and {val_rows.num_rows} "
+          f"validation images; global batch {global_batch}", flush=True)
+    return LoopInputs(
+        cfg=cfg,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        classes=catalog.classes,
+        class_weights=class_weights(train_rows["label_index"].to_numpy(), catalog.num_classes),
+        source=ImageSource.of(catalog, cfg.data.max_pixels),
+        run_uri="",
+    )
+
+
+def _write_run_files(cfg: Config, inputs: LoopInputs, run_uri: str) -> None:
+    """config.yaml and classes.json next to the checkpoints, before the first epoch."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, path, _ = resolve(run_uri)
+    fs.create_dir(path, recursive=True)
+    with tempfile.TemporaryDirectory() as folder:
+        save_config(cfg, folder)
+        Path(folder, "classes.json").write_text(json.dumps(inputs.classes))
+        pafs.copy_files(folder, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
+    if result.error:
+        raise result.error
+    score = cfg.train.monitor
+    ranked = [(c, m) for c, m in result.best_checkpoints if score in m]
+    if not ranked:
+        raise UserError(f"the run at {run_uri} reported no checkpoint")
+    pick = min if cfg.train.monitor == "val_loss" else max
+    checkpoint, metrics = pick(ranked, key=lambda cm: cm[1][score])
+    history = _history(checkpoint)
+    summary = {"run_dir": run_uri, "best_checkpoint": checkpoint.path, "best_metrics": metrics,
+               "monitor": score, "history": history}
+    fs, path, _ = resolve(run_uri)
+    with fs.open_output_stream(f"{path}/summary.json") as f:
+        f.write(json.dumps(summary, indent=2, default=str).encode())
+    return TrainResult(run_uri, checkpoint.path, metrics, history)
+
+
+def _history(checkpoint) -> list:
+    with checkpoint.as_directory() as folder:
+        return json.loads(Path(folder, "state.json").read_text())["history"]
+
+
+# === Command line ===
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """--config, then --set, then the dedicated flags (which win)."""
+    flags = {
+        "model.backbone": args.backbone, "data.archive": args.data, "train.workers": args.workers,
+        "train.gpus_per_worker": args.gpus_per_worker, "train.epochs": args.epochs,
+        "model.image_size": args.image_size, "model.weights": args.weights,
+    }
+    overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.epochs is not None and load_config(args.config, args.set).train.head_epochs > args.epochs:
+        overrides.append(f"train.head_epochs={args.epochs}")  # fewer epochs than the head phase
+    return load_config(args.config, overrides)
+
+
+def train_from_args(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    result = train(cfg, args.out, args.name or "")
+    best = result.best_metrics
+    print(f"run directory: {result.run_dir}")
+    print(f"best checkpoint: {result.best_checkpoint} (epoch {best.get('epoch')}, "
+          f"{cfg.train.monitor} {best.get(cfg.train.monitor, float('nan')):.4f})")
+    return 0
