@@ -119,3 +119,58 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# === The evaluate command ===
+
+
+def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: int = 32) -> dict:
+    """Scores one split of an archive with a trained model and writes the report to `out`.
+
+    The validation split is re-derived with the run's own seed and fraction, so `--split val`
+    scores exactly the images the run validated on. Archive classes are matched to the model's by
+    name; an archive class the model does not know is an error.
+    """
+    import pyarrow as pa
+
+    from skinray import UserError
+    from skinray.data.catalog import list_archive, splits
+    from skinray.data.pipeline import FailureLog, ImageSource, iter_stream, stream
+    from skinray.predictor import Predictor
+
+    predictor = Predictor.from_path(model_path)
+    catalog = list_archive(archive)
+    parts = splits(catalog, predictor.config.data.val_fraction, predictor.config.data.seed)
+    if split not in parts:
+        raise UserError(f"archive '{archive}' has no {split} split (it has: {', '.join(parts)})")
+    unknown = sorted(set(catalog.classes) - set(predictor.classes))
+    if unknown:
+        raise UserError(f"the model does not know the archive's classes: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(predictor.classes)}
+    table = parts[split]
+    table = table.set_column(table.schema.get_field_index("label_index"), "label_index",
+                             pa.array([index[c] for c in table["label"].to_pylist()], pa.int32()))
+
+    failures, labels, probabilities = FailureLog(), [], []
+    ds = stream(table, source=ImageSource.of(catalog, predictor.config.data.max_pixels),
+                size=predictor.image_size, batch_size=batch_size)
+    for batch in iter_stream(ds, batch_size):
+        failures.add(batch)
+        ok = batch["ok"]
+        labels.append(batch["label_index"][ok])
+        probabilities.append(predictor.predict(batch["image"][ok]))
+    if not labels or not sum(len(x) for x in labels):
+        raise UserError(f"no image of the {split} split could be read ({failures.summary()})")
+    report = build_report(np.concatenate(labels), np.concatenate(probabilities), predictor.classes)
+    report |= {"model": predictor.source, "split": split, "archive": archive,
+               "failed_files": [{"path": p, "reason": r} for p, r in failures.files.items()]}
+    write_report(report, out)
+    return report
+
+
+def evaluate_from_args(args) -> int:
+    report = evaluate(args.model, args.data, args.split, args.out, args.batch_size)
+    print(f"{report['num_images']} images of the {args.split} split: accuracy {report['accuracy']:.4f}, "
+          f"macro-F1 {report['macro_f1']:.4f}; {len(report['failed_files'])} unreadable")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

@@ -87,12 +87,10 @@ def unfreeze_top(model: keras.Model, count: int, keep_batchnorm_frozen: bool) ->
     """
     backbone = model.get_layer("backbone")
     backbone.trainable = True
-    layers = [layer for layer in backbone.layers if layer.weights]
-    for layer in layers[: max(len(layers) - count, 0)]:
-        layer.trainable = False
-    unfrozen = layers[max(len(layers) - count, 0):]
-    if keep_batchnorm_frozen:
-        for layer in unfrozen:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-    return len(unfrozen)
+    layers = [layer for layer in backbone.layers if layer.weights]  # "layers" count those with weights
+    cut = max(len(layers) - count, 0)
+    for i, layer in enumerate(layers):
+        # Set every layer explicitly: an earlier phase's settings must not survive.
+        batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = i >= cut and not (batchnorm and keep_batchnorm_frozen)
+    return len(layers) - cut

@@ -102,10 +102,64 @@ def train_loop_per_worker(config: dict) -> None:
     WorkerLoop(config["inputs"]).run()
 
 
+def checkpoint_score(value: float, epoch: int, mode: str) -> float:
+    """What Ray ranks checkpoints by: the monitored metric, with ties going to the earlier epoch
+    (the one `Monitor` calls best, as Keras' EarlyStopping does), so the kept best checkpoint
+    and the restored best weights are always the same epoch."""
+    tie_break = 1e-9 * epoch
+    return value - tie_break if mode == "max" else value + tie_break
+
+
 def scaled_learning_rate(lr: float, global_batch: int, base_batch: int, rule: str) -> float:
     """The learning-rate scaling rule: linear (Goyal et al. 2017), square root, or none."""
     ratio = global_batch / base_batch
     return lr * {"linear": ratio, "sqrt": ratio ** 0.5, "none": 1.0}[rule]
+
+
+def make_train_step(strategy, model, optimizer, class_weights: list[float], label_smoothing: float,
+                    global_batch: int, xla: bool = False):
+    """The distributed train step: (images, labels, valid) per replica -> (global mean loss, predictions).
+
+    Per example: label-smoothed cross-entropy times the class weight times `valid` (0 for a file
+    that failed to decode), summed and divided by the global batch, so that Keras' all-reduce
+    (SUM) of the gradients gives the mean over all workers. The L2 penalty is split across
+    replicas the same way. With mixed_float16 the optimizer is a LossScaleOptimizer: `scale_loss`
+    scales up and `apply_gradients` unscales and skips non-finite steps. With `xla`, the forward and
+    backward pass are compiled; the all-reduce stays outside the XLA cluster.
+    """
+    import keras
+    import tensorflow as tf
+
+    weights_by_class = tf.constant(class_weights, tf.float32)
+    num_classes = len(class_weights)
+
+    def forward_backward(images, labels, valid):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / num_classes
+            per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
+            weights = tf.gather(weights_by_class, labels) * valid
+            loss = tf.reduce_sum(per_example * weights) / global_batch
+            if model.losses:
+                loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        return loss, grads, tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+    if xla:
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(images, labels, valid):
+        loss, grads, predictions = forward_backward(images, labels, valid)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss, predictions
+
+    @tf.function
+    def step(images, labels, valid):
+        loss, predictions = strategy.run(replica_step, args=(images, labels, valid))
+        return strategy.reduce("SUM", loss, axis=None), predictions
+
+    return step
 
 
 class WorkerLoop:
@@ -218,46 +272,11 @@ class WorkerLoop:
                 variable.assign(saved[f"v{i}"])
         self.saved_optimizer = None
         self.optimizer = optimizer
-        self.train_step = self._make_train_step()
+        self.train_step = make_train_step(self.strategy, self.model, optimizer, self.inputs.class_weights,
+                                          train.label_smoothing, self.global_batch, train.xla)
         return learning_rate
 
-    # === The distributed step ===
-
-    def _make_train_step(self):
-        import keras
-        import tensorflow as tf
-
-        model, optimizer, strategy = self.model, self.optimizer, self.strategy
-        class_weights = tf.constant(self.inputs.class_weights, tf.float32)
-        smoothing, num_classes, global_batch = self.cfg.train.label_smoothing, self.num_classes, self.global_batch
-
-        def forward_backward(images, labels, valid):
-            with tf.GradientTape() as tape:
-                logits = model(images, training=True)
-                targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
-                per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
-                weights = tf.gather(class_weights, labels) * valid
-                loss = tf.reduce_sum(per_example * weights) / global_batch
-                if model.losses:
-                    loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
-                scaled = optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, model.trainable_variables)
-            return loss, grads, tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-        if self.cfg.train.xla:
-            forward_backward = tf.function(forward_backward, jit_compile=True)
-
-        def replica_step(images, labels, valid):
-            loss, grads, predictions = forward_backward(images, labels, valid)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss, predictions
-
-        @tf.function
-        def step(images, labels, valid):
-            loss, predictions = strategy.run(replica_step, args=(images, labels, valid))
-            return strategy.reduce("SUM", loss, axis=None), predictions
-
-        return step
+    # === The distributed step's helpers ===
 
     def _distribute(self, *arrays):
         """Splits a worker's batch over its local replicas (one, unless a worker has several GPUs)."""
@@ -313,6 +332,7 @@ class WorkerLoop:
             metrics["images_per_second"] = self.steps * self.global_batch / (time.perf_counter() - started)
             metrics |= self._validate() | {"epoch": epoch + 1, "phase": state.phase, "learning_rate": lr}
             improved, reduce_lr, stop = monitor.update(metrics[train.monitor], epoch)
+            metrics["checkpoint_score"] = checkpoint_score(metrics[train.monitor], epoch, monitor.mode)
             if improved:
                 self.best_weights = self.model.get_weights()
             state.epoch, state.learning_rate, state.monitor = epoch, lr, asdict(monitor)

@@ -67,13 +67,18 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train_cfg.keep_checkpoints,
-                checkpoint_score_attribute=train_cfg.monitor,
+                checkpoint_score_attribute="checkpoint_score",
                 checkpoint_score_order="min" if train_cfg.monitor == "val_loss" else "max",
             ),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"training failed ({first}). Checkpoints so far are in {run_uri}: run the same "
+                        "command again (same --out and --name) to resume from the latest one.") from None
     return _summarise(result, cfg, run_uri)
 
 
@@ -142,15 +147,14 @@ def _write_run_files(cfg: Config, inputs: LoopInputs, run_uri: str) -> None:
 def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
     if result.error:
         raise result.error
-    score = cfg.train.monitor
-    ranked = [(c, m) for c, m in result.best_checkpoints if score in m]
+    ranked = [(c, m) for c, m in result.best_checkpoints if "checkpoint_score" in m]
     if not ranked:
         raise UserError(f"the run at {run_uri} reported no checkpoint")
     pick = min if cfg.train.monitor == "val_loss" else max
-    checkpoint, metrics = pick(ranked, key=lambda cm: cm[1][score])
-    history = _history(checkpoint)
+    checkpoint, metrics = pick(ranked, key=lambda cm: cm[1]["checkpoint_score"])
+    history = _history(result.checkpoint or checkpoint)
     summary = {"run_dir": run_uri, "best_checkpoint": checkpoint.path, "best_metrics": metrics,
-               "monitor": score, "history": history}
+               "monitor": cfg.train.monitor, "history": history}
     fs, path, _ = resolve(run_uri)
     with fs.open_output_stream(f"{path}/summary.json") as f:
         f.write(json.dumps(summary, indent=2, default=str).encode())

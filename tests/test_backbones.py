@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+
+from skinray.config import ModelConfig
+from skinray.models.backbones import REGISTRY, BackboneError, get_backbone, input_size, resolve_weights
+
+
+def test_registry_entries_carry_what_the_pipeline_needs():
+    assert {"resnet50", "inception_v3", "efficientnetv2s", "tiny"} <= set(REGISTRY)
+    assert (REGISTRY["resnet50"].input_size, REGISTRY["inception_v3"].input_size,
+            REGISTRY["efficientnetv2s"].input_size) == (224, 299, 384)
+    assert REGISTRY["efficientnetv2s"].preprocessing == "raw"  # it normalises itself
+
+
+def test_unknown_backbone_lists_the_known_ones():
+    with pytest.raises(BackboneError, match="known: resnet50, inception_v3, efficientnetv2s, tiny"):
+        get_backbone("resnet51")
+
+
+def test_image_size_override_and_minimum():
+    assert input_size(get_backbone("resnet50")) == 224
+    assert input_size(get_backbone("resnet50"), 128) == 128
+    with pytest.raises(BackboneError, match="at least 75"):
+        input_size(get_backbone("inception_v3"), 64)
+
+
+def test_weights_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    spec = get_backbone("resnet50")
+    assert resolve_weights(spec, "none") is None
+    with pytest.raises(BackboneError, match="does not exist"):
+        resolve_weights(spec, str(tmp_path / "missing.h5"))
+    with pytest.raises(BackboneError, match="no ImageNet weights"):
+        resolve_weights(get_backbone("tiny"), "imagenet")
+    cached = tmp_path / "models" / spec.weights_file
+    cached.parent.mkdir()
+    cached.write_bytes(b"pretend")
+    assert resolve_weights(spec, "imagenet") == str(cached)  # found in the cache: no download
+
+
+def test_unreachable_imagenet_weights_say_where_to_put_the_file(tmp_path, monkeypatch):
+    """No network here: the error names the file, the KERAS_HOME folder and the alternatives."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(BackboneError) as err:
+        resolve_weights(get_backbone("efficientnetv2s"), "imagenet")
+    message = str(err.value)
+    assert "efficientnetv2-s_notop.h5" in message and str(tmp_path / "models") in message
+    assert "KERAS_HOME" in message and "--weights" in message
+
+
+def test_preprocessing_layer_modes_and_round_trip():
+    import keras
+
+    from skinray.models.classifier import CAFFE_MEAN_BGR, ImagePreprocessing
+
+    pixels = np.array([[[[255, 0, 10]]]], dtype="uint8")
+    assert np.allclose(ImagePreprocessing("tf")(pixels), [[[[1.0, -1.0, 10 / 127.5 - 1]]]])
+    bgr = np.array([10, 0, 255]) - np.array(CAFFE_MEAN_BGR)
+    assert np.allclose(ImagePreprocessing("caffe")(pixels), bgr[None, None, None, :], atol=1e-4)
+    assert np.allclose(ImagePreprocessing("raw")(pixels), pixels)
+    layer = ImagePreprocessing.from_config(ImagePreprocessing("caffe").get_config())
+    assert layer.mode == "caffe"
+    with pytest.raises(ValueError):
+        ImagePreprocessing("torch")
+    assert keras.saving.get_registered_object("skinray>ImagePreprocessing") is ImagePreprocessing
+
+
+def test_classifier_saves_and_loads_with_the_same_outputs(tmp_path):
+    import keras
+
+    from skinray.models.classifier import build_classifier
+
+    model = build_classifier(get_backbone("tiny"), 5, ModelConfig(backbone="tiny", weights="none"), 48, None)
+    images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    assert np.allclose(model(images, training=False), loaded(images, training=False), atol=1e-5)
+    assert model.output_shape == (None, 5)
+
+
+def test_two_phase_freezing():
+    from skinray.models.classifier import build_classifier, freeze_backbone, unfreeze_top
+
+    model = build_classifier(get_backbone("tiny"), 3, ModelConfig(backbone="tiny", weights="none"), 32, None)
+    freeze_backbone(model)
+    names = {w.path.split("/")[0] for w in model.trainable_weights}
+    assert names == {"hidden", "logits"}
+    assert unfreeze_top(model, 2, keep_batchnorm_frozen=True) == 2  # the last conv block's conv + BN
+    backbone = model.get_layer("backbone")
+    trainable = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
+    assert len(trainable) == 1 and "conv" in trainable[0]  # BN stays frozen with pretrained weights
+    assert unfreeze_top(model, 100, keep_batchnorm_frozen=False) == 6
+    assert all(layer.trainable for layer in backbone.layers if layer.weights)
+
+
+@pytest.mark.parametrize("name, size", [("resnet50", 64), ("inception_v3", 75), ("efficientnetv2s", 64), ("tiny", 32)])
+def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size):
+    """The real train step under MultiWorkerMirroredStrategy, in a fresh process per backbone."""
+    import ray
+
+    @ray.remote(max_calls=1, num_cpus=1)
+    def one_step(name, size):
+        import keras
+        import tensorflow as tf
+
+        from skinray.models.classifier import build_classifier
+        from skinray.train.loop import make_train_step
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        with strategy.scope():
+            model = build_classifier(get_backbone(name), 4, ModelConfig(backbone=name, weights="none"), size, None)
+            optimizer = keras.optimizers.Adam(1e-3)
+            optimizer.build(model.trainable_variables)
+        step = make_train_step(strategy, model, optimizer, [1.0, 2.0, 1.0, 0.5], 0.1, global_batch=4)
+        images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+        before = [w.numpy().copy() for w in model.trainable_weights]
+        loss, predictions = step(images, np.array([0, 1, 2, 3], np.int32), np.ones(4, np.float32))
+        changed = sum(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+        return float(loss), changed, len(before)
+
+    loss, changed, total = ray.get(one_step.remote(name, size))
+    assert np.isfinite(loss) and loss > 0
+    assert changed == total  # every trainable weight moved
