@@ -1,0 +1,166 @@
+"""Distributed training end to end: two tiny-CNN workers on a generated archive.
+
+One run (module fixture) is killed mid-epoch and must finish from its checkpoint; the tests read
+what it wrote. A second, CLI-driven run is interrupted for good and resumed by running the same
+command again.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from skinray.config import load_config
+from skinray.train.loop import Monitor, checkpoint_score, scaled_learning_rate
+
+EPOCHS, HEAD_EPOCHS, KILL_STEP = 12, 2, 20
+TINY = ["model.backbone=tiny", "model.weights=none", "model.image_size=64", "train.workers=2",
+        "train.batch_size=8", "train.head_lr=0.004", "train.finetune_lr=0.004", "train.unfreeze_top=100",
+        "train.early_stopping_patience=0", "train.plateau_patience=2"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    from skinray.data.sample import write_sample
+
+    root = tmp_path_factory.mktemp("train-archive")
+    write_sample(root, per_class=40, classes=4, seed=0)  # 128 train, 32 val, 40 test images
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, archive, tmp_path_factory):
+    from skinray.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(overrides=TINY + [f"data.archive={archive}", f"train.epochs={EPOCHS}",
+                                        f"train.head_epochs={HEAD_EPOCHS}", "train.max_failures=1",
+                                        "train.kill_rank=1", f"train.kill_at_step={KILL_STEP}"])
+    result = train(cfg, str(out), "faulty")
+    final = sorted((out / "faulty").glob("checkpoint_epoch_*"))[-1]
+    return {"result": result, "dir": out / "faulty", "state": json.loads((final / "state.json").read_text()),
+            "cfg": cfg, "archive": archive}
+
+
+# === Pure logic ===
+
+
+def test_monitor_reduces_on_plateau_and_stops_after_patience():
+    m = Monitor(mode="max", patience=3, plateau_patience=2)
+    assert m.update(0.5, 0) == (True, False, False)
+    assert m.update(0.4, 1) == (False, False, False)
+    assert m.update(0.5, 2) == (False, True, False)  # equal is not better: second epoch on the plateau
+    assert m.update(0.45, 3) == (False, False, True)  # third: stop the phase
+    assert (m.best, m.best_epoch) == (0.5, 0)
+    m.new_phase()
+    assert m.update(0.6, 4) == (True, False, False)
+    low = Monitor(mode="min", patience=0, plateau_patience=1)
+    assert low.update(1.0, 0)[0] and low.update(1.1, 1) == (False, True, False)  # patience 0 never stops
+
+
+def test_checkpoint_score_breaks_ties_towards_the_earlier_epoch():
+    assert checkpoint_score(0.9, 3, "max") > checkpoint_score(0.9, 7, "max")
+    assert checkpoint_score(0.3, 3, "min") < checkpoint_score(0.3, 7, "min")
+    assert checkpoint_score(0.91, 9, "max") > checkpoint_score(0.9, 1, "max")
+
+
+def test_learning_rate_scaling_rule():
+    assert scaled_learning_rate(1e-3, 256, 32, "linear") == pytest.approx(8e-3)
+    assert scaled_learning_rate(1e-3, 128, 32, "sqrt") == pytest.approx(2e-3)
+    assert scaled_learning_rate(1e-3, 256, 32, "none") == 1e-3
+
+
+# === The distributed run ===
+
+
+def test_tiny_cnn_learns_the_sample_archive(run):
+    best = run["result"].best_metrics
+    # Four classes: chance is 0.25. Seen here: 0.9 to 1.0 by epoch 8.
+    assert best["val_accuracy"] >= 0.75
+    assert best["val_macro_f1"] >= 0.7
+
+
+def test_killed_worker_resumes_from_a_checkpoint_not_from_scratch(run):
+    state = run["state"]
+    assert (run["dir"] / "fault_injected_rank1").exists()
+    resumed = [e for e in state["events"] if e["event"] == "resumed"]
+    killed_in = KILL_STEP // (128 // 16)  # epoch index 2
+    # The latest epoch's report may not have reached the controller when the worker died, so the
+    # run resumes from the last or the one before; never from scratch (from_epoch -1).
+    assert len(resumed) == 1 and killed_in - 2 <= resumed[0]["from_epoch"] <= killed_in - 1
+    # Each epoch ran once to completion: the history was carried over, not restarted.
+    assert [h["epoch"] for h in state["history"]] == list(range(1, EPOCHS + 1))
+    assert state["finished"] is True
+
+
+def test_two_phases(run):
+    phases = [h["phase"] for h in run["state"]["history"]]
+    assert phases == ["head"] * HEAD_EPOCHS + ["finetune"] * (EPOCHS - HEAD_EPOCHS)
+
+
+def test_plateau_reduction_acted_when_the_metric_stalled(run):
+    history, events = run["state"]["history"], run["state"]["events"]
+    reductions = [e for e in events if e["event"] == "reduce_lr"]
+    assert reductions, "12 epochs on 4 easy classes always stall at some point"
+    for event in reductions:
+        epoch = event["epoch"]  # reduced after this epoch: the two before it did not improve
+        scores = [h["val_macro_f1"] for h in history]
+        assert max(scores[epoch - 2:epoch]) <= max(scores[:epoch - 2])
+        after = history[epoch] if epoch < len(history) else None
+        if after and after["phase"] == history[epoch - 1]["phase"]:
+            assert after["learning_rate"] == pytest.approx(event["learning_rate"])
+            assert after["learning_rate"] < history[epoch - 1]["learning_rate"]
+
+
+def test_best_checkpoint_is_the_best_epoch_and_evaluates_the_same(run, tmp_path):
+    """The kept model is the best epoch's (what early stopping restores), and evaluating it on the
+    validation split reproduces the accuracy the workers measured in that epoch."""
+    from skinray.evaluate import evaluate
+
+    history = run["state"]["history"]
+    scores = [h["val_macro_f1"] for h in history]
+    best_epoch = int(np.argmax(scores)) + 1  # argmax: the first of equals
+    assert run["result"].best_metrics["epoch"] == best_epoch
+    assert run["state"]["monitor"]["best_epoch"] == best_epoch - 1
+    assert run["result"].best_checkpoint.endswith(f"checkpoint_epoch_{best_epoch:04d}")
+    report = evaluate(str(run["dir"]), str(run["archive"]), "val", str(tmp_path))
+    assert report["num_images"] == 32
+    # The same pixels and weights; only oneDNN's batch-size-dependent rounding differs (the workers
+    # score batches of 16, evaluate of 32), which can tip one near-tie: at most one image of 32.
+    assert report["accuracy"] == pytest.approx(history[best_epoch - 1]["val_accuracy"], abs=1 / 32 + 1e-9)
+
+
+def test_run_directory_contents(run):
+    folder = run["dir"]
+    assert {"config.yaml", "classes.json", "summary.json", "tensorboard"} <= {p.name for p in folder.iterdir()}
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoints = sorted(folder.glob("checkpoint_epoch_*"))
+    assert len(checkpoints) <= 3 + 1  # keep_checkpoints best, plus the latest
+    for name in ("model.keras", "optimizer.npz", "state.json", "classes.json", "config.yaml", "model.json"):
+        assert (checkpoints[-1] / name).is_file()
+    assert load_config(folder / "config.yaml") == run["cfg"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["best_checkpoint"] == run["result"].best_checkpoint
+
+
+def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_cluster, archive, tmp_path):
+    """max_failures=0: the kill ends the run; the same command then resumes from the latest checkpoint."""
+    command = [sys.executable, "-m", "skinray", "train", "--backbone", "tiny", "--data", str(archive),
+               "--out", str(tmp_path), "--name", "again", "--epochs", "3", "--workers", "2",
+               "--image-size", "64", "--weights", "none"]
+    for item in ["train.batch_size=8", "train.head_epochs=1", "train.max_failures=0", "train.kill_rank=1",
+                 "train.kill_at_step=20"]:  # 8 steps an epoch: in the third epoch
+        command += ["--set", item]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0
+    assert "run the same command again" in first.stderr
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "best checkpoint:" in second.stdout
+    final = sorted((tmp_path / "again").glob("checkpoint_epoch_*"))[-1]
+    state = json.loads((final / "state.json").read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    # From the second epoch's checkpoint, or the first's if the second's report was still in flight.
+    assert [e["from_epoch"] for e in state["events"] if e["event"] == "resumed"] in ([1], [0])
