@@ -138,8 +138,11 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     from skinray.data.pipeline import FailureLog, ImageSource, iter_stream, stream
     from skinray.predictor import Predictor
 
+    from skinray.cluster import connect
+
     predictor = Predictor.from_path(model_path)
     catalog = list_archive(archive)
+    connect()
     parts = splits(catalog, predictor.config.data.val_fraction, predictor.config.data.seed)
     if split not in parts:
         raise UserError(f"archive '{archive}' has no {split} split (it has: {', '.join(parts)})")

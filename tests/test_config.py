@@ -58,3 +58,16 @@ def test_configs_are_frozen():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.train.epochs = 3
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    from skinray.models.backbones import get_backbone
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"resnet50", "inception_v3", "efficientnetv2s", "tiny_smoke"}
+    for path in recipes:
+        cfg = load_config(path)
+        get_backbone(cfg.model.backbone)
+        assert path.read_text().lstrip().startswith("#")  # each recipe says how to run it

@@ -62,7 +62,10 @@ def _format_of(data: bytes) -> str:
 def check_archive(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Builds the report as a JSON-ready dict; `report["ok"]` is False when a file is unreadable
     or the same image sits in two splits."""
+    from skinray.cluster import connect
+
     catalog = list_archive(uri)
+    connect()
     source = ImageSource.of(catalog, max_pixels)
     rows = dataset(catalog.table, 32).map_batches(inspect_batch, batch_size=None,
                                                    fn_kwargs={"source": source}).take_all()
@@ -108,7 +111,7 @@ def _imbalance(counts: dict[str, int]) -> float | None:
 def format_report(report: dict) -> str:
     """The report as a person reads it."""
     lines = [f"archive: {report['archive']}  ({len(report['classes'])} classes)"]
-    splits = list(report["counts"])
+    splits = [s for s in ("train", "val", "test") if s in report["counts"]]
     width = max(len(c) for c in report["classes"])
     lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
     for cls in report["classes"]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from skinray import UserError
+from skinray.cluster import connect
 from skinray.config import Config, load_config, save_config
 from skinray.data.catalog import class_weights, list_archive, resolve, splits
 from skinray.data.pipeline import ImageSource, steps_per_epoch
@@ -52,7 +53,7 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
     _write_run_files(cfg, inputs, run_uri)
 
     train_cfg = cfg.train
-    _connect(train_cfg.workers * train_cfg.cpus_per_worker)
+    connect(train_cfg.workers * train_cfg.cpus_per_worker)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
@@ -80,29 +81,6 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
         raise UserError(f"training failed ({first}). Checkpoints so far are in {run_uri}: run the same "
                         "command again (same --out and --name) to resume from the latest one.") from None
     return _summarise(result, cfg, run_uri)
-
-
-def _connect(training_cpus: float) -> None:
-    """Joins the cluster (RAY_ADDRESS, or one started with `ray start`), or starts a local one.
-
-    The training workers' CPUs are not available to ingest: a cluster with no CPU left over would
-    wait forever for its first batch, so that is refused here. A local cluster on a small machine
-    gets enough logical CPUs for the workers plus two ingest tasks (they then share the cores).
-    """
-    import os
-
-    import ray
-
-    if not ray.is_initialized():
-        try:
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
-        except ConnectionError:
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(training_cpus) + 2))
-    spare = ray.cluster_resources().get("CPU", 0) - training_cpus
-    if spare < 1:
-        raise UserError(f"the Ray cluster has {spare + training_cpus:g} CPUs and the training workers take "
-                        f"{training_cpus:g}: none is left for ingest. Add CPUs, or lower train.workers or "
-                        "train.cpus_per_worker.")
 
 
 def _inputs(cfg: Config) -> LoopInputs:

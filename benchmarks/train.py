@@ -1,0 +1,153 @@
+"""Training benchmark: what Ray Train itself costs, then where the time goes end to end.
+
+    python benchmarks/train.py [--backbone tiny] [--size 128] [--batch 32] [--steps 30]
+
+(1) plain: skinray's distributed train step (MultiWorkerMirroredStrategy, one worker) on
+    pre-decoded in-memory batches, in a plain process;
+(2) ray:   the same model, step and batches inside one Ray Train (TensorflowTrainer) worker.
+    The ratio ray/plain isolates Ray Train's own cost (target >= 0.9).
+(3) e2e:   `skinray train` on a generated archive with the Ray Data pipeline feeding 1 and then 2
+    workers (training images/s of the epochs after the first, which includes tracing).
+
+All on this machine in one run; prints a table and one JSON line. Runtime on 2 cores with the
+defaults: about four minutes. On a GPU machine, e.g. `--backbone resnet50 --size 224 --batch 128
+--gpus-per-worker 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NUM_CLASSES = 8
+
+
+def _batches(size: int, batch: int, count: int = 4):
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+             rng.integers(0, NUM_CLASSES, batch).astype(np.int32), np.ones(batch, np.float32))
+            for _ in range(count)]
+
+
+def measure_step(backbone: str, size: int, batch: int, steps: int) -> float:
+    """Images/s of skinray's train step on pre-decoded batches, in the calling process."""
+    import keras
+    import tensorflow as tf
+
+    from skinray.config import ModelConfig
+    from skinray.models.backbones import get_backbone
+    from skinray.models.classifier import build_classifier
+    from skinray.train.loop import make_train_step
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_classifier(get_backbone(backbone), NUM_CLASSES, ModelConfig(backbone=backbone, weights="none"),
+                                 size, None)
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)
+    step = make_train_step(strategy, model, optimizer, [1.0] * NUM_CLASSES, 0.1, global_batch=batch)
+    batches = _batches(size, batch)
+    for i in range(3):  # trace and warm up
+        step(*batches[i % len(batches)])
+    start = time.perf_counter()
+    for i in range(steps):
+        loss, _ = step(*batches[i % len(batches)])
+    float(loss)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def _plain(args, queue):
+    queue.put(measure_step(args.backbone, args.size, args.batch, args.steps))
+
+
+def plain_rate(args) -> float:
+    """In a fresh process, as a Ray worker is: TensorFlow's collective setup happens once per process."""
+    queue = multiprocessing.get_context("spawn").Queue()
+    process = multiprocessing.get_context("spawn").Process(target=_plain, args=(args, queue))
+    process.start()
+    rate = queue.get()
+    process.join()
+    return rate
+
+
+def _ray_worker(config):
+    rate = measure_step(config["backbone"], config["size"], config["batch"], config["steps"])
+    Path(config["result"]).write_text(json.dumps(rate))
+
+
+def ray_rate(args) -> float:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "rate.json"
+        config = {"backbone": args.backbone, "size": args.size, "batch": args.batch, "steps": args.steps,
+                  "result": str(result)}
+        TensorflowTrainer(
+            _ray_worker, train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=args.gpus_per_worker > 0,
+                                         resources_per_worker={"CPU": 1, **({"GPU": args.gpus_per_worker}
+                                                                           if args.gpus_per_worker else {})}),
+            run_config=RunConfig(storage_path=folder, name="bench"),
+        ).fit()
+        return json.loads(result.read_text())
+
+
+def end_to_end_rate(args, workers: int, archive: Path, out: Path) -> float:
+    from skinray.config import load_config
+    from skinray.train.trainer import train
+
+    cfg = load_config(overrides=[
+        f"data.archive={archive}", f"model.backbone={args.backbone}", "model.weights=none",
+        f"model.image_size={args.size}", f"train.workers={workers}", f"train.batch_size={args.batch // workers}",
+        "train.epochs=3", "train.head_epochs=0", "train.unfreeze_top=1000", f"train.gpus_per_worker={args.gpus_per_worker}",
+    ])
+    result = train(cfg, str(out), name=f"e2e-{workers}")
+    later = [h["images_per_second"] for h in result.history[1:]]
+    return float(np.mean(later))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32, help="global batch")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--gpus-per-worker", type=float, default=0)
+    parser.add_argument("--per-class", type=int, default=60, help="images per class of the e2e archive (8 classes)")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    import ray
+
+    from skinray.cluster import connect
+    from skinray.data.sample import write_sample
+
+    plain = plain_rate(args)
+    connect(training_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    in_ray = ray_rate(args)
+    with tempfile.TemporaryDirectory() as folder:
+        archive = Path(folder) / "archive"
+        write_sample(archive, per_class=args.per_class, classes=NUM_CLASSES, seed=0)
+        e2e = {w: end_to_end_rate(args, w, archive, Path(folder) / "runs") for w in (1, 2)}
+
+    print(f"\n{args.backbone} at {args.size} px, global batch {args.batch}, {os.cpu_count()} cores"
+          f"{'' if args.gpus_per_worker else ', CPU only'}")
+    print(f"{'plain step':>12} {'Ray Train':>10} {'ratio':>6} {'e2e 1 worker':>13} {'e2e 2 workers':>14}   images/s")
+    print(f"{plain:>12.0f} {in_ray:>10.0f} {in_ray / plain:>6.2f} {e2e[1]:>13.0f} {e2e[2]:>14.0f}")
+    print(json.dumps({"benchmark": "train", "backbone": args.backbone, "size": args.size, "batch": args.batch,
+                      "cores": os.cpu_count(), "plain": round(plain, 1), "ray": round(in_ray, 1),
+                      "ray_vs_plain": round(in_ray / plain, 3), "e2e_1_worker": round(e2e[1], 1),
+                      "e2e_2_workers": round(e2e[2], 1)}))
+
+
+if __name__ == "__main__":
+    main()
