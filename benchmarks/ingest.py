@@ -76,7 +76,6 @@ def pool_rate(paths, size, repeats, full_decode=False) -> float:
 def ray_rate(paths, size, repeats) -> float:
     import pyarrow as pa
     import pyarrow.fs as pafs
-    import ray
 
     from skinray.data.pipeline import ImageSource, epochs_of_rows, iter_stream, stream
 

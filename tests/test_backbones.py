@@ -93,9 +93,14 @@ def test_two_phase_freezing():
     assert all(layer.trainable for layer in backbone.layers if layer.weights)
 
 
-@pytest.mark.parametrize("name, size", [("resnet50", 64), ("inception_v3", 75), ("efficientnetv2s", 64), ("tiny", 32)])
-def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size):
-    """The real train step under MultiWorkerMirroredStrategy, in a fresh process per backbone."""
+@pytest.mark.parametrize("name, size, precision, xla", [
+    ("resnet50", 64, "float32", False), ("inception_v3", 75, "float32", False),
+    ("efficientnetv2s", 64, "float32", False), ("tiny", 32, "float32", False),
+    ("tiny", 32, "mixed_float16", False), ("tiny", 32, "mixed_bfloat16", True),
+])
+def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precision, xla):
+    """The real train step under MultiWorkerMirroredStrategy, in a fresh process per case; mixed
+    precision (with loss scaling for float16) and XLA are the same step with other settings."""
     import ray
 
     @ray.remote(max_calls=1, num_cpus=1)
@@ -106,12 +111,16 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size):
         from skinray.models.classifier import build_classifier
         from skinray.train.loop import make_train_step
 
+        keras.config.set_dtype_policy(precision)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         with strategy.scope():
             model = build_classifier(get_backbone(name), 4, ModelConfig(backbone=name, weights="none"), size, None)
             optimizer = keras.optimizers.Adam(1e-3)
+            if precision == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(model.trainable_variables)
-        step = make_train_step(strategy, model, optimizer, [1.0, 2.0, 1.0, 0.5], 0.1, global_batch=4)
+        assert model.get_layer("logits").compute_dtype == "float32"
+        step = make_train_step(strategy, model, optimizer, [1.0, 2.0, 1.0, 0.5], 0.1, global_batch=4, xla=xla)
         images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
         before = [w.numpy().copy() for w in model.trainable_weights]
         loss, predictions = step(images, np.array([0, 1, 2, 3], np.int32), np.ones(4, np.float32))
