@@ -32,7 +32,6 @@ from skinray.data.catalog import resolve
 from skinray.data.pipeline import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
 from skinray.evaluate import confusion_metrics
 
-PHASES = ("head", "finetune")
 # Through Ray Train's own logging: a print() in a worker is teed and shows up twice on the driver.
 logger = logging.getLogger("skinray.train")
 logger.setLevel(logging.INFO)
@@ -314,9 +313,11 @@ class WorkerLoop:
             mode="min" if train.monitor == "val_loss" else "max",
             patience=train.early_stopping_patience, plateau_patience=train.plateau_patience)
         start = state.epoch + 1
+        learning_rate = state.learning_rate or None  # resuming mid-phase keeps the phase's rate
         if state.phase == "head" and start >= train.head_epochs:
-            state.phase = "finetune"
-        lr = self._start_phase(state.phase, state.learning_rate or None)
+            state.phase, learning_rate = "finetune", None  # a new phase starts at its own rate
+            self.saved_optimizer = None
+        lr = self._start_phase(state.phase, learning_rate)
         rows = epochs_of_rows(self.inputs.train_rows, rank=self.rank, world=self.world, batch_size=self.batch,
                               seed=self.cfg.data.seed, epochs=range(start, train.epochs))
         batches = iter(iter_stream(stream(rows, source=self.inputs.source, size=self.size, batch_size=self.batch,
