@@ -7,6 +7,11 @@ import pytest
 # Tests run on 2-core machines: keep TensorFlow and Ray quiet and small.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Credentials for the loopback S3 (moto) of test_object_store.py, set before Ray starts so that its
+# workers have them too; no test talks to real AWS.
+for key, value in {"AWS_ACCESS_KEY_ID": "skinray-test", "AWS_SECRET_ACCESS_KEY": "skinray-test",
+                   "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

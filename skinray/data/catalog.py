@@ -45,6 +45,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
     return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve()), ""
 
 
+def join_uri(base: str, name: str) -> str:
+    """`base`/`name`, keeping a URI's query (s3://bucket/runs?endpoint_override=...) at the end."""
+    location, sep, query = base.partition("?")
+    return f"{location.rstrip('/')}/{name}{sep}{query}"
+
+
 def read_bytes(fs: pafs.FileSystem, prefix: str, path: str) -> bytes:
     """Reads one catalogued file (its `path` column) through the archive's filesystem."""
     with fs.open_input_file(path[len(prefix):]) as f:

@@ -21,7 +21,7 @@ from pathlib import Path
 from skinray import UserError
 from skinray.cluster import connect
 from skinray.config import Config, load_config, save_config
-from skinray.data.catalog import class_weights, list_archive, resolve, splits
+from skinray.data.catalog import class_weights, join_uri, list_archive, resolve, splits
 from skinray.data.pipeline import ImageSource, steps_per_epoch
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 
@@ -48,7 +48,7 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
     inputs = _inputs(cfg)
     run_name = name or cfg.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = out if "://" in out else str(Path(out).expanduser().resolve())
-    run_uri = f"{storage.rstrip('/')}/{run_name}"
+    run_uri = join_uri(storage, run_name)
     inputs = replace(inputs, run_uri=run_uri)
     _write_run_files(cfg, inputs, run_uri)
 
