@@ -332,27 +332,7 @@ class WorkerLoop:
             metrics = self._train_epoch(batches, epoch)
             metrics["images_per_second"] = self.steps * self.global_batch / (time.perf_counter() - started)
             metrics |= self._validate() | {"epoch": epoch + 1, "phase": state.phase, "learning_rate": lr}
-            improved, reduce_lr, stop = monitor.update(metrics[train.monitor], epoch)
-            metrics["checkpoint_score"] = checkpoint_score(metrics[train.monitor], epoch, monitor.mode)
-            if improved:
-                self.best_weights = self.model.get_weights()
-            state.epoch, state.learning_rate, state.monitor = epoch, lr, asdict(monitor)
-            state.history.append(metrics)
-            if reduce_lr and lr > train.min_lr:
-                lr = max(lr * train.plateau_factor, train.min_lr)
-                self.optimizer.learning_rate = lr
-                state.events.append({"event": "reduce_lr", "epoch": epoch + 1, "learning_rate": lr})
-            if stop:
-                state.events.append({"event": "early_stop", "epoch": epoch + 1, "phase": state.phase})
-                if state.phase == "head" and epoch + 1 < train.epochs:
-                    self.model.set_weights(self.best_weights)
-                    state.phase, lr = "finetune", self._start_phase("finetune", None)
-                    monitor.new_phase()
-                else:
-                    state.finished = True
-            if epoch + 1 == train.epochs:
-                state.finished = True
-            state.learning_rate = lr
+            lr = self._after_epoch(state, monitor, metrics, epoch, lr)
             self._report(state, metrics, monitor)
             if writer:
                 writer.write(metrics)
@@ -360,6 +340,36 @@ class WorkerLoop:
                 break
         if writer:
             writer.close()
+
+    def _after_epoch(self, state: LoopState, monitor: Monitor, metrics: dict, epoch: int, lr: float) -> float:
+        """Records the epoch and takes the monitor's decisions; returns the next learning rate.
+
+        A plateau multiplies the rate by `plateau_factor`; an early stop in the head phase
+        restores that phase's best weights and starts fine-tuning, in the fine-tuning phase it
+        ends the run.
+        """
+        train = self.cfg.train
+        improved, reduce_lr, stop = monitor.update(metrics[train.monitor], epoch)
+        metrics["checkpoint_score"] = checkpoint_score(metrics[train.monitor], epoch, monitor.mode)
+        if improved:
+            self.best_weights = self.model.get_weights()
+        state.epoch = epoch
+        state.history.append(metrics)
+        if reduce_lr and lr > train.min_lr:
+            lr = max(lr * train.plateau_factor, train.min_lr)
+            self.optimizer.learning_rate = lr
+            state.events.append({"event": "reduce_lr", "epoch": epoch + 1, "learning_rate": lr})
+        if stop:
+            state.events.append({"event": "early_stop", "epoch": epoch + 1, "phase": state.phase})
+            if state.phase == "head" and epoch + 1 < train.epochs:
+                self.model.set_weights(self.best_weights)
+                state.phase, lr = "finetune", self._start_phase("finetune", None)
+                monitor.new_phase()
+            else:
+                state.finished = True
+        state.finished = state.finished or epoch + 1 == train.epochs
+        state.learning_rate, state.monitor = lr, asdict(monitor)
+        return lr
 
     def _train_epoch(self, batches, epoch: int) -> dict:
         confusion = np.zeros((self.num_classes, self.num_classes))
@@ -374,6 +384,7 @@ class WorkerLoop:
             predicted = np.concatenate([np.asarray(p) for p in self.strategy.experimental_local_results(predictions)])
             np.add.at(confusion, (batch["label_index"][batch["ok"]], predicted[batch["ok"]]), 1)
         totals = self.all_sum(np.concatenate([confusion.ravel(), [failures.count]]))
+        self._average_batchnorm_statistics()
         k2 = self.num_classes ** 2
         scores = confusion_metrics(totals[:k2].reshape(self.num_classes, self.num_classes))
         if failures.count:
@@ -381,6 +392,26 @@ class WorkerLoop:
                 f"{p}: {r}" for p, r in list(failures.files.items())[:5]))
         return {"train_loss": loss_sum / max(self.steps, 1), "train_accuracy": scores["accuracy"],
                 "train_macro_f1": scores["macro_f1"], "failed_files": int(totals[k2])}
+
+    def _average_batchnorm_statistics(self) -> None:
+        """Averages BatchNormalization's moving mean and variance over the workers, once an epoch.
+
+        Keras keeps them per worker (each sees only its shard), so without this every worker would
+        validate with different statistics and the checkpoint would carry rank 0's alone.
+        """
+        import keras
+
+        variables = [v for layer in _all_layers(self.model) if isinstance(layer, keras.layers.BatchNormalization)
+                     for v in (layer.moving_mean, layer.moving_variance)]
+        if not variables:
+            return
+        flat = np.concatenate([np.asarray(v.numpy(), np.float64).ravel() for v in variables])
+        mean = self.all_sum(flat) / self.world
+        offset = 0
+        for variable in variables:
+            size = int(np.prod(variable.shape))
+            variable.assign(mean[offset:offset + size].reshape(variable.shape).astype(variable.dtype))
+            offset += size
 
     def _validate(self) -> dict:
         """Every worker scores its share of the validation set; the sums are all-reduced."""
@@ -460,6 +491,14 @@ class WorkerLoop:
     def _log(self, message: str, every_rank: bool = False) -> None:
         if self.rank == 0 or every_rank:
             logger.info(f"[skinray] {message}")
+
+
+def _all_layers(model):
+    """Every layer of a model, nested models (the backbone) included."""
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
 
 
 def _progress_line(m: dict, epochs: int) -> str:
