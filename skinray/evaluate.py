@@ -168,6 +168,9 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     report |= {"model": predictor.source, "split": split, "archive": archive,
                "failed_files": [{"path": p, "reason": r} for p, r in failures.files.items()]}
     write_report(report, out)
+    from skinray.config import save_config
+
+    save_config(predictor.config, out)  # the evaluated model's resolved config, next to its report
     return report
 
 

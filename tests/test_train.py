@@ -127,6 +127,7 @@ def test_best_checkpoint_is_the_best_epoch_and_evaluates_the_same(run, tmp_path)
     assert run["result"].best_checkpoint.endswith(f"checkpoint_epoch_{best_epoch:04d}")
     report = evaluate(str(run["dir"]), str(run["archive"]), "val", str(tmp_path))
     assert report["num_images"] == 32
+    assert load_config(tmp_path / "config.yaml") == run["cfg"]  # the model's config beside its report
     # The same pixels and weights; only oneDNN's batch-size-dependent rounding differs (the workers
     # score batches of 16, evaluate of 32), which can tip one near-tie: at most one image of 32.
     assert report["accuracy"] == pytest.approx(history[best_epoch - 1]["val_accuracy"], abs=1 / 32 + 1e-9)
