@@ -207,6 +207,11 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)")
 
+    @property
+    def monitor_mode(self) -> str:
+        """'min' for a loss, 'max' for accuracy and F1: which way `monitor` improves."""
+        return "min" if self.monitor == "val_loss" else "max"
+
 
 @dataclass(frozen=True)
 class Config:

@@ -134,6 +134,7 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     import pyarrow as pa
 
     from skinray import UserError
+    from skinray.config import save_config
     from skinray.data.catalog import list_archive, splits
     from skinray.data.pipeline import FailureLog, ImageSource, iter_stream, stream
     from skinray.predictor import Predictor
@@ -168,8 +169,6 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     report |= {"model": predictor.source, "split": split, "archive": archive,
                "failed_files": [{"path": p, "reason": r} for p, r in failures.files.items()]}
     write_report(report, out)
-    from skinray.config import save_config
-
     save_config(predictor.config, out)  # the evaluated model's resolved config, next to its report
     return report
 

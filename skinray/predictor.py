@@ -93,5 +93,5 @@ def _checkpoint_dir(folder: Path) -> Path:
     if not checkpoints:
         raise UserError(f"'{folder}' is neither a checkpoint nor a run directory with checkpoints")
     config = load_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else load_config()
-    sign = -1 if config.train.monitor == "val_loss" else 1
+    sign = -1 if config.train.monitor_mode == "min" else 1
     return max(checkpoints, key=lambda p: sign * json.loads((p / "model.json").read_text())["metrics"]["checkpoint_score"])

@@ -71,3 +71,8 @@ def test_shipped_recipes_load():
         cfg = load_config(path)
         get_backbone(cfg.model.backbone)
         assert path.read_text().lstrip().startswith("#")  # each recipe says how to run it
+
+
+def test_monitor_direction_is_derived_from_the_metric():
+    assert load_config().train.monitor_mode == "max"
+    assert load_config(overrides=["train.monitor=val_loss"]).train.monitor_mode == "min"

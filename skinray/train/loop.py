@@ -227,13 +227,14 @@ class WorkerLoop:
             folder = Path(folder)
             state = LoopState(**json.loads((folder / "state.json").read_text()))
             self.model.load_weights(folder / "model.keras")
-            self.best_weights = self._load_best(folder, state)
+            self.best_weights = self._load_best(folder)
             self.saved_optimizer = dict(np.load(folder / "optimizer.npz"))
         state.events.append({"event": "resumed", "from_epoch": state.epoch, "time": time.time()})
         self._log(f"resumed from the checkpoint of epoch {state.epoch + 1} ({state.phase} phase)")
         return state
 
-    def _load_best(self, folder: Path, state: LoopState):
+    def _load_best(self, folder: Path):
+        """The best epoch's weights: a checkpoint without best.weights.h5 is the best epoch itself."""
         if not (folder / "best.weights.h5").exists():
             return self.model.get_weights()
         current = self.model.get_weights()
@@ -310,7 +311,7 @@ class WorkerLoop:
     def _train(self, state: LoopState) -> None:
         train = self.cfg.train
         monitor = Monitor(**state.monitor) if state.monitor else Monitor(
-            mode="min" if train.monitor == "val_loss" else "max",
+            mode=train.monitor_mode,
             patience=train.early_stopping_patience, plateau_patience=train.plateau_patience)
         start = state.epoch + 1
         learning_rate = state.learning_rate or None  # resuming mid-phase keeps the phase's rate
@@ -383,15 +384,20 @@ class WorkerLoop:
             loss_sum += float(loss)
             predicted = np.concatenate([np.asarray(p) for p in self.strategy.experimental_local_results(predictions)])
             np.add.at(confusion, (batch["label_index"][batch["ok"]], predicted[batch["ok"]]), 1)
-        totals = self.all_sum(np.concatenate([confusion.ravel(), [failures.count]]))
+        matrix, (failed,) = self._all_sum_confusion(confusion, failures.count)
         self._average_batchnorm_statistics()
-        k2 = self.num_classes ** 2
-        scores = confusion_metrics(totals[:k2].reshape(self.num_classes, self.num_classes))
+        scores = confusion_metrics(matrix)
         if failures.count:
             self._log(f"rank {self.rank}: {failures.summary()}: " + "; ".join(
                 f"{p}: {r}" for p, r in list(failures.files.items())[:5]))
         return {"train_loss": loss_sum / max(self.steps, 1), "train_accuracy": scores["accuracy"],
-                "train_macro_f1": scores["macro_f1"], "failed_files": int(totals[k2])}
+                "train_macro_f1": scores["macro_f1"], "failed_files": int(failed)}
+
+    def _all_sum_confusion(self, confusion: np.ndarray, *extras: float) -> tuple[np.ndarray, np.ndarray]:
+        """Sums a confusion matrix and a few scalars over all workers, in one all-reduce."""
+        totals = self.all_sum(np.concatenate([confusion.ravel(), extras]))
+        k2 = confusion.size
+        return totals[:k2].reshape(confusion.shape), totals[k2:]
 
     def _average_batchnorm_statistics(self) -> None:
         """Averages BatchNormalization's moving mean and variance over the workers, once an epoch.
@@ -436,11 +442,9 @@ class WorkerLoop:
                 loss_sum += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
                     labels, logits, from_logits=True)))
                 np.add.at(confusion, (labels, logits.argmax(axis=1)), 1)
-        totals = self.all_sum(np.concatenate([confusion.ravel(), [loss_sum]]))
-        k2 = self.num_classes ** 2
-        matrix = totals[:k2].reshape(self.num_classes, self.num_classes)
+        matrix, (loss_total,) = self._all_sum_confusion(confusion, loss_sum)
         scores = confusion_metrics(matrix)
-        return {"val_loss": float(totals[k2] / max(matrix.sum(), 1)), "val_accuracy": scores["accuracy"],
+        return {"val_loss": float(loss_total / max(matrix.sum(), 1)), "val_accuracy": scores["accuracy"],
                 "val_macro_f1": scores["macro_f1"]}
 
     # === Checkpoints, faults, logs ===

@@ -69,7 +69,7 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train_cfg.keep_checkpoints,
                 checkpoint_score_attribute="checkpoint_score",
-                checkpoint_score_order="min" if train_cfg.monitor == "val_loss" else "max",
+                checkpoint_score_order=train_cfg.monitor_mode,
             ),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
         ),
@@ -128,7 +128,7 @@ def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
     ranked = [(c, m) for c, m in result.best_checkpoints if "checkpoint_score" in m]
     if not ranked:
         raise UserError(f"the run at {run_uri} reported no checkpoint")
-    pick = min if cfg.train.monitor == "val_loss" else max
+    pick = min if cfg.train.monitor_mode == "min" else max
     checkpoint, metrics = pick(ranked, key=lambda cm: cm[1]["checkpoint_score"])
     history = _history(result.checkpoint or checkpoint)
     summary = {"run_dir": run_uri, "best_checkpoint": checkpoint.path, "best_metrics": metrics,
