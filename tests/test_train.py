@@ -18,7 +18,7 @@ from skinray.train.loop import Monitor, checkpoint_score, scaled_learning_rate
 EPOCHS, HEAD_EPOCHS, KILL_STEP = 12, 2, 20
 TINY = ["model.backbone=tiny", "model.weights=none", "model.image_size=64", "train.workers=2",
         "train.batch_size=8", "train.head_lr=0.004", "train.finetune_lr=0.004", "train.unfreeze_top=100",
-        "train.early_stopping_patience=0", "train.plateau_patience=2"]
+        "train.early_stopping_patience=0", "train.plateau_patience=1"]
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +101,24 @@ def test_two_phases(run):
 
 
 def test_plateau_reduction_acted_when_the_metric_stalled(run):
+    """Replays the monitor over the recorded metrics: the run reduced the rate exactly after the
+    epochs that did not improve, and the next epoch trained at the reduced rate."""
     history, events = run["state"]["history"], run["state"]["events"]
+    cfg = run["cfg"].train
+    replay = Monitor(mode=cfg.monitor_mode, patience=0, plateau_patience=cfg.plateau_patience)
+    expected = []
+    for i, h in enumerate(history):
+        if i and h["phase"] != history[i - 1]["phase"]:
+            replay.new_phase()
+        if replay.update(h[cfg.monitor], i)[1] and h["learning_rate"] > cfg.min_lr:
+            expected.append(h["epoch"])
     reductions = [e for e in events if e["event"] == "reduce_lr"]
-    assert reductions, "12 epochs on 4 easy classes always stall at some point"
+    # Patience 1: any epoch that does not beat the best reduces the rate; on 4 easy classes the
+    # macro-F1 of 32 validation images cannot rise strictly for 12 epochs.
+    assert reductions
+    assert [e["epoch"] for e in reductions] == expected
     for event in reductions:
-        epoch = event["epoch"]  # reduced after this epoch: the two before it did not improve
-        scores = [h["val_macro_f1"] for h in history]
-        assert max(scores[epoch - 2:epoch]) <= max(scores[:epoch - 2])
+        epoch = event["epoch"]
         after = history[epoch] if epoch < len(history) else None
         if after and after["phase"] == history[epoch - 1]["phase"]:
             assert after["learning_rate"] == pytest.approx(event["learning_rate"])
