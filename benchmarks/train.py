@@ -46,7 +46,7 @@ def measure_step(backbone: str, size: int, batch: int, steps: int) -> float:
     from skinray.config import ModelConfig
     from skinray.models.backbones import get_backbone
     from skinray.models.classifier import build_classifier
-    from skinray.train.loop import make_train_step
+    from skinray.train.step import make_train_step
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
@@ -144,7 +144,7 @@ def main() -> None:
     from skinray.data.sample import write_sample
 
     # Best of `--repeats`, interleaved: on a small machine one measurement can be 30% off.
-    connect(training_cpus=2)
+    connect(reserved_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     plain = in_task = in_ray = 0.0
     for _ in range(args.repeats):

@@ -48,8 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", help="imagenet, none, or a path to a weights file")
     train.add_argument("--name", help="run name; the same name resumes an interrupted run")
 
-    evaluate = commands.add_parser("evaluate", help="per-class report of a trained model")
-    evaluate.add_argument("--model", required=True, help="run directory, checkpoint, or .keras file")
+    ensemble = commands.add_parser("ensemble", help="calibrate members and write one versioned bundle")
+    _config_options(ensemble)
+    ensemble.add_argument("--members", nargs="+", required=True, metavar="RUN_OR_CHECKPOINT",
+                          help="training run directories or checkpoints (same classes, same validation split)")
+    ensemble.add_argument("--data", required=True, help="the archive the members were trained on")
+    ensemble.add_argument("--out", required=True, help="new bundle folder or URI (never overwritten)")
+    ensemble.add_argument("--coverage", type=float, help="share of validation images answered (default 0.9)")
+
+    score = commands.add_parser("score", help="bulk-score a folder or manifest of images to Parquet on Ray Data")
+    _config_options(score)
+    score.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
+    score.add_argument("--input", required=True,
+                       help="folder tree of images (local or URI), or a .parquet/.csv manifest with a 'path' column")
+    score.add_argument("--output", required=True, help="folder or URI; rerun with the same one to resume")
+    score.add_argument("--top-k", type=int, help="classes listed per image (default 3)")
+
+    evaluate = commands.add_parser("evaluate", help="per-class report of a bundle or trained model")
+    evaluate.add_argument("--model", required=True, help="bundle, run directory, checkpoint, or .keras file")
     evaluate.add_argument("--data", required=True, help="archive folder or URI")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", required=True, help="folder for report.json, report.md and the confusion matrix")
@@ -90,6 +106,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from skinray.evaluate import evaluate_from_args
 
         return evaluate_from_args(args)
+    if args.command == "ensemble":
+        from skinray.ensemble import ensemble_from_args
+
+        return ensemble_from_args(args)
+    if args.command == "score":
+        from skinray.score import score_from_args
+
+        return score_from_args(args)
     if args.command == "demo":
         from skinray.demo import run_demo
 

@@ -6,17 +6,19 @@ to the cluster in RAY_ADDRESS or one started with `ray start`, else to a new loc
 
 from __future__ import annotations
 
+import math
 import os
 
 from skinray import UserError
 
 
-def connect(training_cpus: float = 0.0) -> None:
-    """Connects once per process; refuses a cluster whose CPUs the training workers would all take.
+def connect(reserved_cpus: float = 0.0) -> None:
+    """Connects once per process; refuses a cluster whose CPUs long-lived workers would all take.
 
-    The training workers' CPUs are not available to ingest, so a cluster with none left over
-    would wait forever for its first batch. A local cluster on a small machine gets enough logical
-    CPUs for the workers plus two ingest tasks (they then share the physical cores).
+    `reserved_cpus` is what the stage's long-lived workers hold for their whole run (training
+    workers; scoring's model actors). Those CPUs are not available to ingest, so a cluster with
+    none left over would wait forever for its first batch. A local cluster on a small machine gets
+    enough logical CPUs for them plus two ingest tasks (they then share the physical cores).
     """
     import ray
 
@@ -24,8 +26,9 @@ def connect(training_cpus: float = 0.0) -> None:
         try:
             ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
         except ConnectionError:
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(training_cpus) + 2))
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2))
     total = ray.cluster_resources().get("CPU", 0)
-    if training_cpus and total - training_cpus < 1:
-        raise UserError(f"the Ray cluster has {total:g} CPUs and the training workers take {training_cpus:g}: "
-                        "none is left for ingest. Add CPUs, or lower train.workers or train.cpus_per_worker.")
+    if reserved_cpus and total - reserved_cpus < 1:
+        raise UserError(f"the Ray cluster has {total:g} CPUs and the stage's workers take {reserved_cpus:g}: "
+                        "none is left for ingest. Add CPUs, or lower train.workers / train.cpus_per_worker "
+                        "(training) or score.max_actors / score.cpus_per_actor (scoring).")

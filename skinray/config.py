@@ -214,6 +214,53 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EnsembleConfig:
+    """How members become one calibrated bundle (`skinray ensemble`).
+
+    Args:
+        coverage: share of validation images the ensemble answers; the abstention threshold is the
+            top probability that keeps this share (below it: "uncertain, refer").
+    """
+
+    coverage: float = 0.9
+
+    def __post_init__(self):
+        _require(0.0 < self.coverage <= 1.0, "coverage", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Bulk scoring on Ray Data (`skinray score`, and the predictions of `evaluate` and `ensemble`).
+
+    Args:
+        min_actors, max_actors: the autoscaling pool of model actors (each holds every member).
+        cpus_per_actor, gpus_per_actor: what each model actor reserves.
+        batch_size: images per model call.
+        top_k: classes listed per image in the output's `top_k` column.
+        rows_per_file: input files per listing part: the unit of progress a killed job keeps.
+    """
+
+    min_actors: int = 1
+    max_actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 32
+    top_k: int = 3
+    rows_per_file: int = 256
+
+    def __post_init__(self):
+        _require(self.min_actors >= 1, "min_actors", "must be >= 1")
+        _require(self.max_actors >= self.min_actors, "max_actors", "must be >= min_actors")
+        _require(self.cpus_per_actor >= 0, "cpus_per_actor", "must be >= 0")
+        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
+        _require(self.cpus_per_actor > 0 or self.gpus_per_actor > 0, "cpus_per_actor",
+                 "an actor must reserve a CPU or a GPU")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.top_k >= 1, "top_k", "must be >= 1")
+        _require(self.rows_per_file >= 1, "rows_per_file", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs, one section per concern."""
 
@@ -221,6 +268,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)

@@ -34,7 +34,7 @@ def run_demo(out: str, workers: int = 2) -> int:
     out_dir = Path(out).resolve()
     archive = out_dir / "archive"
     started = time.perf_counter()
-    connect(training_cpus=workers)  # sized for training, before the data check starts a smaller one
+    connect(reserved_cpus=workers)  # sized for training, before the data check starts a smaller one
     _stage(f"1/4 sample archive: {CLASSES} DermNet classes x {PER_CLASS} photos -> {archive}")
     if not (archive / "train").is_dir():
         write_sample(archive, per_class=PER_CLASS, classes=CLASSES, seed=0)

@@ -1,9 +1,11 @@
-"""Predictions -> per-class report: accuracy, top-k, precision/recall/F1/support, confusion matrix.
+"""Predictions -> per-class report, calibration and reliability: the check on every model skinray makes.
 
-The last stage of a training run and the check on every model skinray produces. `skinray evaluate`
-scores a split of an archive with a trained model (a run directory, a checkpoint or a `.keras`
-file; later an ensemble bundle, through the same `Predictor`) and writes `report.json`, a readable
-`report.md` and the confusion matrix as JSON and PNG. The numbers are scikit-learn's.
+`skinray evaluate` scores a split of an archive with a model (an ensemble bundle, a training run,
+a checkpoint or a `.keras` file) through the same Ray Data decode tasks and model actors as bulk
+scoring, and writes `report.json`, a readable `report.md`, the confusion matrix (JSON and PNG) and
+the reliability diagram (PNG). A bundle is reported beside each of its members, with the
+calibration error before and after calibration and the coverage and accuracy at its abstention
+threshold. The numbers come from `skinray.metrics` (scikit-learn's where it has them).
 """
 
 from __future__ import annotations
@@ -13,51 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 from a confusion matrix (rows: truth, columns: prediction).
-
-    Used every epoch on the all-reduced matrix of all workers; equals scikit-learn's
-    `accuracy_score` and `f1_score(average="macro", zero_division=0)` over the labels that occur.
-    """
-    confusion = np.asarray(confusion, dtype=np.float64)
-    total = confusion.sum()
-    true_pos = np.diag(confusion)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    denominator = support + predicted
-    f1 = np.divide(2 * true_pos, denominator, out=np.zeros_like(true_pos), where=denominator > 0)
-    present = denominator > 0
-    return {
-        "accuracy": float(true_pos.sum() / total) if total else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-    }
-
-
-def build_report(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                 top_k: tuple[int, ...] = (3, 5)) -> dict:
-    """The full report for integer labels and per-class probabilities (scikit-learn's numbers)."""
-    from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
-                                 top_k_accuracy_score)
-
-    labels = np.arange(len(classes))
-    y_pred = probabilities.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
-    report = {"num_images": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
-    # Averages over the classes that occur in the truth or the predictions (scikit-learn's default).
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
-        report |= {f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)}
-    for k in top_k:
-        if k < len(classes):
-            report[f"top_{k}_accuracy"] = float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))
-    report["per_class"] = {
-        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(classes, precision, recall, f1, support)
-    }
-    report["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
-    report["classes"] = list(classes)
-    return report
+from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
 
 
 # === Writing ===
@@ -72,26 +30,51 @@ def write_report(report: dict, out: str | Path) -> dict[str, Path]:
         "markdown": out / "report.md",
         "confusion_json": out / "confusion_matrix.json",
         "confusion_png": out / "confusion_matrix.png",
+        "reliability_png": out / "reliability.png",
     }
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["confusion_json"].write_text(json.dumps(
         {"classes": report["classes"], "matrix": report["confusion_matrix"]}, indent=2))
     paths["markdown"].write_text(_markdown(report))
     _plot_confusion(np.array(report["confusion_matrix"]), report["classes"], paths["confusion_png"])
+    _plot_reliability(report["calibration"]["reliability"], paths["reliability_png"])
     return paths
 
 
 def _markdown(report: dict) -> str:
     lines = [f"# Evaluation: {report.get('model', 'model')} on {report.get('split', 'split')}", ""]
+    if report.get("model_version"):
+        lines.append(f"model version `{report['model_version']}`")
     lines.append(f"{report['num_images']} images; accuracy **{report['accuracy']:.4f}**, "
                  f"macro-F1 **{report['macro_f1']:.4f}**, weighted-F1 {report['weighted_f1']:.4f}")
     for key in sorted(k for k in report if k.startswith("top_")):
         lines.append(f"- {key.replace('_', ' ')}: {report[key]:.4f}")
     if report.get("failed_files"):
         lines.append(f"- unreadable files (not scored): {len(report['failed_files'])}")
-    lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    calibration, abstention = report.get("calibration"), report.get("abstention")
+    if calibration:
+        lines.append(f"- expected calibration error: {calibration['ece_before']:.4f} before calibration, "
+                     f"{calibration['ece_after']:.4f} after (log-loss {calibration['log_loss_before']:.4f} -> "
+                     f"{calibration['log_loss_after']:.4f})")
+    if abstention:
+        lines.append(f"- abstention threshold {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
+                     f"of the images, accuracy on those {abstention['answered_accuracy']:.4f}")
+    members = report.get("members", {})
+    if len(members) > 1:
+        lines += ["", "| model | accuracy | macro-F1 | log-loss | ECE (uncalibrated -> calibrated) |",
+                  "|---|---:|---:|---:|---|"]
+        lines.append(f"| **ensemble** | {report['accuracy']:.4f} | {report['macro_f1']:.4f} | "
+                     f"{calibration['log_loss_after']:.4f} | {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} |")
+        for name, m in members.items():
+            lines.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['log_loss']:.4f} | "
+                         f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} |")
+    member_names = list(members) if len(members) > 1 else []
+    lines += ["", "| class | precision | recall | F1 | " + "".join(f"F1 {n} | " for n in member_names) + "support |",
+              "|---|---:|---:|---:|" + "---:|" * len(member_names) + "---:|"]
     for name, row in report["per_class"].items():
-        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+        member_f1 = "".join(f"{members[n]['per_class_f1'][name]['f1']:.3f} | " for n in member_names)
+        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {member_f1}"
+                     f"{row['support']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -121,55 +104,88 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_reliability(curves: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy against confidence per bin, one line per curve (before and after calibration)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, bins in curves.items():
+        used = [b for b in bins if b["count"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker="o", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability diagram")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # === The evaluate command ===
 
 
 def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: int = 32) -> dict:
-    """Scores one split of an archive with a trained model and writes the report to `out`.
+    """Scores one split of an archive with a model and writes the report to `out`.
 
-    The validation split is re-derived with the run's own seed and fraction, so `--split val`
-    scores exactly the images the run validated on. Archive classes are matched to the model's by
-    name; an archive class the model does not know is an error.
+    The validation split is re-derived with the model's own seed and fraction, so `--split val`
+    scores exactly the images the run validated on (and a bundle was calibrated on). Archive
+    classes are matched to the model's by name; an archive class the model does not know is an error.
     """
-    import pyarrow as pa
+    import dataclasses
 
     from skinray import UserError
-    from skinray.config import save_config
-    from skinray.data.catalog import list_archive, splits
-    from skinray.data.pipeline import FailureLog, ImageSource, iter_stream, stream
-    from skinray.predictor import Predictor
-
     from skinray.cluster import connect
+    from skinray.config import save_config
+    from skinray.data.catalog import list_archive, model_split
+    from skinray.data.pipeline import ImageSource
+    from skinray.predictor import Predictor
+    from skinray.score import predict_table
 
     predictor = Predictor.from_path(model_path)
     catalog = list_archive(archive)
-    connect()
-    parts = splits(catalog, predictor.config.data.val_fraction, predictor.config.data.seed)
-    if split not in parts:
-        raise UserError(f"archive '{archive}' has no {split} split (it has: {', '.join(parts)})")
-    unknown = sorted(set(catalog.classes) - set(predictor.classes))
-    if unknown:
-        raise UserError(f"the model does not know the archive's classes: {', '.join(unknown)}")
-    index = {name: i for i, name in enumerate(predictor.classes)}
-    table = parts[split]
-    table = table.set_column(table.schema.get_field_index("label_index"), "label_index",
-                             pa.array([index[c] for c in table["label"].to_pylist()], pa.int32()))
-
-    failures, labels, probabilities = FailureLog(), [], []
-    ds = stream(table, source=ImageSource.of(catalog, predictor.config.data.max_pixels),
-                size=predictor.image_size, batch_size=batch_size)
-    for batch in iter_stream(ds, batch_size):
-        failures.add(batch)
-        ok = batch["ok"]
-        labels.append(batch["label_index"][ok])
-        probabilities.append(predictor.predict(batch["image"][ok]))
-    if not labels or not sum(len(x) for x in labels):
-        raise UserError(f"no image of the {split} split could be read ({failures.summary()})")
-    report = build_report(np.concatenate(labels), np.concatenate(probabilities), predictor.classes)
-    report |= {"model": predictor.source, "split": split, "archive": archive,
-               "failed_files": [{"path": p, "reason": r} for p, r in failures.files.items()]}
+    table = model_split(catalog, split, predictor.classes, predictor.config.data)
+    score_cfg = dataclasses.replace(predictor.config.score, batch_size=batch_size)
+    connect(reserved_cpus=score_cfg.max_actors * score_cfg.cpus_per_actor)
+    rows = predict_table(table, [model_path], predictor.sizes,
+                         ImageSource.of(catalog, predictor.config.data.max_pixels), score_cfg)
+    failed = rows.filter(rows["error"].is_valid())
+    good = rows.filter(rows["error"].is_null())
+    if good.num_rows == 0:
+        raise UserError(f"no image of the {split} split could be read ({failed.num_rows} failed)")
+    labels = good["label_index"].to_numpy()
+    logits = np.array(good["member_logits"].to_pylist(), np.float32).transpose(1, 0, 2)
+    report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels)
+    report |= {"model": predictor.source, "model_version": predictor.version, "split": split, "archive": archive,
+               "failed_files": [{"path": p, "reason": r} for p, r in
+                                zip(failed["path"].to_pylist(), failed["error"].to_pylist())]}
     write_report(report, out)
     save_config(predictor.config, out)  # the evaluated model's resolved config, next to its report
+    return report
+
+
+def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dict:
+    """The ensemble's full report, each member beside it, calibration before and after, abstention."""
+    report = build_report(labels, calibrated.probabilities, predictor.classes)
+    report["members"] = {
+        m.name: summary_metrics(calibrated.member_probabilities[k], labels)
+        | {"ece_uncalibrated": summary_metrics(uncalibrated.member_probabilities[k], labels)["ece"],
+           "per_class_f1": build_report(labels, calibrated.member_probabilities[k], predictor.classes,
+                                        top_k=())["per_class"]}
+        for k, m in enumerate(predictor.members)}
+    before, after = uncalibrated.probabilities, calibrated.probabilities
+    report["calibration"] = {
+        "ece_before": summary_metrics(before, labels)["ece"], "ece_after": summary_metrics(after, labels)["ece"],
+        "log_loss_before": summary_metrics(before, labels)["log_loss"],
+        "log_loss_after": summary_metrics(after, labels)["log_loss"],
+        "reliability": {"before calibration": reliability_bins(before, labels),
+                        "after calibration": reliability_bins(after, labels)}}
+    report["abstention"] = selective_metrics(after, labels, predictor.threshold)
     return report
 
 
@@ -177,5 +193,12 @@ def evaluate_from_args(args) -> int:
     report = evaluate(args.model, args.data, args.split, args.out, args.batch_size)
     print(f"{report['num_images']} images of the {args.split} split: accuracy {report['accuracy']:.4f}, "
           f"macro-F1 {report['macro_f1']:.4f}; {len(report['failed_files'])} unreadable")
+    if len(report["members"]) > 1:
+        for name, m in report["members"].items():
+            print(f"  member {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
+    calibration, abstention = report["calibration"], report["abstention"]
+    print(f"ECE {calibration['ece_before']:.4f} before calibration, {calibration['ece_after']:.4f} after; "
+          f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
+          f"{abstention['answered_accuracy']:.4f} of them correctly")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

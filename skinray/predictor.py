@@ -1,11 +1,15 @@
-"""A trained model -> class probabilities for batches of images: the one scoring entry point.
+"""A trained model or an ensemble bundle -> calibrated class probabilities: the one scoring entry point.
 
-`Predictor.from_path` accepts a training run directory (its best checkpoint), a checkpoint
-directory, or a `.keras` file, on local disk or any pyarrow.fs URI; the ensemble bundle will load
-through the same class. It carries the class names and the input size, and scores the uint8
-images the data pipeline produces (decode, then the identity warp to `image_size`): the model's
-own first layer applies the backbone's preprocessing, so evaluation, bulk scoring and serving all
-see the same probabilities for the same file.
+`Predictor.from_path` opens an ensemble bundle (a folder with `bundle.json`, see `skinray.bundle`),
+a training run directory (its best checkpoint), a checkpoint directory, or a `.keras` file, on
+local disk or any pyarrow.fs URI. A run or checkpoint is a one-member ensemble without calibration
+(temperature 1, weight 1, no abstention), so every consumer handles both the same way.
+
+Members may take different input sizes (224, 299, 384): the caller decodes each image once and
+warps it once to each size in `Predictor.sizes` (`skinray.data.pipeline.decode_views`), and
+`predict` takes those views keyed by size. Each model's first layer applies its backbone's own
+preprocessing, so evaluation, bulk scoring and serving feed the same uint8 pixels and get the
+same probabilities for the same file.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,44 +28,172 @@ from skinray.data.catalog import resolve
 
 
 @dataclass
-class Predictor:
-    model: object  # keras.Model
-    classes: list[str]
+class Member:
+    """One model of an ensemble and how its logits are calibrated and weighted."""
+
+    name: str
+    model: object  # keras.Model: uint8 (n, size, size, 3) -> logits
+    backbone: str
     image_size: int
+    temperature: float = 1.0
+    weight: float = 1.0
+    config: Config = field(default_factory=Config)
+    file: Path | None = None  # the local model.keras it was loaded from
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(images, training=False), dtype=np.float32)
+
+
+@dataclass
+class Prediction:
+    """Calibrated probabilities of a batch: the ensemble's and each member's."""
+
+    probabilities: np.ndarray  # (n, classes): the weighted mean of the members' calibrated probabilities
+    member_probabilities: np.ndarray  # (members, n, classes), each member calibrated
+    member_logits: np.ndarray  # (members, n, classes), raw
+    threshold: float  # top probability below which the ensemble abstains
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities.max(axis=1)
+
+    @property
+    def abstained(self) -> np.ndarray:
+        return self.confidence < self.threshold
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, probabilities) of the k most probable classes per image, most probable first."""
+        k = min(k, self.probabilities.shape[1])
+        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(self.probabilities, order, axis=1)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / temperature
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Predictor:
+    members: list[Member]
+    classes: list[str]
     source: str  # where it was loaded from
-    config: Config
+    threshold: float = 0.0
+    version: str = ""  # the bundle's content hash; a run's checkpoint path otherwise
+    manifest: dict = field(default_factory=dict)  # bundle.json (empty for a run)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The distinct input sizes the members take, ascending."""
+        return tuple(sorted({m.image_size for m in self.members}))
+
+    @property
+    def image_size(self) -> int:
+        """The largest input size (what to decode for)."""
+        return self.sizes[-1]
+
+    @property
+    def config(self) -> Config:
+        """The first member's resolved config (data settings: split seed, fraction, pixel limit)."""
+        return self.members[0].config
 
     @classmethod
     def from_path(cls, path: str) -> "Predictor":
-        """Loads a run directory, a checkpoint directory or a `.keras` file."""
-        import keras
-
-        import skinray.models.classifier  # noqa: F401  registers the custom layers for loading
-
+        """Loads a bundle, a run directory, a checkpoint directory or a `.keras` file."""
         local = _local_copy(path)
+        if (local / "bundle.json").is_file():
+            from skinray.bundle import load_bundle
+
+            return load_bundle(local, source=path)
+        return cls.from_checkpoint(local, source=path)
+
+    @classmethod
+    def from_paths(cls, paths: list[str]) -> "Predictor":
+        """One path as `from_path`; several runs or checkpoints as an uncalibrated, equally weighted
+        ensemble (what `skinray ensemble` fits the calibration of)."""
+        if len(paths) == 1:
+            return cls.from_path(paths[0])
+        parts = [cls.from_path(path) for path in paths]
+        for path, part in zip(paths, parts):
+            if part.manifest:
+                raise UserError(f"'{path}' is a bundle: it cannot be combined with other models")
+        for path, part in zip(paths[1:], parts[1:]):
+            if part.classes != parts[0].classes:
+                raise UserError(f"'{paths[0]}' and '{path}' have different classes: "
+                                f"{describe_difference(parts[0].classes, part.classes)}")
+        members = [m for part in parts for m in part.members]
+        for i, member in enumerate(members):
+            member.name = f"{i:02d}-{member.backbone}"
+        return cls(members, parts[0].classes, ",".join(paths), version="uncalibrated")
+
+    @classmethod
+    def from_checkpoint(cls, local: Path, source: str = "") -> "Predictor":
+        """A run directory, checkpoint or `.keras` file (local) as a one-member, uncalibrated ensemble."""
         checkpoint = _checkpoint_dir(local) if local.is_dir() else local.parent
         model_file = checkpoint / "model.keras" if local.is_dir() else local
         if not model_file.is_file():
-            raise UserError(f"no model.keras found at '{path}'")
-        model = keras.models.load_model(model_file, compile=False)
+            raise UserError(f"no model.keras found at '{source or local}'")
         classes_file = checkpoint / "classes.json"
         if not classes_file.is_file():
-            raise UserError(f"'{path}' has no classes.json next to its model")
+            raise UserError(f"'{source or local}' has no classes.json next to its model")
         config_file = checkpoint / "config.yaml"
         config = load_config(config_file) if config_file.is_file() else load_config()
-        return cls(model, json.loads(classes_file.read_text()), int(model.input_shape[1]), str(checkpoint), config)
+        model = load_model(model_file)
+        member = Member(config.model.backbone, model, config.model.backbone, int(model.input_shape[1]),
+                        config=config, file=model_file)
+        return cls([member], json.loads(classes_file.read_text()), str(checkpoint), version=str(checkpoint))
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (n, size, size, 3) -> probabilities (n, classes), float32."""
-        if len(images) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
-        logits = np.asarray(self.model(images, training=False), dtype=np.float32)
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
+    # === Scoring ===
+
+    def predict(self, views: dict[int, np.ndarray] | np.ndarray) -> Prediction:
+        """uint8 images, keyed by input size (one array when all members share one) -> Prediction."""
+        if isinstance(views, np.ndarray):
+            views = {size: views for size in self.sizes}
+        n = len(next(iter(views.values())))
+        if n == 0:
+            empty = np.zeros((len(self.members), 0, len(self.classes)), np.float32)
+            return Prediction(empty[0], empty, empty, self.threshold)
+        logits = np.stack([m.logits(views[m.image_size]) for m in self.members])
+        return self.combine(logits)
+
+    def combine(self, member_logits: np.ndarray) -> Prediction:
+        """Members' raw logits (members, n, classes) -> calibrated, weighted probabilities."""
+        calibrated = np.stack([softmax(z, m.temperature) for z, m in zip(member_logits, self.members)])
+        weights = np.array([m.weight for m in self.members], np.float64)
+        ensemble = np.tensordot(weights / weights.sum(), calibrated.astype(np.float64), axes=1)
+        return Prediction(ensemble.astype(np.float32), calibrated, member_logits, self.threshold)
+
+    def combine_uncalibrated(self, member_logits: np.ndarray) -> Prediction:
+        """The same members before calibration: temperature 1, equal weights (the baseline)."""
+        plain = [replace(m, temperature=1.0, weight=1.0) for m in self.members]
+        return replace(self, members=plain).combine(member_logits)
+
+
+def describe_difference(a: list[str], b: list[str]) -> str:
+    """Says how two class lists differ: which names only one has, or that the order differs."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        return f"only in the first: {only_a or 'none'}; only in the second: {only_b or 'none'}"
+    return "the same names in another order"
+
+
+def load_model(path: Path):
+    """A skinray `.keras` model, loaded with Keras' safe mode (no arbitrary code from the file)."""
+    import keras
+
+    import skinray.models.classifier  # noqa: F401  registers the custom layers for loading
+
+    return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
 def _local_copy(path: str) -> Path:
-    """Remote runs and checkpoints are copied to a temporary folder once; local paths are used in place."""
+    """Remote runs, checkpoints and bundles are copied to a temporary folder once; local paths are
+    used in place."""
     if "://" not in path:
         local = Path(path).expanduser()
         if not local.exists():
@@ -70,8 +202,11 @@ def _local_copy(path: str) -> Path:
     import pyarrow.fs as pafs
 
     fs, remote, _ = resolve(path)
+    info = fs.get_file_info(remote)
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"model path '{path}' does not exist")
     target = Path(tempfile.mkdtemp(prefix="skinray-model-"))
-    if fs.get_file_info(remote).type == pafs.FileType.Directory:
+    if info.type == pafs.FileType.Directory:
         pafs.copy_files(remote, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         return target
     name = target / Path(remote).name
@@ -91,7 +226,7 @@ def _checkpoint_dir(folder: Path) -> Path:
             return folder / best.name
     checkpoints = sorted(p for p in folder.glob("checkpoint_*") if (p / "model.json").is_file())
     if not checkpoints:
-        raise UserError(f"'{folder}' is neither a checkpoint nor a run directory with checkpoints")
+        raise UserError(f"'{folder}' is neither a bundle, a checkpoint nor a run directory with checkpoints")
     config = load_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else load_config()
     sign = -1 if config.train.monitor_mode == "min" else 1
     return max(checkpoints, key=lambda p: sign * json.loads((p / "model.json").read_text())["metrics"]["checkpoint_score"])

@@ -109,7 +109,7 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precis
         import tensorflow as tf
 
         from skinray.models.classifier import build_classifier
-        from skinray.train.loop import make_train_step
+        from skinray.train.step import make_train_step
 
         keras.config.set_dtype_policy(precision)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()

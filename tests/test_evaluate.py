@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, top_k_accuracy_score
 
-from skinray.evaluate import build_report, confusion_metrics, write_report
+from skinray.evaluate import write_report
+from skinray.metrics import build_report, confusion_metrics
 
 CLASSES = ["a", "b", "c", "d", "e", "f"]
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from skinray.config import load_config
-from skinray.train.loop import Monitor, checkpoint_score, scaled_learning_rate
+from skinray.train.monitor import Monitor, checkpoint_score
+from skinray.train.step import scaled_learning_rate
 
 EPOCHS, HEAD_EPOCHS, KILL_STEP = 12, 2, 20
 TINY = ["model.backbone=tiny", "model.weights=none", "model.image_size=64", "train.workers=2",

@@ -177,6 +177,24 @@ def splits(catalog: Catalog, val_fraction: float, seed: int) -> dict[str, pa.Tab
     return out
 
 
+def model_split(catalog: Catalog, split: str, classes: list[str], data_cfg) -> pa.Table:
+    """A split's rows as a trained model sees them: validation carved with the model's own seed and
+    fraction (`data_cfg`, a DataConfig), `label_index` in the model's class order.
+
+    An archive class the model does not know is an error; so is a split the archive lacks.
+    """
+    parts = splits(catalog, data_cfg.val_fraction, data_cfg.seed)
+    if split not in parts:
+        raise ArchiveError(f"archive '{catalog.root}' has no {split} split (it has: {', '.join(parts)})")
+    unknown = sorted(set(catalog.classes) - set(classes))
+    if unknown:
+        raise ArchiveError(f"the model does not know the archive's classes: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(classes)}
+    table = parts[split]
+    return table.set_column(table.schema.get_field_index("label_index"), "label_index",
+                            pa.array([index[c] for c in table["label"].to_pylist()], pa.int32()))
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
     """'balanced' weights (scikit-learn): n_samples / (n_classes * count); 0 for absent classes."""
     from sklearn.utils.class_weight import compute_class_weight

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from skinray.config import AugmentConfig
-from skinray.data.augment import IDENTITY, image_seed, sample_params, warp
+from skinray.data.augment import IDENTITY, image_seed, resize, sample_params, warp
 from skinray.data.catalog import Catalog, read_bytes
 from skinray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
 
@@ -93,6 +93,45 @@ def load_batch(
         "path": np.asarray(paths, dtype=object),
         "error": np.asarray(errors, dtype=object),
     }
+
+
+# === Scoring: decode once, one view per input size ===
+
+
+def decode_views(data: bytes, sizes: tuple[int, ...], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[int, np.ndarray]:
+    """Image bytes -> one uint8 (size, size, 3) view per input size; raises DecodeError.
+
+    What bulk scoring, evaluation and serving feed a `Predictor`: the image is decoded once, for
+    the largest size, and each member's view is the evaluation warp of that one decode.
+    """
+    image = decode(data, min_size=max(sizes), max_pixels=max_pixels)
+    return {size: resize(image, size) for size in sizes}
+
+
+def view_column(size: int) -> str:
+    return f"image_{size}"
+
+
+def load_views(batch: dict[str, np.ndarray], *, source: ImageSource, sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The Ray Data map function of scoring: rows with a `path` -> `image_<size>` views, `ok`, `error`.
+
+    Every other input column passes through. A file that cannot be read or decoded keeps its row,
+    with `ok = False`, black views and the reason in `error`.
+    """
+    paths = batch["path"]
+    views = {size: np.zeros((len(paths), size, size, 3), np.uint8) for size in sizes}
+    ok, errors = np.ones(len(paths), dtype=bool), [""] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            data = read_bytes(source.filesystem, source.prefix, path)
+            for size, view in decode_views(data, sizes, source.max_pixels).items():
+                views[size][i] = view
+        except OSError as exc:
+            ok[i], errors[i] = False, f"cannot read file: {exc}"
+        except DecodeError as exc:
+            ok[i], errors[i] = False, exc.reason
+    return {**batch, **{view_column(s): v for s, v in views.items()}, "ok": ok,
+            "error": np.asarray(errors, dtype=object)}
 
 
 # === Which rows a consumer gets ===

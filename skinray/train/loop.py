@@ -1,11 +1,7 @@
-"""What runs inside each Ray Train worker: the two-phase fine-tuning loop with a hand-written step.
+"""What runs inside each Ray Train worker: the epochs of the two-phase fine-tuning loop.
 
-Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), so the step
-is written out: `strategy.run` inside a `tf.function`, with the class-weighted, label-smoothed loss,
-loss scaling for mixed_float16 and optional XLA in one place. Keras' optimizer all-reduces the
-gradients when applied in a replica context; each replica's loss is divided by the global batch.
-
-Each worker streams its own equal shard of the training set (skinray.data.pipeline), so every
+The step itself is in `step.py`, the early-stopping and plateau decisions in `monitor.py`, the
+TensorBoard writer in `tensorboard.py`. Each worker streams its own equal shard of the training set (skinray.data.pipeline), so every
 worker takes the same number of steps; validation metrics are all-reduced so that every worker
 makes the same early-stopping and learning-rate decisions. Every epoch ends with a checkpoint
 reported together with its metrics (Train V2 keeps only those), and a restarted worker group
@@ -30,7 +26,10 @@ import pyarrow.fs as pafs
 from skinray.config import Config, save_config
 from skinray.data.catalog import resolve
 from skinray.data.pipeline import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
-from skinray.evaluate import confusion_metrics
+from skinray.metrics import confusion_metrics
+from skinray.train.monitor import Monitor, checkpoint_score
+from skinray.train.step import make_train_step, scaled_learning_rate
+from skinray.train.tensorboard import TensorBoard
 
 # Through Ray Train's own logging: a print() in a worker is teed and shows up twice on the driver.
 logger = logging.getLogger("skinray.train")
@@ -51,39 +50,6 @@ class LoopInputs:
 
 
 @dataclass
-class Monitor:
-    """Early stopping and plateau learning-rate reduction on one validation metric.
-
-    Plain Python, so its decisions are easy to test and identical on every worker (they all see
-    the same all-reduced metric). Saved in every checkpoint.
-    """
-
-    mode: str  # "max" or "min"
-    patience: int  # epochs without improvement before a phase stops; 0 never stops
-    plateau_patience: int
-    best: float | None = None
-    best_epoch: int = -1
-    wait: int = 0
-    plateau_wait: int = 0
-
-    def update(self, value: float, epoch: int) -> tuple[bool, bool, bool]:
-        """Returns (improved, reduce_lr, stop_phase) after an epoch's value."""
-        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-        if better:
-            self.best, self.best_epoch, self.wait, self.plateau_wait = value, epoch, 0, 0
-            return True, False, False
-        self.wait += 1
-        self.plateau_wait += 1
-        reduce_lr = self.plateau_wait >= self.plateau_patience
-        if reduce_lr:
-            self.plateau_wait = 0
-        return False, reduce_lr, bool(self.patience and self.wait >= self.patience)
-
-    def new_phase(self) -> None:
-        self.wait = self.plateau_wait = 0
-
-
-@dataclass
 class LoopState:
     """Where a run is: saved as state.json in every checkpoint."""
 
@@ -99,66 +65,6 @@ class LoopState:
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train entry point: `config["inputs"]` is a `LoopInputs`."""
     WorkerLoop(config["inputs"]).run()
-
-
-def checkpoint_score(value: float, epoch: int, mode: str) -> float:
-    """What Ray ranks checkpoints by: the monitored metric, with ties going to the earlier epoch
-    (the one `Monitor` calls best, as Keras' EarlyStopping does), so the kept best checkpoint
-    and the restored best weights are always the same epoch."""
-    tie_break = 1e-9 * epoch
-    return value - tie_break if mode == "max" else value + tie_break
-
-
-def scaled_learning_rate(lr: float, global_batch: int, base_batch: int, rule: str) -> float:
-    """The learning-rate scaling rule: linear (Goyal et al. 2017), square root, or none."""
-    ratio = global_batch / base_batch
-    return lr * {"linear": ratio, "sqrt": ratio ** 0.5, "none": 1.0}[rule]
-
-
-def make_train_step(strategy, model, optimizer, class_weights: list[float], label_smoothing: float,
-                    global_batch: int, xla: bool = False):
-    """The distributed train step: (images, labels, valid) per replica -> (global mean loss, predictions).
-
-    Per example: label-smoothed cross-entropy times the class weight times `valid` (0 for a file
-    that failed to decode), summed and divided by the global batch, so that Keras' all-reduce
-    (SUM) of the gradients gives the mean over all workers. The L2 penalty is split across
-    replicas the same way. With mixed_float16 the optimizer is a LossScaleOptimizer: `scale_loss`
-    scales up and `apply_gradients` unscales and skips non-finite steps. With `xla`, the forward and
-    backward pass are compiled; the all-reduce stays outside the XLA cluster.
-    """
-    import keras
-    import tensorflow as tf
-
-    weights_by_class = tf.constant(class_weights, tf.float32)
-    num_classes = len(class_weights)
-
-    def forward_backward(images, labels, valid):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / num_classes
-            per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
-            weights = tf.gather(weights_by_class, labels) * valid
-            loss = tf.reduce_sum(per_example * weights) / global_batch
-            if model.losses:
-                loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
-            scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        return loss, grads, tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-    if xla:
-        forward_backward = tf.function(forward_backward, jit_compile=True)
-
-    def replica_step(images, labels, valid):
-        loss, grads, predictions = forward_backward(images, labels, valid)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss, predictions
-
-    @tf.function
-    def step(images, labels, valid):
-        loss, predictions = strategy.run(replica_step, args=(images, labels, valid))
-        return strategy.reduce("SUM", loss, axis=None), predictions
-
-    return step
 
 
 class WorkerLoop:
@@ -512,29 +418,3 @@ def _progress_line(m: dict, epochs: int) -> str:
             f"{m['images_per_second']:.0f} img/s | {m['failed_files']} files failed")
 
 
-class TensorBoard:
-    """Rank 0's TensorBoard event files, written locally and copied to `run/tensorboard` each epoch
-    (the run directory may be in an object store, which TensorFlow cannot append to)."""
-
-    def __init__(self, run_uri: str):
-        import tensorflow as tf
-
-        self.local = tempfile.mkdtemp(prefix="skinray-tb-")
-        self.writer = tf.summary.create_file_writer(self.local)
-        self.fs, path, _ = resolve(run_uri)
-        self.remote = f"{path}/tensorboard"
-
-    def write(self, metrics: dict) -> None:
-        import tensorflow as tf
-
-        with self.writer.as_default(step=metrics["epoch"]):
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    tf.summary.scalar(key, value)
-        self.writer.flush()
-        self.fs.create_dir(self.remote, recursive=True)
-        pafs.copy_files(self.local, self.remote, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
-
-    def close(self) -> None:
-        self.writer.close()

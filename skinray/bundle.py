@@ -1,0 +1,143 @@
+"""The ensemble bundle on disk: a versioned, verified folder that every scorer loads.
+
+    BUNDLE/
+      bundle.json                    the manifest (below)
+      members/NN-NAME/model.keras    each member model (preprocessing inside)
+      members/NN-NAME/config.yaml    the member's resolved training config
+
+`bundle.json` holds the classes, each member's file, backbone, input size, temperature and weight,
+the abstention threshold and the coverage it was chosen for, the validation metrics, the creation
+time, the SHA-256 of every other file (`files`), and the bundle's `version`: the SHA-256 of the
+manifest itself without `version`. Since the manifest lists every file's digest, the version
+changes when anything in the bundle does. Loading recomputes both and refuses a bundle with a
+changed, missing or unexpected file, or an edited manifest. Models load with Keras' safe mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from skinray import UserError
+
+MANIFEST = "bundle.json"
+FORMAT = 1
+
+
+class BundleError(UserError, ValueError):
+    """A bundle that is incomplete, altered or of an unknown format."""
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file below `folder` except the manifest, keyed by POSIX relative path."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative != MANIFEST:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            digests[relative] = digest.hexdigest()
+    return digests
+
+
+def manifest_version(manifest: dict) -> str:
+    """The SHA-256 of the canonical JSON of the manifest without its `version`."""
+    body = {k: v for k, v in manifest.items() if k != "version"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(folder: Path, manifest: dict) -> dict:
+    """Adds the file digests and the version to `manifest` and writes it as the folder's bundle.json."""
+    manifest = {**manifest, "format": FORMAT, "files": file_digests(folder)}
+    manifest["version"] = manifest_version(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def verify(folder: Path) -> dict:
+    """Reads and checks a bundle's manifest against its files; returns the manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle at '{folder}' has no readable {MANIFEST}: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"bundle format {manifest.get('format')!r} is not one this skinray reads ({FORMAT})")
+    expected, found = manifest.get("files", {}), file_digests(folder)
+    problems = [f"missing file {name}" for name in sorted(expected.keys() - found.keys())]
+    problems += [f"unexpected file {name}" for name in sorted(found.keys() - expected.keys())]
+    problems += [f"changed file {name}" for name in sorted(expected.keys() & found.keys())
+                 if expected[name] != found[name]]
+    if not problems and manifest_version(manifest) != manifest.get("version"):
+        problems.append(f"{MANIFEST} was edited after the bundle was sealed")
+    if problems:
+        raise BundleError(f"bundle at '{folder}' fails verification, refusing to load it: " + "; ".join(problems))
+    return manifest
+
+
+def load_bundle(folder: Path, source: str = ""):
+    """A verified bundle folder (local) -> Predictor."""
+    from skinray.config import load_config
+    from skinray.predictor import Member, Predictor, load_model
+
+    manifest = verify(folder)
+    members = []
+    for entry in manifest["members"]:
+        model = load_model(folder / entry["file"])
+        members.append(Member(entry["name"], model, entry["backbone"], int(entry["image_size"]),
+                              float(entry["temperature"]), float(entry["weight"]),
+                              load_config(folder / entry["config"]), folder / entry["file"]))
+    return Predictor(members, list(manifest["classes"]), source or str(folder), float(manifest["threshold"]),
+                     manifest["version"], manifest)
+
+
+def ensure_new(out: str) -> None:
+    """Refuses to write a bundle over anything that exists: a version is never silently replaced."""
+    import pyarrow.fs as pafs
+
+    from skinray.data.catalog import resolve
+
+    fs, path, _ = resolve(out)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File or (
+            info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path))):
+        raise BundleError(f"'{out}' already exists: give the new bundle another --out (bundles are never "
+                          "overwritten)")
+
+
+def write_bundle(out: str, members: list[dict], model_files: list[Path], configs: list, manifest: dict) -> dict:
+    """Writes a bundle to `out` (a folder or any pyarrow.fs URI) and returns its sealed manifest.
+
+    Args:
+        members: one manifest entry per member (name, backbone, image_size, temperature, weight, ...);
+            `file` and `config` are filled in here.
+        model_files: each member's local `model.keras`.
+        configs: each member's resolved `Config`.
+        manifest: everything else the manifest holds (classes, threshold, metrics, ...).
+    """
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from skinray.config import save_config
+    from skinray.data.catalog import resolve
+
+    with tempfile.TemporaryDirectory(prefix="skinray-bundle-") as tmp:
+        folder = Path(tmp)
+        entries = []
+        for entry, model_file, config in zip(members, model_files, configs):
+            member_dir = folder / "members" / entry["name"]
+            member_dir.mkdir(parents=True)
+            shutil.copyfile(model_file, member_dir / "model.keras")
+            save_config(config, member_dir)
+            entries.append({**entry, "file": f"members/{entry['name']}/model.keras",
+                            "config": f"members/{entry['name']}/config.yaml"})
+        sealed = seal(folder, {**manifest, "members": entries})
+        ensure_new(out)
+        fs, path, _ = resolve(out)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return sealed
