@@ -10,8 +10,8 @@ scoring. Then, with scipy:
 1. a temperature per member (Guo et al. 2017): the T minimising the log-loss of softmax(z / T);
 2. the ensemble weights: the point of the simplex minimising the log-loss of the weighted mean of
    the calibrated probabilities (equal weights are reported beside them as the baseline);
-3. the abstention threshold: the largest top probability that still answers `coverage` of the
-   validation images; below it the bundle says "uncertain, refer".
+3. the abstention threshold: a top probability that answers `coverage` of the validation images
+   (halfway to the next image's); below it the bundle says "uncertain, refer".
 
 The bundle format and its verification are in `skinray.bundle`.
 """
@@ -74,10 +74,18 @@ def fit_weights(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def abstention_threshold(probabilities: np.ndarray, coverage: float) -> float:
-    """The highest top-probability threshold that still answers at least `coverage` of the images."""
+    """The threshold on the top probability that answers `coverage` of the images (at least).
+
+    It lies halfway between the last answered image's confidence and the next one's, so that
+    float32 rounding elsewhere (another batch composition, another machine) cannot flip an image.
+    """
+    if coverage >= 1.0:
+        return 0.0
     confidence = np.sort(probabilities.max(axis=1))[::-1]
     keep = max(1, math.ceil(coverage * len(confidence) - 1e-9))
-    return float(confidence[keep - 1]) if coverage < 1.0 else 0.0
+    if keep >= len(confidence):
+        return 0.0
+    return float((confidence[keep - 1] + confidence[keep]) / 2)
 
 
 def combine(member_probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -33,6 +33,12 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def ray_env(ray_cluster):
+    """The environment for a `skinray` subprocess that joins the shared cluster instead of starting one."""
+    return {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+
+@pytest.fixture(scope="session")
 def sample_archive(tmp_path_factory):
     """A small learnable archive in DermNet's layout: 4 classes, 24 train + 6 test images each."""
     from skinray.data.sample import write_sample
@@ -48,3 +54,40 @@ def awkward_files(tmp_path_factory):
     from corpus import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("awkward"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 endpoint (moto) on 127.0.0.1 for the session: (pyarrow filesystem, URI query options)."""
+    import pyarrow.fs as pafs
+
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    fs = pafs.S3FileSystem(endpoint_override=f"http://{host}:{port}", region="us-east-1",
+                           allow_bucket_creation=True)
+    yield fs, f"endpoint_override=http://{host}:{port}&region=us-east-1"  # credentials: set above
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def members(ray_cluster, tmp_path_factory):
+    """Two trained `tiny` members at different input sizes (48 and 64 px) on one archive, with a
+    validation split large enough to calibrate on (48 images): what the ensemble and scoring tests share.
+    """
+    from skinray.config import load_config
+    from skinray.data.sample import write_sample
+    from skinray.train.trainer import train
+
+    root = tmp_path_factory.mktemp("members")
+    archive = root / "archive"
+    write_sample(archive, per_class=40, classes=4, seed=1)  # 160 train (112 + 48 val), 40 test
+    runs = []
+    for name, size in (("small", 48), ("large", 64)):
+        cfg = load_config(overrides=[
+            f"data.archive={archive}", "data.val_fraction=0.3", "model.backbone=tiny", "model.weights=none",
+            f"model.image_size={size}", "train.workers=1", "train.batch_size=16", "train.epochs=5",
+            "train.head_epochs=1", "train.head_lr=0.004", "train.finetune_lr=0.004", "train.unfreeze_top=100"])
+        runs.append(train(cfg, str(root / "runs"), name).run_dir)
+    return {"archive": archive, "runs": runs, "root": root}

@@ -11,22 +11,13 @@ import pytest
 from skinray.data.catalog import list_archive
 from skinray.data.pipeline import ImageSource, iter_stream, stream
 
-moto_server = pytest.importorskip("moto.server")
-
-
 @pytest.fixture(scope="module")
-def bucket_uri(sample_archive):
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = f"endpoint_override=http://{host}:{port}&region=us-east-1"  # credentials: conftest.py
-    fs = pafs.S3FileSystem(endpoint_override=f"http://{host}:{port}", region="us-east-1",
-                           allow_bucket_creation=True)
+def bucket_uri(sample_archive, s3_server):
+    fs, options = s3_server
     fs.create_dir("skin-bucket")
     pafs.copy_files(str(sample_archive), "skin-bucket/dermnet", source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
-    yield f"s3://skin-bucket/dermnet?{options}"
-    server.stop()
+    return f"s3://skin-bucket/dermnet?{options}"
 
 
 def test_catalog_of_a_bucket_equals_the_local_one(bucket_uri, sample_archive):

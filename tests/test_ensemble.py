@@ -1,0 +1,196 @@
+"""The calibrated ensemble bundle: fitting, the bundle on disk, its verification, and its evaluation.
+
+Two trained `tiny` members (conftest `members`: 48 and 64 px) are combined by `skinray ensemble`;
+the tests read the bundle it writes and what `Predictor` and `evaluate` make of it.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from skinray.ensemble import abstention_threshold, fit_temperature, fit_weights
+from skinray.predictor import softmax
+
+# === Fitting, on synthetic logits ===
+
+
+def test_temperature_fit_recovers_the_temperature_that_made_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(4000, 5))
+    true_t = 2.5
+    probabilities = softmax(logits, true_t).astype(np.float64)
+    labels = np.array([rng.choice(5, p=p / p.sum()) for p in probabilities])
+    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.1)
+
+
+def test_weights_favour_the_informative_member():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 500)
+    good = softmax(rng.normal(size=(500, 4)) + 3.0 * np.eye(4)[labels])
+    noise = softmax(rng.normal(size=(500, 4)))
+    weights = fit_weights(np.stack([noise, good]).astype(np.float64), labels)
+    assert weights.sum() == pytest.approx(1.0) and (weights >= 0).all()
+    assert weights[1] > 0.8
+
+
+@pytest.mark.parametrize("coverage", [0.5, 0.8, 0.9, 1.0])
+def test_threshold_answers_at_least_the_asked_share_and_no_more_than_needed(coverage):
+    rng = np.random.default_rng(2)
+    probabilities = softmax(rng.normal(scale=2.0, size=(101, 6)))
+    threshold = abstention_threshold(probabilities, coverage)
+    answered = (probabilities.max(axis=1) >= threshold).mean()
+    assert coverage <= answered < coverage + 2 / 101
+
+
+# === The bundle ===
+
+
+@pytest.fixture(scope="module")
+def bundle(members, ray_env, tmp_path_factory):
+    """`skinray ensemble` on the command line, joining the shared cluster."""
+    out = tmp_path_factory.mktemp("bundles") / "v1"
+    proc = subprocess.run([sys.executable, "-m", "skinray", "ensemble", "--members", *members["runs"],
+                           "--data", str(members["archive"]), "--out", str(out), "--coverage", "0.8",
+                           "--set", "score.max_actors=1"], capture_output=True, text=True, timeout=600, env=ray_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "abstains below" in proc.stdout
+    return out
+
+
+def test_manifest_describes_every_member(bundle, members):
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["classes"] == json.loads((members["root"] / "runs" / "small" / "classes.json").read_text())
+    assert [m["image_size"] for m in manifest["members"]] == [48, 64]
+    assert [m["backbone"] for m in manifest["members"]] == ["tiny", "tiny"]
+    assert sum(m["weight"] for m in manifest["members"]) == pytest.approx(1.0)
+    for member in manifest["members"]:
+        assert (bundle / member["file"]).is_file() and (bundle / member["config"]).is_file()
+        assert 0.05 <= member["temperature"] <= 20 and member["temperature"] != 1.0
+    assert len(manifest["version"]) == 64 and manifest["coverage"] == 0.8
+    assert manifest["validation"]["images"] == 48
+
+
+def test_calibration_does_not_worsen_validation_ece_or_log_loss(bundle):
+    validation = json.loads((bundle / "bundle.json").read_text())["validation"]
+    before, after = validation["ensemble_uncalibrated"], validation["ensemble"]
+    assert after["log_loss"] <= before["log_loss"] + 1e-9
+    assert after["ece"] <= before["ece"] + 1e-9
+    for member in validation["members"]:  # each temperature minimises its member's log-loss
+        assert member["calibrated"]["log_loss"] <= member["uncalibrated"]["log_loss"] + 1e-9
+    # The fitted weights are at least as good as equal weights, on the data they were fitted on.
+    assert after["log_loss"] <= validation["ensemble_equal_weights"]["log_loss"] + 1e-9
+
+
+def test_threshold_keeps_the_asked_coverage_on_validation(bundle, members):
+    """Recomputes the coverage from scratch: the bundle's predictions on the validation split."""
+    from skinray.data.catalog import list_archive, model_split
+    from skinray.data.pipeline import decode_views
+    from skinray.predictor import Predictor
+
+    predictor = Predictor.from_path(str(bundle))
+    rows = model_split(list_archive(str(members["archive"])), "val", predictor.classes, predictor.config.data)
+    views = [decode_views(open(p, "rb").read(), predictor.sizes) for p in rows["path"].to_pylist()]
+    prediction = predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes})
+    answered = 1.0 - prediction.abstained.mean()
+    assert 0.8 <= answered < 0.8 + 2 / len(views)
+
+
+def test_a_tampered_bundle_is_refused(bundle, tmp_path):
+    from skinray.bundle import BundleError
+    from skinray.predictor import Predictor
+
+    cases = {
+        "changed file": lambda b: _flip_a_byte(b / "members/00-tiny/model.keras"),
+        "unexpected file": lambda b: (b / "members/extra.py").write_text("import os"),
+        "missing file": lambda b: (b / "members/01-tiny/config.yaml").unlink(),
+        "was edited": lambda b: (b / "bundle.json").write_text(_edit_manifest(b)),
+    }
+    for expected, tamper in cases.items():
+        copy = tmp_path / expected.replace(" ", "-")
+        shutil.copytree(bundle, copy)
+        tamper(copy)
+        with pytest.raises(BundleError, match=expected):
+            Predictor.from_path(str(copy))
+    assert Predictor.from_path(str(bundle)).version == json.loads((bundle / "bundle.json").read_text())["version"]
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(folder) -> str:
+    manifest = json.loads((folder / "bundle.json").read_text())
+    manifest["members"][0]["temperature"] *= 2
+    return json.dumps(manifest)
+
+
+def test_a_bundle_is_never_overwritten(bundle, members, ray_cluster):
+    from skinray import UserError
+    from skinray.config import load_config
+    from skinray.ensemble import build_ensemble
+
+    before = (bundle / "bundle.json").read_text()
+    with pytest.raises(UserError, match="already exists"):
+        build_ensemble(members["runs"], str(members["archive"]), str(bundle), load_config())
+    assert (bundle / "bundle.json").read_text() == before
+
+
+def _member_copy(run: str, tmp_path, name: str, edit) -> str:
+    copy = tmp_path / name
+    shutil.copytree(run, copy)
+    for checkpoint in copy.glob("checkpoint_epoch_*"):
+        edit(checkpoint)
+    return str(copy)
+
+
+def test_members_with_other_validation_images_are_refused(members, tmp_path):
+    from skinray import UserError
+    from skinray.ensemble import load_members
+
+    def other_seed(checkpoint):
+        config = checkpoint / "config.yaml"
+        config.write_text(config.read_text().replace("seed: 0", "seed: 7", 1))
+
+    other = _member_copy(members["runs"][1], tmp_path, "other-seed", other_seed)
+    with pytest.raises(UserError, match="validate on different images.*data.seed 0 vs 7"):
+        load_members([members["runs"][0], other], str(members["archive"]))
+
+
+def test_members_with_other_classes_are_refused(members, tmp_path):
+    from skinray import UserError
+    from skinray.ensemble import load_members
+
+    def rename(checkpoint):
+        classes = json.loads((checkpoint / "classes.json").read_text())
+        (checkpoint / "classes.json").write_text(json.dumps(classes[:-1] + ["Warts"]))
+
+    other = _member_copy(members["runs"][1], tmp_path, "other-classes", rename)
+    with pytest.raises(UserError, match="different classes.*Warts"):
+        load_members([members["runs"][0], other], str(members["archive"]))
+
+
+def test_evaluate_reports_the_ensemble_beside_its_members(bundle, members, ray_cluster, tmp_path):
+    from skinray.evaluate import evaluate
+
+    report = evaluate(str(bundle), str(members["archive"]), "test", str(tmp_path))
+    assert report["num_images"] == 40
+    assert set(report["members"]) == {"00-tiny", "01-tiny"}
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert report["model_version"] == manifest["version"]
+    assert report["abstention"]["threshold"] == pytest.approx(manifest["threshold"])
+    assert {"ece_before", "ece_after"} <= set(report["calibration"])
+    for name in ("report.json", "report.md", "confusion_matrix.png", "reliability.png"):
+        assert (tmp_path / name).is_file()
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| **ensemble** |" in markdown and "| 01-tiny |" in markdown and "F1 00-tiny" in markdown
+    # Validation through the same path reproduces the numbers the bundle was fitted with.
+    val = evaluate(str(bundle), str(members["archive"]), "val", str(tmp_path / "val"))
+    assert val["accuracy"] == pytest.approx(manifest["validation"]["ensemble"]["accuracy"])
+    assert val["calibration"]["ece_after"] == pytest.approx(manifest["validation"]["ensemble"]["ece"], abs=1e-6)

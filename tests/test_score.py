@@ -1,0 +1,189 @@
+"""Bulk scoring: one Parquet row per input file, errors as rows, parity with Predictor, resume after a
+killed driver, manifests, and an object-store round trip."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from skinray.config import load_config
+from skinray.score import read_predictions
+
+SMALL = ["score.max_actors=1", "score.batch_size=8", "score.rows_per_file=8"]
+
+
+@pytest.fixture(scope="module")
+def bundle(members, ray_cluster, tmp_path_factory):
+    from skinray.ensemble import build_ensemble
+
+    out = tmp_path_factory.mktemp("score-bundle") / "bundle"
+    build_ensemble(members["runs"], str(members["archive"]), str(out), load_config(overrides=SMALL))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(members, tmp_path_factory):
+    """The archive's test photos in a nested tree, plus files that are not usable images."""
+    root = tmp_path_factory.mktemp("mixed")
+    photos = sorted((members["archive"] / "test").rglob("*.*"))[:20]
+    for i, photo in enumerate(photos):
+        target = root / ("a" if i % 2 else "b/c") / f"{i:02d}{photo.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(photo, target)
+    (root / "notes.txt").write_text("not a photo")
+    (root / "b" / "truncated.jpg").write_bytes(photos[0].read_bytes()[:400])
+    (root / "empty.png").write_bytes(b"")
+    (root / ".DS_Store").write_bytes(b"\0\0")  # hidden: not an input
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(bundle, mixed_folder, ray_cluster, tmp_path_factory):
+    from skinray.score import score
+
+    out = tmp_path_factory.mktemp("scored")
+    summary = score(load_config(overrides=SMALL + ["score.top_k=2"]), str(bundle), str(mixed_folder), str(out))
+    return {"summary": summary, "table": read_predictions(str(out)), "out": out}
+
+
+def test_one_row_per_file_with_errors_as_rows(scored, mixed_folder, bundle):
+    table, summary = scored["table"], scored["summary"]
+    files = sorted(str(p) for p in mixed_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert sorted(table["path"].to_pylist()) == files  # exactly once each
+    rows = {r["path"]: r for r in table.to_pylist()}
+    for broken in ("notes.txt", "b/truncated.jpg", "empty.png"):
+        row = rows[str(mixed_folder / broken)]
+        assert row["error"] and row["label"] is None and row["confidence"] is None
+    good = [r for r in rows.values() if r["error"] is None]
+    assert len(good) == 20
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    for row in good:
+        assert row["label"] in manifest["classes"] and row["model_version"] == manifest["version"]
+        assert [t["label"] for t in row["top_k"]][0] == row["label"] and len(row["top_k"]) == 2
+        assert row["confidence"] == pytest.approx(max(row["probabilities"]))
+        assert row["abstained"] == (row["confidence"] < manifest["threshold"])
+        assert set(row["member_probabilities"]) == {"00-tiny", "01-tiny"}
+    assert (summary["rows"], summary["scored"], summary["failed"]) == (23, 20, 3)
+    assert summary["unique_paths"] == summary["listed"] == 23
+    assert sum(summary["per_class"].values()) == 20
+    assert json.loads((scored["out"] / "summary.json").read_text()) == summary
+
+
+def test_scoring_equals_the_predictor_on_the_same_files(scored, bundle):
+    """Parity: the Ray Data path and a direct Predictor call give the same probabilities (up to
+    float32 rounding of batches of another composition)."""
+    from skinray.data.pipeline import decode_views
+    from skinray.predictor import Predictor
+
+    predictor = Predictor.from_path(str(bundle))
+    good = [r for r in scored["table"].to_pylist() if r["error"] is None]
+    views = [decode_views(open(r["path"], "rb").read(), predictor.sizes) for r in good]
+    direct = predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes})
+    np.testing.assert_allclose(np.array([r["probabilities"] for r in good]), direct.probabilities, atol=1e-5)
+    assert [r["label"] for r in good] == [predictor.classes[i] for i in direct.labels]
+
+
+def test_a_rerun_with_the_same_output_adds_nothing(scored, bundle, mixed_folder, ray_cluster):
+    from skinray.score import score
+
+    files_before = sorted(p.name for p in (scored["out"] / "predictions").iterdir())
+    summary = score(load_config(overrides=SMALL), str(bundle), str(mixed_folder), str(scored["out"]))
+    assert summary["rows"] == summary["unique_paths"] == 23
+    assert sorted(p.name for p in (scored["out"] / "predictions").iterdir()) == files_before
+
+
+def test_a_training_run_scores_as_a_one_member_model(members, mixed_folder, ray_cluster, tmp_path):
+    from skinray.score import score
+
+    summary = score(load_config(overrides=SMALL), members["runs"][0], str(mixed_folder), str(tmp_path))
+    rows = read_predictions(str(tmp_path)).to_pylist()
+    assert summary["scored"] == 20 and len(rows) == 23
+    good = [r for r in rows if r["error"] is None]
+    assert all(not r["abstained"] for r in good)  # no threshold without calibration
+    assert all(set(r["member_probabilities"]) == {"tiny"} for r in good)
+
+
+def test_a_manifest_lists_the_inputs(bundle, mixed_folder, ray_cluster, tmp_path):
+    from skinray.score import score
+
+    pq.write_table(pa.table({"path": ["a/01.jpg", str(mixed_folder / "notes.txt")]}), mixed_folder / "list.parquet")
+    (tmp_path / "list.csv").write_text(f"path,source\n{mixed_folder / 'a' / '01.jpg'},clinic\n")
+    summary = score(load_config(overrides=SMALL), str(bundle), str(mixed_folder / "list.parquet"), str(tmp_path / "o1"))
+    assert (summary["rows"], summary["scored"], summary["failed"]) == (2, 1, 1)
+    assert str(mixed_folder / "a" / "01.jpg") in read_predictions(str(tmp_path / "o1"))["path"].to_pylist()
+    (mixed_folder / "list.parquet").unlink()
+    summary = score(load_config(overrides=SMALL), str(bundle), str(tmp_path / "list.csv"), str(tmp_path / "o2"))
+    assert summary["scored"] == 1
+
+
+def test_bad_inputs_are_one_clear_line(bundle, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "skinray", "score", "--model", str(bundle), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "list.csv").write_text("file\nx.jpg\n")
+    for args, message in [
+        (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist"),
+        (["--input", str(tmp_path / "list.csv"), "--output", str(tmp_path / "o")], "no 'path' column"),
+        (["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "score.max_actors=0"],
+         "score.max_actors"),
+    ]:
+        proc = run(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "skinray", "score", "--model", str(tmp_path / "nothing"),
+                           "--input", str(tmp_path), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_a_killed_driver_resumes_with_every_row_exactly_once(bundle, members, ray_env, tmp_path):
+    """SIGKILL the `skinray score` process once some parts are written; the same command finishes."""
+    archive = tmp_path / "many"
+    photos = sorted((members["archive"] / "train").rglob("*.*"))
+    for i in range(160):
+        target = archive / f"{i // 40}" / f"{i:03d}{photos[i % len(photos)].suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(photos[i % len(photos)], target)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "skinray", "score", "--model", str(bundle), "--input", str(archive),
+               "--output", str(out), "--set", "score.max_actors=1", "--set", "score.batch_size=4",
+               "--set", "score.rows_per_file=4"]
+    first = subprocess.Popen(command, env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed = out / "_checkpoint"  # one file per part whose rows are written for good
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and len(list(committed.glob("*.parquet"))) < 3:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    parts_done = len(list(committed.glob("*.parquet")))
+    assert 0 < parts_done < 40, f"the kill came too late to test resuming ({parts_done} of 40 parts written)"
+
+    second = subprocess.run(command, env=ray_env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    paths = read_predictions(str(out))["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == 160
+    assert json.loads((out / "summary.json").read_text())["rows"] == 160
+
+
+def test_scoring_reads_and_writes_an_object_store(bundle, mixed_folder, s3_server, ray_cluster):
+    from skinray.score import score
+
+    fs, options = s3_server
+    fs.create_dir("score-bucket")
+    pafs.copy_files(str(mixed_folder / "a"), "score-bucket/photos", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    output = f"s3://score-bucket/predictions-v1?{options}"
+    summary = score(load_config(overrides=SMALL), str(bundle), f"s3://score-bucket/photos?{options}", output)
+    assert summary["scored"] == summary["rows"] == 10
+    table = read_predictions(output)
+    assert all(p.startswith("s3://score-bucket/photos/") for p in table["path"].to_pylist())
+    with fs.open_input_stream("score-bucket/predictions-v1/summary.json") as f:
+        assert json.loads(f.read())["rows"] == 10
