@@ -78,15 +78,15 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
-def load_bundle(folder: Path, source: str = ""):
-    """A verified bundle folder (local) -> Predictor."""
+def load_bundle(folder: Path, source: str = "", load_models: bool = True):
+    """A verified bundle folder (local) -> Predictor (see `Predictor.from_path` for `load_models`)."""
     from skinray.config import load_config
     from skinray.predictor import Member, Predictor, load_model
 
     manifest = verify(folder)
     members = []
     for entry in manifest["members"]:
-        model = load_model(folder / entry["file"])
+        model = load_model(folder / entry["file"]) if load_models else None
         members.append(Member(entry["name"], model, entry["backbone"], int(entry["image_size"]),
                               float(entry["temperature"]), float(entry["weight"]),
                               load_config(folder / entry["config"]), folder / entry["file"]))

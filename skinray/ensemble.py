@@ -103,7 +103,7 @@ def load_members(paths: list[str], archive: str):
     from skinray.data.catalog import list_archive, model_split
     from skinray.predictor import Predictor
 
-    predictor = Predictor.from_paths(paths)  # refuses members whose classes differ
+    predictor = Predictor.from_paths(paths, load_models=False)  # refuses members whose classes differ
     if predictor.manifest:
         raise UserError(f"'{paths[0]}' is a bundle: members are training runs or checkpoints")
     catalog = list_archive(archive)

@@ -147,7 +147,7 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     from skinray.predictor import Predictor
     from skinray.score import predict_table
 
-    predictor = Predictor.from_path(model_path)
+    predictor = Predictor.from_path(model_path, load_models=False)  # the actors load the models
     catalog = list_archive(archive)
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
     score_cfg = dataclasses.replace(predictor.config.score, batch_size=batch_size)

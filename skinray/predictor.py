@@ -103,22 +103,26 @@ class Predictor:
         return self.members[0].config
 
     @classmethod
-    def from_path(cls, path: str) -> "Predictor":
-        """Loads a bundle, a run directory, a checkpoint directory or a `.keras` file."""
+    def from_path(cls, path: str, load_models: bool = True) -> "Predictor":
+        """Loads a bundle, a run directory, a checkpoint directory or a `.keras` file.
+
+        With `load_models=False` the members carry everything but their Keras models (which take
+        TensorFlow and seconds per model to load): what a driver needs to plan the work its actors do.
+        """
         local = _local_copy(path)
         if (local / "bundle.json").is_file():
             from skinray.bundle import load_bundle
 
-            return load_bundle(local, source=path)
-        return cls.from_checkpoint(local, source=path)
+            return load_bundle(local, source=path, load_models=load_models)
+        return cls.from_checkpoint(local, source=path, load_models=load_models)
 
     @classmethod
-    def from_paths(cls, paths: list[str]) -> "Predictor":
+    def from_paths(cls, paths: list[str], load_models: bool = True) -> "Predictor":
         """One path as `from_path`; several runs or checkpoints as an uncalibrated, equally weighted
         ensemble (what `skinray ensemble` fits the calibration of)."""
         if len(paths) == 1:
-            return cls.from_path(paths[0])
-        parts = [cls.from_path(path) for path in paths]
+            return cls.from_path(paths[0], load_models)
+        parts = [cls.from_path(path, load_models) for path in paths]
         for path, part in zip(paths, parts):
             if part.manifest:
                 raise UserError(f"'{path}' is a bundle: it cannot be combined with other models")
@@ -132,7 +136,7 @@ class Predictor:
         return cls(members, parts[0].classes, ",".join(paths), version="uncalibrated")
 
     @classmethod
-    def from_checkpoint(cls, local: Path, source: str = "") -> "Predictor":
+    def from_checkpoint(cls, local: Path, source: str = "", load_models: bool = True) -> "Predictor":
         """A run directory, checkpoint or `.keras` file (local) as a one-member, uncalibrated ensemble."""
         checkpoint = _checkpoint_dir(local) if local.is_dir() else local.parent
         model_file = checkpoint / "model.keras" if local.is_dir() else local
@@ -143,9 +147,13 @@ class Predictor:
             raise UserError(f"'{source or local}' has no classes.json next to its model")
         config_file = checkpoint / "config.yaml"
         config = load_config(config_file) if config_file.is_file() else load_config()
-        model = load_model(model_file)
-        member = Member(config.model.backbone, model, config.model.backbone, int(model.input_shape[1]),
-                        config=config, file=model_file)
+        described = checkpoint / "model.json"
+        if load_models or not described.is_file():
+            model = load_model(model_file)
+            size = int(model.input_shape[1])
+        else:
+            model, size = None, int(json.loads(described.read_text())["image_size"])
+        member = Member(config.model.backbone, model, config.model.backbone, size, config=config, file=model_file)
         return cls([member], json.loads(classes_file.read_text()), str(checkpoint), version=str(checkpoint))
 
     # === Scoring ===

@@ -222,7 +222,7 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     from skinray.cluster import connect
     from skinray.predictor import Predictor
 
-    predictor = Predictor.from_path(model)  # fail here on a bad model, before any cluster work
+    predictor = Predictor.from_path(model, load_models=False)  # a bad model fails here, before any work
     source, paths = list_inputs(input_uri)
     source = ImageSource(source.filesystem, source.prefix, predictor.config.data.max_pixels)
     score_cfg = cfg.score

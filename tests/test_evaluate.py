@@ -43,11 +43,25 @@ def test_epoch_metrics_from_the_confusion_matrix_equal_scikit_learn(predictions)
     assert scores["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
-def test_written_files(predictions, tmp_path):
+def test_written_files_of_a_two_member_ensemble(predictions, tmp_path):
+    """The report of a calibrated two-member ensemble (models are not needed to combine logits)."""
+    from skinray.evaluate import model_report
+    from skinray.predictor import Member, Predictor
+
     y_true, probabilities = predictions
-    report = build_report(y_true, probabilities, CLASSES) | {"model": "m", "split": "test", "failed_files": []}
+    logits = np.stack([np.log(probabilities) * 0.5, np.log(probabilities) * 2.0])  # under-, over-confident
+    predictor = Predictor([Member("00-a", None, "tiny", 48, temperature=0.5, weight=0.4),
+                           Member("01-b", None, "tiny", 64, temperature=2.0, weight=0.6)], CLASSES, "m", threshold=0.5)
+    report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), y_true)
+    report |= {"model": "m", "split": "test", "failed_files": []}
+    # Both temperatures undo the distortion exactly: the calibrated ensemble is the original model.
+    assert report["accuracy"] == pytest.approx(accuracy_score(y_true, probabilities.argmax(axis=1)))
+    assert report["calibration"]["log_loss_after"] < report["calibration"]["log_loss_before"]
+    assert set(report["members"]) == {"00-a", "01-b"}
     paths = write_report(report, tmp_path)
     assert json.loads(paths["json"].read_text())["macro_f1"] == report["macro_f1"]
     assert json.loads(paths["confusion_json"].read_text())["classes"] == CLASSES
-    assert "| a |" in paths["markdown"].read_text()
-    assert paths["confusion_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = paths["markdown"].read_text()
+    assert "| a |" in markdown and "| **ensemble** |" in markdown and "F1 01-b" in markdown
+    for png in ("confusion_png", "reliability_png"):
+        assert paths[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -174,15 +174,19 @@ def test_a_killed_driver_resumes_with_every_row_exactly_once(bundle, members, ra
 
 
 def test_scoring_reads_and_writes_an_object_store(bundle, mixed_folder, s3_server, ray_cluster):
+    """Photos, the bundle and the predictions all in a bucket."""
     from skinray.score import score
 
     fs, options = s3_server
     fs.create_dir("score-bucket")
-    pafs.copy_files(str(mixed_folder / "a"), "score-bucket/photos", source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    for local, remote in ((mixed_folder / "a", "photos"), (bundle, "bundles/v1")):
+        pafs.copy_files(str(local), f"score-bucket/{remote}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
     output = f"s3://score-bucket/predictions-v1?{options}"
-    summary = score(load_config(overrides=SMALL), str(bundle), f"s3://score-bucket/photos?{options}", output)
+    summary = score(load_config(overrides=SMALL), f"s3://score-bucket/bundles/v1?{options}",
+                    f"s3://score-bucket/photos?{options}", output)
     assert summary["scored"] == summary["rows"] == 10
+    assert summary["model_version"] == json.loads((bundle / "bundle.json").read_text())["version"]
     table = read_predictions(output)
     assert all(p.startswith("s3://score-bucket/photos/") for p in table["path"].to_pylist())
     with fs.open_input_stream("score-bucket/predictions-v1/summary.json") as f:
