@@ -224,7 +224,7 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
 
     predictor = Predictor.from_path(model, load_models=False)  # a bad model fails here, before any work
     source, paths = list_inputs(input_uri)
-    source = ImageSource(source.filesystem, source.prefix, predictor.config.data.max_pixels)
+    source = ImageSource(source.filesystem, source.prefix, cfg.data.max_pixels)
     score_cfg = cfg.score
     # The actors, the checkpoint filter's actor and at least one decode task must fit together.
     connect(reserved_cpus=score_cfg.max_actors * score_cfg.cpus_per_actor + 1)
