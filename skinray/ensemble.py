@@ -120,20 +120,6 @@ def load_members(paths: list[str], archive: str):
     return predictor, catalog, val[0]
 
 
-def validation_logits(predictor, paths: list[str], catalog, table, cfg: Config):
-    """(member logits (members, n, classes), labels (n,)) of the readable validation images."""
-    from skinray.data.pipeline import ImageSource
-    from skinray.score import predict_table
-
-    rows = predict_table(table, paths, predictor.sizes, ImageSource.of(catalog, predictor.config.data.max_pixels),
-                         cfg.score, with_logits=True)
-    good = rows.filter(rows["error"].is_null())
-    if good.num_rows == 0:
-        raise UserError("no validation image could be read")
-    logits = np.array(good["member_logits"].to_pylist(), np.float32).transpose(1, 0, 2)
-    return logits, good["label_index"].to_numpy()
-
-
 # === The ensemble command ===
 
 
@@ -162,11 +148,14 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     """Fits the calibration of `member_paths` on `archive`'s validation split and writes the bundle."""
     from skinray.bundle import ensure_new, write_bundle
     from skinray.cluster import connect
+    from skinray.data.pipeline import ImageSource
+    from skinray.score import labelled_logits
 
     ensure_new(out)  # before any work: bundles are never overwritten
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus=cfg.score.max_actors * cfg.score.cpus_per_actor)
-    logits, labels = validation_logits(predictor, member_paths, catalog, table, cfg)
+    source = ImageSource.of(catalog, predictor.config.data.max_pixels)
+    logits, labels, _ = labelled_logits(table, member_paths, predictor.sizes, source, cfg.score, "the validation split")
     fitted = fit(logits, labels, cfg.ensemble.coverage)
     entries = [{"name": m.name, "backbone": m.backbone, "image_size": m.image_size, "temperature": t,
                 "weight": w, "source": path, "validation": metrics}

@@ -139,27 +139,21 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     """
     import dataclasses
 
-    from skinray import UserError
     from skinray.cluster import connect
     from skinray.config import save_config
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.pipeline import ImageSource
     from skinray.predictor import Predictor
-    from skinray.score import predict_table
+    from skinray.score import labelled_logits
 
     predictor = Predictor.from_path(model_path, load_models=False)  # the actors load the models
     catalog = list_archive(archive)
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
     score_cfg = dataclasses.replace(predictor.config.score, batch_size=batch_size)
     connect(reserved_cpus=score_cfg.max_actors * score_cfg.cpus_per_actor)
-    rows = predict_table(table, [model_path], predictor.sizes,
-                         ImageSource.of(catalog, predictor.config.data.max_pixels), score_cfg)
-    failed = rows.filter(rows["error"].is_valid())
-    good = rows.filter(rows["error"].is_null())
-    if good.num_rows == 0:
-        raise UserError(f"no image of the {split} split could be read ({failed.num_rows} failed)")
-    labels = good["label_index"].to_numpy()
-    logits = np.array(good["member_logits"].to_pylist(), np.float32).transpose(1, 0, 2)
+    logits, labels, failed = labelled_logits(table, [model_path], predictor.sizes,
+                                             ImageSource.of(catalog, predictor.config.data.max_pixels), score_cfg,
+                                             f"the {split} split")
     report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels)
     report |= {"model": predictor.source, "model_version": predictor.version, "split": split, "archive": archive,
                "failed_files": [{"path": p, "reason": r} for p, r in

@@ -137,6 +137,18 @@ def predict_table(table: pa.Table, model: list[str], sizes: tuple[int, ...], sou
     return pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
 
+def labelled_logits(table: pa.Table, model: list[str], sizes: tuple[int, ...], source: ImageSource,
+                    cfg: ScoreConfig, what: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """A split's member logits (members, n, classes) and labels (n,) of the images that could be
+    read, and the rows of those that could not; `what` names the split in the error when none could."""
+    rows = predict_table(table, model, sizes, source, cfg, with_logits=True)
+    good, failed = rows.filter(rows["error"].is_null()), rows.filter(rows["error"].is_valid())
+    if good.num_rows == 0:
+        raise UserError(f"no image of {what} could be read ({failed.num_rows} failed)")
+    logits = np.array(good["member_logits"].to_pylist(), np.float32).transpose(1, 0, 2)
+    return logits, good["label_index"].to_numpy(), failed
+
+
 # === Listing the input ===
 
 
