@@ -149,9 +149,11 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     from skinray.bundle import ensure_new, write_bundle
     from skinray.cluster import connect
     from skinray.data.pipeline import ImageSource
+    from skinray.predictor import absolute
     from skinray.score import labelled_logits
 
     ensure_new(out)  # before any work: bundles are never overwritten
+    member_paths = [absolute(p) for p in member_paths]  # the actors open them from their own folders
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus=cfg.score.max_actors * cfg.score.cpus_per_actor)
     source = ImageSource.of(catalog, predictor.config.data.max_pixels)

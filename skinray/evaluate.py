@@ -143,9 +143,10 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     from skinray.config import save_config
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.pipeline import ImageSource
-    from skinray.predictor import Predictor
+    from skinray.predictor import Predictor, absolute
     from skinray.score import labelled_logits
 
+    model_path = absolute(model_path)  # the actors open it from their own working directories
     predictor = Predictor.from_path(model_path, load_models=False)  # the actors load the models
     catalog = list_archive(archive)
     table = model_split(catalog, split, predictor.classes, predictor.config.data)

@@ -154,7 +154,13 @@ class Predictor:
         else:
             model, size = None, int(json.loads(described.read_text())["image_size"])
         member = Member(config.model.backbone, model, config.model.backbone, size, config=config, file=model_file)
-        return cls([member], json.loads(classes_file.read_text()), str(checkpoint), version=str(checkpoint))
+        # Named by where it came from (a remote run is read from a temporary copy): the run and its checkpoint.
+        version = source or str(checkpoint)
+        if local.is_dir() and checkpoint != local:
+            from skinray.data.catalog import join_uri
+
+            version = join_uri(version, checkpoint.name)
+        return cls([member], json.loads(classes_file.read_text()), str(checkpoint), version=version)
 
     # === Scoring ===
 
@@ -197,6 +203,11 @@ def load_model(path: Path):
     import skinray.models.classifier  # noqa: F401  registers the custom layers for loading
 
     return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def absolute(path: str) -> str:
+    """A model path every process can open: URIs as they are, local paths made absolute."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _local_copy(path: str) -> Path:

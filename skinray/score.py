@@ -232,8 +232,9 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     from ray.data.checkpoint import CheckpointConfig
 
     from skinray.cluster import connect
-    from skinray.predictor import Predictor
+    from skinray.predictor import Predictor, absolute
 
+    model = absolute(model)  # the actors open it from their own working directories
     predictor = Predictor.from_path(model, load_models=False)  # a bad model fails here, before any work
     source, paths = list_inputs(input_uri)
     source = ImageSource(source.filesystem, source.prefix, cfg.data.max_pixels)

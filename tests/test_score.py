@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -109,6 +110,8 @@ def test_a_training_run_scores_as_a_one_member_model(members, mixed_folder, ray_
     good = [r for r in rows if r["error"] is None]
     assert all(not r["abstained"] for r in good)  # no threshold without calibration
     assert all(set(r["member_probabilities"]) == {"tiny"} for r in good)
+    best = json.loads((Path(members["runs"][0]) / "summary.json").read_text())["best_checkpoint"]
+    assert {r["model_version"] for r in rows} == {f"{members['runs'][0]}/{Path(best).name}"}
 
 
 def test_a_manifest_lists_the_inputs(bundle, mixed_folder, ray_cluster, tmp_path):
