@@ -26,7 +26,7 @@ import numpy as np
 from skinray import UserError
 from skinray.config import Config
 from skinray.metrics import selective_metrics, summary_metrics
-from skinray.predictor import softmax
+from skinray.predictor import softmax, weighted_mean
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 
@@ -88,10 +88,6 @@ def abstention_threshold(probabilities: np.ndarray, coverage: float) -> float:
     return float((confidence[keep - 1] + confidence[keep]) / 2)
 
 
-def combine(member_probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return np.tensordot(np.asarray(weights, np.float64) / np.sum(weights), member_probabilities, axes=1)
-
-
 # === Members and their validation predictions ===
 
 
@@ -130,14 +126,14 @@ def fit(member_logits: np.ndarray, labels: np.ndarray, coverage: float) -> dict:
     calibrated = np.stack([softmax(z, t) for z, t in zip(member_logits, temperatures)]).astype(np.float64)
     weights = fit_weights(calibrated, labels)
     equal = np.full(len(member_logits), 1.0 / len(member_logits))
-    ensemble = combine(calibrated, weights)
+    ensemble = weighted_mean(calibrated, weights)
     threshold = abstention_threshold(ensemble, coverage)
     metrics = {
         "images": int(len(labels)),
         "members": [{"uncalibrated": summary_metrics(r, labels), "calibrated": summary_metrics(c, labels)}
                     for r, c in zip(raw, calibrated)],
-        "ensemble_uncalibrated": summary_metrics(combine(raw, equal), labels),
-        "ensemble_equal_weights": summary_metrics(combine(calibrated, equal), labels),
+        "ensemble_uncalibrated": summary_metrics(weighted_mean(raw, equal), labels),
+        "ensemble_equal_weights": summary_metrics(weighted_mean(calibrated, equal), labels),
         "ensemble": summary_metrics(ensemble, labels) | selective_metrics(ensemble, labels, threshold),
     }
     return {"temperatures": temperatures, "weights": weights.tolist(), "equal_weights": equal.tolist(),

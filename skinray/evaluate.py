@@ -174,10 +174,10 @@ def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dic
                                         top_k=())["per_class"]}
         for k, m in enumerate(predictor.members)}
     before, after = uncalibrated.probabilities, calibrated.probabilities
+    scores_before, scores_after = summary_metrics(before, labels), summary_metrics(after, labels)
     report["calibration"] = {
-        "ece_before": summary_metrics(before, labels)["ece"], "ece_after": summary_metrics(after, labels)["ece"],
-        "log_loss_before": summary_metrics(before, labels)["log_loss"],
-        "log_loss_after": summary_metrics(after, labels)["log_loss"],
+        "ece_before": scores_before["ece"], "ece_after": scores_after["ece"],
+        "log_loss_before": scores_before["log_loss"], "log_loss_after": scores_after["log_loss"],
         "reliability": {"before calibration": reliability_bins(before, labels),
                         "after calibration": reliability_bins(after, labels)}}
     report["abstention"] = selective_metrics(after, labels, predictor.threshold)

@@ -78,6 +78,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def weighted_mean(member_probabilities: np.ndarray, weights) -> np.ndarray:
+    """The ensemble's probabilities: members' (members, n, classes) averaged with normalised weights."""
+    weights = np.asarray(weights, np.float64)
+    return np.tensordot(weights / weights.sum(), np.asarray(member_probabilities, np.float64), axes=1)
+
+
 @dataclass
 class Predictor:
     members: list[Member]
@@ -178,8 +184,7 @@ class Predictor:
     def combine(self, member_logits: np.ndarray) -> Prediction:
         """Members' raw logits (members, n, classes) -> calibrated, weighted probabilities."""
         calibrated = np.stack([softmax(z, m.temperature) for z, m in zip(member_logits, self.members)])
-        weights = np.array([m.weight for m in self.members], np.float64)
-        ensemble = np.tensordot(weights / weights.sum(), calibrated.astype(np.float64), axes=1)
+        ensemble = weighted_mean(calibrated, [m.weight for m in self.members])
         return Prediction(ensemble.astype(np.float32), calibrated, member_logits, self.threshold)
 
     def combine_uncalibrated(self, member_logits: np.ndarray) -> Prediction:

@@ -104,7 +104,11 @@ def decode_views(data: bytes, sizes: tuple[int, ...], max_pixels: int = DEFAULT_
     What bulk scoring, evaluation and serving feed a `Predictor`: the image is decoded once, for
     the largest size, and each member's view is the evaluation warp of that one decode.
     """
-    image = decode(data, min_size=max(sizes), max_pixels=max_pixels)
+    return views_of(decode(data, min_size=max(sizes), max_pixels=max_pixels), sizes)
+
+
+def views_of(image, sizes: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """One decoded image -> its evaluation warp to each size."""
     return {size: resize(image, size) for size in sizes}
 
 
@@ -123,13 +127,12 @@ def load_views(batch: dict[str, np.ndarray], *, source: ImageSource, sizes: tupl
     ok, errors = np.ones(len(paths), dtype=bool), [""] * len(paths)
     for i, path in enumerate(paths):
         try:
-            data = read_bytes(source.filesystem, source.prefix, path)
-            for size, view in decode_views(data, sizes, source.max_pixels).items():
-                views[size][i] = view
-        except OSError as exc:
-            ok[i], errors[i] = False, f"cannot read file: {exc}"
+            image = load_image(source, path, max(sizes))
         except DecodeError as exc:
             ok[i], errors[i] = False, exc.reason
+            continue
+        for size, view in views_of(image, sizes).items():
+            views[size][i] = view
     return {**batch, **{view_column(s): v for s, v in views.items()}, "ok": ok,
             "error": np.asarray(errors, dtype=object)}
 
