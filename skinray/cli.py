@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, tune and serve skin-disease image classifiers at cluster scale on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"skinray {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and TensorFlow's own INFO logs too (or set SKINRAY_VERBOSE=1)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = commands.add_parser("data", help="fetch, generate and check image archives")
@@ -85,6 +87,10 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from skinray.console import set_verbose, setup_driver
+
+    set_verbose(args.verbose)
+    setup_driver()
     try:
         return _dispatch(args)
     except (UserError, FileNotFoundError) as exc:

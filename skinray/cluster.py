@@ -22,11 +22,18 @@ def connect(reserved_cpus: float = 0.0) -> None:
     """
     import ray
 
+    from skinray.console import announce_log_folder, quiet_process, ray_init_options
+
     if not ray.is_initialized():
+        quiet_process()  # before the local cluster starts: its workers inherit the environment
         try:
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), **ray_init_options())
         except ConnectionError:
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2))
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2), **ray_init_options())
+        import ray.data  # noqa: F401  (configures its console handler, which quiet_process lowers)
+
+        quiet_process()
+        announce_log_folder()
     total = ray.cluster_resources().get("CPU", 0)
     if reserved_cpus and total - reserved_cpus < 1:
         raise UserError(f"the Ray cluster has {total:g} CPUs and the stage's workers take {reserved_cpus:g}: "

@@ -96,8 +96,8 @@ class ModelConfig:
         weights: 'imagenet', 'none', or a path to a weights file for the backbone.
         head_units: width of the head's hidden dense layer.
         head_activation: activation of that layer (any Keras activation name).
-        dropout: dropout before the hidden dense layer.
-        head_dropout: dropout between the hidden dense layer and the logits.
+        dropout: dropout before the hidden dense layer (unset: the recipe's, see `RECIPES`).
+        head_dropout: dropout between the hidden dense layer and the logits (unset: the recipe's).
         l2: L2 penalty on the head's kernels.
     """
 
@@ -106,8 +106,8 @@ class ModelConfig:
     weights: str = "imagenet"
     head_units: int = 256
     head_activation: str = "relu"
-    dropout: float = 0.3
-    head_dropout: float = 0.3
+    dropout: float | None = None
+    head_dropout: float | None = None
     l2: float = 1e-4
 
     def __post_init__(self):
@@ -115,13 +115,15 @@ class ModelConfig:
                  "must be 0 (native) or between 32 and 1024")
         _require(bool(self.weights), "weights", "must be 'imagenet', 'none' or a path")
         _require(self.head_units > 0, "head_units", "must be positive")
-        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        _require(0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
+        _require(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _require(self.head_dropout is None or 0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
         _require(self.l2 >= 0.0, "l2", "must be >= 0")
 
 
 MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
 LR_SCALING = ("linear", "sqrt", "none")
+SCHEDULES = ("plateau", "cosine")
+RECIPE_NAMES = ("auto", "transfer", "scratch")
 MONITORS = ("val_macro_f1", "val_accuracy", "val_loss")
 
 
@@ -130,19 +132,27 @@ class TrainConfig:
     """Distributed fine-tuning on Ray Train.
 
     Learning rates are given for `base_batch` images a step; the rate used is scaled to the global
-    batch (`batch_size` x `workers`) by `lr_scaling` (see the README's training section).
+    batch (`batch_size` x `workers`) by `lr_scaling` (see the README's training section). Settings
+    left unset take the recipe's value (`RECIPES`): the recipe follows the weights.
 
     Args:
+        recipe: 'transfer' (two phases: head on a frozen backbone, then fine-tune the top layers),
+            'scratch' (one phase, every layer trainable from the first epoch) or 'auto': scratch
+            when `model.weights` is 'none', transfer otherwise.
         workers: Ray Train workers (one per GPU on a GPU cluster).
         gpus_per_worker: GPUs each worker reserves; 0 trains on CPUs.
         cpus_per_worker: CPUs each worker reserves.
         batch_size: images per worker per step.
         epochs: total epochs over both phases.
-        head_epochs: epochs of the first phase (backbone frozen); the rest fine-tune.
-        head_lr, finetune_lr: learning rates of the two phases, for `base_batch` images.
+        head_epochs: epochs of the first phase (backbone frozen); the rest train the backbone.
+        head_lr: learning rate of the head phase, for `base_batch` images.
+        finetune_lr: learning rate of the phase that trains the backbone, for `base_batch` images.
         base_batch: the global batch the learning rates are given for.
         lr_scaling: 'linear', 'sqrt' or 'none': how rates follow the global batch.
-        unfreeze_top: backbone layers unfrozen in the second phase (counted from the top).
+        unfreeze_top: backbone layers trained in the second phase, counted from the top (-1: all).
+        schedule: 'plateau' (reduce on a plateau of `monitor`) or 'cosine' (cosine decay to
+            `min_lr` over each phase, after `warmup_epochs` of linear warm-up).
+        warmup_epochs: epochs of linear learning-rate warm-up at the start of each phase.
         label_smoothing: label smoothing of the cross-entropy loss.
         monitor: the validation metric early stopping, plateau and checkpoint ranking follow.
         early_stopping_patience: epochs without improvement before a phase stops (0: never).
@@ -158,21 +168,24 @@ class TrainConfig:
         kill_rank, kill_at_step: fault injection: that worker kills itself once, at that step.
     """
 
+    recipe: str = "auto"
     workers: int = 2
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     batch_size: int = 32
     epochs: int = 10
-    head_epochs: int = 3
+    head_epochs: int | None = None
     head_lr: float = 1e-3
-    finetune_lr: float = 1e-4
+    finetune_lr: float | None = None
     base_batch: int = 32
     lr_scaling: str = "linear"
-    unfreeze_top: int = 30
-    label_smoothing: float = 0.1
+    unfreeze_top: int | None = None
+    schedule: str | None = None
+    warmup_epochs: int | None = None
+    label_smoothing: float | None = None
     monitor: str = "val_macro_f1"
     early_stopping_patience: int = 5
-    plateau_patience: int = 2
+    plateau_patience: int | None = None
     plateau_factor: float = 0.2
     min_lr: float = 1e-6
     mixed_precision: str = "none"
@@ -185,21 +198,30 @@ class TrainConfig:
     kill_at_step: int = -1
 
     def __post_init__(self):
+        _require(self.recipe in RECIPE_NAMES, "recipe", f"must be one of {RECIPE_NAMES}")
         _require(self.workers >= 1, "workers", "must be >= 1")
         _require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.epochs >= 1, "epochs", "must be >= 1")
-        _require(0 <= self.head_epochs <= self.epochs, "head_epochs", "must be in [0, epochs]")
+        def unset(value) -> bool:  # recipe settings not yet resolved pass; Config resolves them
+            return value is None
+
+        _require(unset(self.head_epochs) or 0 <= self.head_epochs <= self.epochs, "head_epochs",
+                 "must be in [0, epochs]")
         _require(self.head_lr > 0, "head_lr", "must be positive")
-        _require(self.finetune_lr > 0, "finetune_lr", "must be positive")
+        _require(unset(self.finetune_lr) or self.finetune_lr > 0, "finetune_lr", "must be positive")
         _require(self.base_batch >= 1, "base_batch", "must be >= 1")
         _require(self.lr_scaling in LR_SCALING, "lr_scaling", f"must be one of {LR_SCALING}")
-        _require(self.unfreeze_top >= 0, "unfreeze_top", "must be >= 0")
-        _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+        _require(unset(self.unfreeze_top) or self.unfreeze_top >= -1, "unfreeze_top", "must be >= -1 (-1: all)")
+        _require(unset(self.schedule) or self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        _require(unset(self.warmup_epochs) or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+                 "must be in [0, epochs)")
+        _require(unset(self.label_smoothing) or 0.0 <= self.label_smoothing < 1.0, "label_smoothing",
+                 "must be in [0, 1)")
         _require(self.monitor in MONITORS, "monitor", f"must be one of {MONITORS}")
         _require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
-        _require(self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
+        _require(unset(self.plateau_patience) or self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
         _require(0.0 < self.plateau_factor < 1.0, "plateau_factor", "must be in (0, 1)")
         _require(self.min_lr >= 0, "min_lr", "must be >= 0")
         _require(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
@@ -271,8 +293,59 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
+    def __post_init__(self):
+        model, train = resolve_recipe(self.model, self.train)
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "train", train)
+
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
+
+
+# === Recipes: the defaults that follow the weights ===
+
+# Measured with benchmarks/quality.py (scratch) and the seed notebook (transfer); README, "Recipes".
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "transfer": {
+        "model": {"dropout": 0.3, "head_dropout": 0.3},
+        "train": {"head_epochs": 3, "finetune_lr": 1e-4, "unfreeze_top": 30, "schedule": "plateau",
+                  "warmup_epochs": 0, "label_smoothing": 0.1, "plateau_patience": 2},
+    },
+    "scratch": {
+        "model": {"dropout": 0.0, "head_dropout": 0.2},
+        "train": {"head_epochs": 0, "finetune_lr": 1e-3, "unfreeze_top": -1, "schedule": "cosine",
+                  "warmup_epochs": 2, "label_smoothing": 0.0, "plateau_patience": 4},
+    },
+}
+
+
+def recipe_for(weights: str, recipe: str = "auto") -> str:
+    """'scratch' for `weights: none` and 'transfer' otherwise, unless a recipe is named."""
+    if recipe != "auto":
+        return recipe
+    return "scratch" if weights == "none" else "transfer"
+
+
+def resolve_recipe(model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """Fills the settings left unset with the recipe's values; the train section names the recipe.
+
+    A recipe's epoch counts are capped to fit the run (3 head epochs in a 2-epoch run become 2).
+    """
+    name = recipe_for(model.weights, train.recipe)
+    defaults = RECIPES[name]
+    caps = {"head_epochs": train.epochs, "warmup_epochs": train.epochs - 1}
+    model_values = {k: v for k, v in defaults["model"].items() if getattr(model, k) is None}
+    train_values = {k: min(v, caps[k]) if k in caps else v
+                    for k, v in defaults["train"].items() if getattr(train, k) is None}
+    return (_replace_section(model, "model", model_values),
+            _replace_section(train, "train", {"recipe": name, **train_values}))
+
+
+def _replace_section(section: Any, prefix: str, values: dict[str, Any]) -> Any:
+    try:
+        return dataclasses.replace(section, **values)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}.{err.key}", str(err).split(": ", 1)[1]) from None
 
 
 # === Loading ===

@@ -2,7 +2,7 @@
 
     ./dev demo            (or: skinray demo --out demo-output)
 
-sample archive -> data check -> distributed training (2 workers, tiny CNN, two phases, one worker
+sample archive -> data check -> distributed training (2 workers, tiny CNN from scratch, one worker
 killed mid-run and resumed) -> evaluation on the archive's test split. About 3 minutes on 2 cores;
 expected test accuracy 0.9 or more on 6 classes (chance: 0.17). It grows with each capability.
 """
@@ -17,8 +17,7 @@ from skinray.config import load_config
 CLASSES, PER_CLASS = 6, 40
 SETTINGS = [
     "model.backbone=tiny", "model.weights=none", "model.image_size=64",
-    "train.batch_size=8", "train.epochs=12", "train.head_epochs=2", "train.head_lr=0.004",
-    "train.finetune_lr=0.004", "train.unfreeze_top=100", "train.max_failures=1",
+    "train.batch_size=8", "train.epochs=12", "train.max_failures=1",
     # Show fault tolerance: worker 1 kills itself once in the third epoch; the run resumes.
     "train.kill_rank=1", "train.kill_at_step=40",
 ]

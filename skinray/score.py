@@ -45,8 +45,10 @@ class ScoreActor:
     """Holds the Predictor (loaded once per actor) and turns decoded views into output rows."""
 
     def __init__(self, model: list[str], top_k: int, with_logits: bool = False):
+        from skinray.console import quiet_process
         from skinray.predictor import Predictor
 
+        quiet_process()  # before TensorFlow loads in this actor
         self.predictor = Predictor.from_paths(model)
         self.top_k, self.with_logits = top_k, with_logits
 

@@ -88,6 +88,6 @@ def members(ray_cluster, tmp_path_factory):
         cfg = load_config(overrides=[
             f"data.archive={archive}", "data.val_fraction=0.3", "model.backbone=tiny", "model.weights=none",
             f"model.image_size={size}", "train.workers=1", "train.batch_size=16", "train.epochs=5",
-            "train.head_epochs=1", "train.head_lr=0.004", "train.finetune_lr=0.004", "train.unfreeze_top=100"])
+            "train.finetune_lr=0.004"])
         runs.append(train(cfg, str(root / "runs"), name).run_dir)
     return {"archive": archive, "runs": runs, "root": root}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from skinray.config import ModelConfig
+from skinray.config import Config, ModelConfig
 from skinray.models.backbones import REGISTRY, BackboneError, get_backbone, input_size, resolve_weights
 
 
@@ -70,7 +70,7 @@ def test_classifier_saves_and_loads_with_the_same_outputs(tmp_path):
 
     from skinray.models.classifier import build_classifier
 
-    model = build_classifier(get_backbone("tiny"), 5, ModelConfig(backbone="tiny", weights="none"), 48, None)
+    model = build_classifier(get_backbone("tiny"), 5, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 48, None)
     images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
@@ -81,7 +81,7 @@ def test_classifier_saves_and_loads_with_the_same_outputs(tmp_path):
 def test_two_phase_freezing():
     from skinray.models.classifier import build_classifier, freeze_backbone, unfreeze_top
 
-    model = build_classifier(get_backbone("tiny"), 3, ModelConfig(backbone="tiny", weights="none"), 32, None)
+    model = build_classifier(get_backbone("tiny"), 3, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 32, None)
     freeze_backbone(model)
     names = {w.path.split("/")[0] for w in model.trainable_weights}
     assert names == {"hidden", "logits"}
@@ -114,7 +114,7 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precis
         keras.config.set_dtype_policy(precision)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         with strategy.scope():
-            model = build_classifier(get_backbone(name), 4, ModelConfig(backbone=name, weights="none"), size, None)
+            model = build_classifier(get_backbone(name), 4, Config(model=ModelConfig(backbone=name, weights="none")).model, size, None)
             optimizer = keras.optimizers.Adam(1e-3)
             if precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -49,3 +49,16 @@ def test_cli_json_and_exit_codes(ray_cluster, messy_archive, sample_archive):
                            capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.strip().endswith("ok")
+
+
+def test_console_shows_rays_info_logs_only_when_verbose(ray_cluster, sample_archive):
+    """By default Ray Data's INFO lines (execution plans) go to Ray's log files; --verbose shows them."""
+    def check(*flags):
+        proc = subprocess.run([sys.executable, "-m", "skinray", *flags, "data", "check", str(sample_archive)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
+
+    quiet, loud = check(), check("--verbose")
+    assert "Execution plan" not in quiet and "Ray's own logs: " in quiet
+    assert "Execution plan" in loud

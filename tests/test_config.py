@@ -76,3 +76,39 @@ def test_shipped_recipes_load():
 def test_monitor_direction_is_derived_from_the_metric():
     assert load_config().train.monitor_mode == "max"
     assert load_config(overrides=["train.monitor=val_loss"]).train.monitor_mode == "min"
+
+
+def test_the_recipe_follows_the_weights():
+    scratch = load_config(overrides=["model.weights=none"])
+    assert scratch.train.recipe == "scratch"
+    assert (scratch.train.head_epochs, scratch.train.unfreeze_top, scratch.train.schedule) == (0, -1, "cosine")
+    assert scratch.train.finetune_lr == 1e-3 and scratch.train.label_smoothing == 0.0
+    assert (scratch.model.dropout, scratch.model.head_dropout) == (0.0, 0.2)
+    transfer = load_config(overrides=["model.weights=imagenet"])
+    assert transfer.train.recipe == "transfer"
+    assert (transfer.train.head_epochs, transfer.train.finetune_lr, transfer.train.schedule) == (3, 1e-4, "plateau")
+    assert (transfer.model.dropout, transfer.train.label_smoothing) == (0.3, 0.1)
+
+
+def test_what_the_user_sets_wins_over_the_recipe(tmp_path):
+    cfg = load_config(overrides=["model.weights=none", "model.dropout=0.1", "train.schedule=plateau"])
+    assert (cfg.model.dropout, cfg.train.schedule, cfg.model.head_dropout) == (0.1, "plateau", 0.2)
+    named = load_config(overrides=["model.weights=none", "train.recipe=transfer"])
+    assert named.train.recipe == "transfer" and named.train.head_epochs == 3
+    # The saved config holds the resolved values: reloading it runs the same recipe.
+    assert load_config(save_config(cfg, tmp_path)) == cfg
+
+
+def test_a_recipes_epoch_counts_fit_short_runs():
+    assert load_config(overrides=["train.epochs=2"]).train.head_epochs == 2
+    assert load_config(overrides=["model.weights=none", "train.epochs=2"]).train.warmup_epochs == 1
+
+
+@pytest.mark.parametrize("override, key", [("train.recipe=finetune", "train.recipe"),
+                                           ("train.schedule=step", "train.schedule"),
+                                           ("train.unfreeze_top=-2", "train.unfreeze_top"),
+                                           ("train.warmup_epochs=10", "train.warmup_epochs")])
+def test_recipe_settings_are_validated(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert err.value.key == key

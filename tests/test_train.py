@@ -14,11 +14,14 @@ import pytest
 
 from skinray.config import load_config
 from skinray.train.monitor import Monitor, checkpoint_score
-from skinray.train.step import scaled_learning_rate
+from skinray.train.recipe import contradictions, describe
+from skinray.train.step import scaled_learning_rate, scheduled_learning_rate
 
 EPOCHS, HEAD_EPOCHS, KILL_STEP = 12, 2, 20
+# The transfer recipe on a random backbone, for its two phases and plateau rule (and its warnings).
 TINY = ["model.backbone=tiny", "model.weights=none", "model.image_size=64", "train.workers=2",
-        "train.batch_size=8", "train.head_lr=0.004", "train.finetune_lr=0.004", "train.unfreeze_top=100",
+        "train.recipe=transfer", "train.batch_size=8", "train.head_lr=0.004", "train.finetune_lr=0.004",
+        "train.unfreeze_top=100",
         "train.early_stopping_patience=0", "train.plateau_patience=1"]
 
 
@@ -71,6 +74,38 @@ def test_learning_rate_scaling_rule():
     assert scaled_learning_rate(1e-3, 256, 32, "linear") == pytest.approx(8e-3)
     assert scaled_learning_rate(1e-3, 128, 32, "sqrt") == pytest.approx(2e-3)
     assert scaled_learning_rate(1e-3, 256, 32, "none") == 1e-3
+
+
+def test_warm_up_then_cosine_decay():
+    rates = [scheduled_learning_rate(1.0, e, 0, 10, 2, 0.0, "cosine") for e in range(10)]
+    assert rates[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a > b for a, b in zip(rates[2:], rates[3:]))  # strictly down after the warm-up
+    assert rates[-1] < 0.05
+    # A phase starting at epoch 4 follows the same curve from there (a resumed run too).
+    assert scheduled_learning_rate(1.0, 7, 4, 14, 2, 0.0, "cosine") == pytest.approx(rates[3])
+
+
+def test_plateau_schedule_leaves_the_rate_to_the_monitor_after_warm_up():
+    assert scheduled_learning_rate(2.0, 0, 0, 10, 1, 0.0, "plateau") == 1.0
+    assert scheduled_learning_rate(2.0, 1, 0, 10, 1, 0.0, "plateau") == 2.0
+    assert scheduled_learning_rate(2.0, 5, 0, 10, 1, 0.0, "plateau") is None
+
+
+def test_settings_that_contradict_the_weights_are_named():
+    assert contradictions(load_config(overrides=["model.weights=none"])) == []
+    assert contradictions(load_config(overrides=["model.weights=imagenet"])) == []
+    frozen = contradictions(load_config(overrides=["model.weights=none", "train.recipe=transfer"]))
+    assert any("train.head_epochs=3" in line for line in frozen)
+    assert any("train.unfreeze_top=30" in line for line in frozen)
+    assert any("train.finetune_lr=0.0001" in line for line in frozen)
+    pretrained = contradictions(load_config(overrides=["model.weights=imagenet", "train.recipe=scratch"]))
+    assert len(pretrained) == 1 and "train.recipe=scratch" in pretrained[0]
+
+
+def test_the_recipe_is_described_with_its_reason():
+    text = describe(load_config(overrides=["model.weights=none", "train.workers=2"]), global_batch=64)
+    assert text.startswith("recipe scratch (model.weights is 'none')")
+    assert "2.0e-03 at global batch 64" in text and "cosine" in text
 
 
 # === The distributed run ===
@@ -163,17 +198,28 @@ def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_cluster, a
     command = [sys.executable, "-m", "skinray", "train", "--backbone", "tiny", "--data", str(archive),
                "--out", str(tmp_path), "--name", "again", "--epochs", "3", "--workers", "2",
                "--image-size", "64", "--weights", "none"]
-    for item in ["train.batch_size=8", "train.head_epochs=1", "train.max_failures=0", "train.kill_rank=1",
+    for item in ["train.batch_size=8", "train.max_failures=0", "train.kill_rank=1",
                  "train.kill_at_step=20"]:  # 8 steps an epoch: in the third epoch
         command += ["--set", item]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0
     assert "run the same command again" in first.stderr
+    # The console: the recipe and skinray's lines; Ray's per-report dicts went to its log files.
+    assert "recipe scratch (model.weights is 'none')" in first.stdout
+    assert "[skinray] epoch 1/3 [scratch]" in first.stdout + first.stderr
+    assert "TrainingReport(" not in first.stdout + first.stderr
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "best checkpoint:" in second.stdout
     final = sorted((tmp_path / "again").glob("checkpoint_epoch_*"))[-1]
     state = json.loads((final / "state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    # `--weights none` ran the scratch recipe: one phase, warm-up then cosine, no warnings.
+    cfg = load_config(tmp_path / "again" / "config.yaml")
+    assert [h["phase"] for h in state["history"]] == ["scratch"] * 3
+    base = scaled_learning_rate(cfg.train.finetune_lr, 16, cfg.train.base_batch, cfg.train.lr_scaling)
+    assert [h["learning_rate"] for h in state["history"]] == pytest.approx(
+        [scheduled_learning_rate(base, e, 0, 3, cfg.train.warmup_epochs, cfg.train.min_lr, "cosine") for e in range(3)])
+    assert "[skinray] warning" not in first.stderr + second.stderr
     # From the second epoch's checkpoint, or the first's if the second's report was still in flight.
     assert [e["from_epoch"] for e in state["events"] if e["event"] == "resumed"] in ([1], [0])

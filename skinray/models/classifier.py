@@ -80,7 +80,7 @@ def freeze_backbone(model: keras.Model) -> None:
 
 
 def unfreeze_top(model: keras.Model, count: int, keep_batchnorm_frozen: bool) -> int:
-    """Phase 2: the top `count` layers of the backbone train too; returns how many were unfrozen.
+    """Phase 2: the top `count` layers of the backbone train too (-1: all); returns how many.
 
     With pretrained weights, BatchNormalization layers stay frozen (and so in inference mode):
     their ImageNet statistics are worth more than what small fine-tuning batches would estimate.
@@ -88,7 +88,7 @@ def unfreeze_top(model: keras.Model, count: int, keep_batchnorm_frozen: bool) ->
     backbone = model.get_layer("backbone")
     backbone.trainable = True
     layers = [layer for layer in backbone.layers if layer.weights]  # "layers" count those with weights
-    cut = max(len(layers) - count, 0)
+    cut = 0 if count < 0 else max(len(layers) - count, 0)
     for i, layer in enumerate(layers):
         # Set every layer explicitly: an earlier phase's settings must not survive.
         batchnorm = isinstance(layer, keras.layers.BatchNormalization)

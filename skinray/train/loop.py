@@ -28,7 +28,7 @@ from skinray.data.catalog import resolve
 from skinray.data.pipeline import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
 from skinray.metrics import confusion_metrics
 from skinray.train.monitor import Monitor, checkpoint_score
-from skinray.train.step import make_train_step, scaled_learning_rate
+from skinray.train.step import make_train_step, scaled_learning_rate, scheduled_learning_rate
 from skinray.train.tensorboard import TensorBoard
 
 # Through Ray Train's own logging: a print() in a worker is teed and shows up twice on the driver.
@@ -47,6 +47,7 @@ class LoopInputs:
     class_weights: list[float]
     source: ImageSource
     run_uri: str
+    verbose: bool = False  # the driver's --verbose: Ray's INFO logs on the console
 
 
 @dataclass
@@ -55,6 +56,7 @@ class LoopState:
 
     epoch: int = -1  # last completed epoch
     phase: str = "head"
+    phase_start: int = 0  # first epoch of the current phase
     learning_rate: float = 0.0
     finished: bool = False
     monitor: dict = field(default_factory=dict)
@@ -64,6 +66,10 @@ class LoopState:
 
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train entry point: `config["inputs"]` is a `LoopInputs`."""
+    from skinray.console import quiet_process, set_verbose
+
+    set_verbose(config["inputs"].verbose)
+    quiet_process()  # before TensorFlow loads in this worker
     WorkerLoop(config["inputs"]).run()
 
 
@@ -83,7 +89,10 @@ class WorkerLoop:
         # One stream per worker: Ray's per-operator progress bars from every worker would interleave.
         import ray.data
 
+        from skinray.console import quiet_process
+
         ray.data.DataContext.get_current().enable_progress_bars = False
+        quiet_process()  # Ray Data's console handler exists now
 
     # === Setup ===
 
@@ -160,13 +169,13 @@ class WorkerLoop:
         train = self.cfg.train
         if phase == "head":
             freeze_backbone(self.model)
-            base_lr = train.head_lr
         else:
             count = unfreeze_top(self.model, train.unfreeze_top, keep_batchnorm_frozen=self.pretrained)
-            self._log(f"fine-tuning: top {count} backbone layers unfrozen")
-            base_lr = train.finetune_lr
+            self._log(f"every layer trains ({count} backbone layers, BatchNormalization included)"
+                      if train.unfreeze_top < 0 and not self.pretrained else
+                      f"fine-tuning: top {count} backbone layers unfrozen")
         if learning_rate is None:
-            learning_rate = scaled_learning_rate(base_lr, self.global_batch, train.base_batch, train.lr_scaling)
+            learning_rate = self._base_lr(phase)
         with self.strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate)
             if train.mixed_precision == "mixed_float16":
@@ -181,6 +190,22 @@ class WorkerLoop:
         self.train_step = make_train_step(self.strategy, self.model, optimizer, self.inputs.class_weights,
                                           train.label_smoothing, self.global_batch, train.xla)
         return learning_rate
+
+    def _base_lr(self, phase: str) -> float:
+        train = self.cfg.train
+        return scaled_learning_rate(train.head_lr if phase == "head" else train.finetune_lr,
+                                    self.global_batch, train.base_batch, train.lr_scaling)
+
+    def _scheduled_lr(self, state: LoopState, epoch: int, lr: float) -> float:
+        """The epoch's rate under `train.schedule`, applied to the optimizer."""
+        train = self.cfg.train
+        end = train.head_epochs if state.phase == "head" else train.epochs
+        scheduled = scheduled_learning_rate(self._base_lr(state.phase), epoch, state.phase_start, end,
+                                            train.warmup_epochs, train.min_lr, train.schedule)
+        if scheduled is not None and scheduled != lr:
+            lr = scheduled
+            self.optimizer.learning_rate = lr
+        return lr
 
     # === The distributed step's helpers ===
 
@@ -222,7 +247,7 @@ class WorkerLoop:
         start = state.epoch + 1
         learning_rate = state.learning_rate or None  # resuming mid-phase keeps the phase's rate
         if state.phase == "head" and start >= train.head_epochs:
-            state.phase, learning_rate = "finetune", None  # a new phase starts at its own rate
+            state.phase, state.phase_start, learning_rate = "finetune", start, None  # a new phase, its own rate
             self.saved_optimizer = None
         lr = self._start_phase(state.phase, learning_rate)
         rows = epochs_of_rows(self.inputs.train_rows, rank=self.rank, world=self.world, batch_size=self.batch,
@@ -233,12 +258,14 @@ class WorkerLoop:
         writer = TensorBoard(self.inputs.run_uri) if self.rank == 0 else None
         for epoch in range(start, train.epochs):
             if state.phase == "head" and epoch >= train.head_epochs:
-                state.phase, lr = "finetune", self._start_phase("finetune", None)
+                state.phase, state.phase_start, lr = "finetune", epoch, self._start_phase("finetune", None)
                 monitor.new_phase()
+            lr = self._scheduled_lr(state, epoch, lr)
             started = time.perf_counter()
             metrics = self._train_epoch(batches, epoch)
             metrics["images_per_second"] = self.steps * self.global_batch / (time.perf_counter() - started)
-            metrics |= self._validate() | {"epoch": epoch + 1, "phase": state.phase, "learning_rate": lr}
+            metrics |= self._validate() | {"epoch": epoch + 1, "phase": self._phase_label(state.phase),
+                                           "learning_rate": lr}
             lr = self._after_epoch(state, monitor, metrics, epoch, lr)
             self._report(state, metrics, monitor)
             if writer:
@@ -251,7 +278,8 @@ class WorkerLoop:
     def _after_epoch(self, state: LoopState, monitor: Monitor, metrics: dict, epoch: int, lr: float) -> float:
         """Records the epoch and takes the monitor's decisions; returns the next learning rate.
 
-        A plateau multiplies the rate by `plateau_factor`; an early stop in the head phase
+        Under the plateau schedule, a plateau multiplies the rate by `plateau_factor` (the cosine
+        schedule sets the rate itself); an early stop in the head phase
         restores that phase's best weights and starts fine-tuning, in the fine-tuning phase it
         ends the run.
         """
@@ -262,7 +290,7 @@ class WorkerLoop:
             self.best_weights = self.model.get_weights()
         state.epoch = epoch
         state.history.append(metrics)
-        if reduce_lr and lr > train.min_lr:
+        if reduce_lr and train.schedule == "plateau" and lr > train.min_lr:
             lr = max(lr * train.plateau_factor, train.min_lr)
             self.optimizer.learning_rate = lr
             state.events.append({"event": "reduce_lr", "epoch": epoch + 1, "learning_rate": lr})
@@ -270,7 +298,8 @@ class WorkerLoop:
             state.events.append({"event": "early_stop", "epoch": epoch + 1, "phase": state.phase})
             if state.phase == "head" and epoch + 1 < train.epochs:
                 self.model.set_weights(self.best_weights)
-                state.phase, lr = "finetune", self._start_phase("finetune", None)
+                state.phase, state.phase_start = "finetune", epoch + 1
+                lr = self._start_phase("finetune", None)
                 monitor.new_phase()
             else:
                 state.finished = True
@@ -397,6 +426,10 @@ class WorkerLoop:
             f.write(f"killed at step {global_step}\n".encode())
         self._log(f"fault injection: rank {self.rank} kills itself at step {global_step}", every_rank=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def _phase_label(self, phase: str) -> str:
+        """'head', 'finetune', or 'scratch' for the one phase of the scratch recipe."""
+        return "scratch" if phase == "finetune" and self.cfg.train.recipe == "scratch" else phase
 
     def _log(self, message: str, every_rank: bool = False) -> None:
         if self.rank == 0 or every_rank:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,9 +22,12 @@ from pathlib import Path
 from skinray import UserError
 from skinray.cluster import connect
 from skinray.config import Config, load_config, save_config
+from skinray.console import train_logging_config, verbose
 from skinray.data.catalog import class_weights, join_uri, list_archive, resolve, splits
 from skinray.data.pipeline import ImageSource, steps_per_epoch
 from skinray.train.loop import LoopInputs, train_loop_per_worker
+
+log = logging.getLogger("skinray")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
     input_size(spec, cfg.model.image_size)
     resolve_weights(spec, cfg.model.weights)  # fail here, not after the cluster has started
     inputs = _inputs(cfg)
+    _announce_recipe(cfg)
     run_name = name or cfg.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = out if "://" in out else str(Path(out).expanduser().resolve())
     run_uri = join_uri(storage, run_name)
@@ -72,6 +77,7 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
                 checkpoint_score_order=train_cfg.monitor_mode,
             ),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            logging_config=train_logging_config(),
         ),
     )
     try:
@@ -105,7 +111,17 @@ def _inputs(cfg: Config) -> LoopInputs:
         class_weights=class_weights(train_rows["label_index"].to_numpy(), catalog.num_classes),
         source=ImageSource.of(catalog, cfg.data.max_pixels),
         run_uri="",
+        verbose=verbose(),
     )
+
+
+def _announce_recipe(cfg: Config) -> None:
+    """The recipe in words before the first epoch, and a warning for each contradicting setting."""
+    from skinray.train.recipe import contradictions, describe
+
+    print(f"[skinray] {describe(cfg, cfg.train.batch_size * cfg.train.workers)}", flush=True)
+    for problem in contradictions(cfg):
+        log.warning(problem)
 
 
 def _write_run_files(cfg: Config, inputs: LoopInputs, run_uri: str) -> None:
@@ -156,7 +172,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     }
     overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.epochs is not None and load_config(args.config, args.set).train.head_epochs > args.epochs:
-        overrides.append(f"train.head_epochs={args.epochs}")  # fewer epochs than the head phase
+        overrides.append(f"train.head_epochs={args.epochs}")  # fewer epochs than the file's head phase
     return load_config(args.config, overrides)
 
 

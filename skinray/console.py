@@ -1,0 +1,94 @@
+"""What a person sees: skinray's own lines, warnings and errors; Ray's INFO logs go to its log files.
+
+By default every process skinray runs in (the driver, Ray Train workers, scoring actors) lowers
+the console level of Ray Train, Ray Data, Ray core and TensorFlow to WARNING. Nothing is lost:
+Ray writes the same records to the session's log folder (`ray_log_folder()`, printed once per
+command). `skinray --verbose ...` or SKINRAY_VERBOSE=1 shows everything, as Ray prints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+VERBOSE_ENV = "SKINRAY_VERBOSE"
+
+log = logging.getLogger("skinray")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def set_verbose(on: bool) -> None:
+    """Chosen once, by the command line; inherited by the local cluster's workers."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def setup_driver() -> None:
+    """The command line's process: skinray's warnings on stderr; Ray and TensorFlow quiet."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_SkinrayFormatter())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    quiet_process()
+
+
+def quiet_process() -> None:
+    """Lowers Ray's and TensorFlow's console output in this process, unless verbose.
+
+    Called before TensorFlow is imported where possible (its C++ level is read at import), and
+    again after Ray Data or Ray Train configure their loggers (they install console handlers).
+    """
+    if verbose():
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO and WARNING; errors still show
+    for name in ("tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data's console handler is its own; Ray Train's is shared with the root logger (which
+    # carries skinray's worker lines) and is lowered by `train_logging_config` instead.
+    for handler in logging.getLogger("ray.data").handlers:
+        if not _writes_a_file(handler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def ray_init_options() -> dict:
+    """ray.init's own console level (it prints the dashboard address and the like at INFO)."""
+    return {} if verbose() else {"logging_level": logging.WARNING}
+
+
+def train_logging_config():
+    """Ray Train's console level: its per-report lines (`TrainingReport(...)`) are INFO."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def ray_log_folder() -> str:
+    """Where this Ray session writes its logs (Ray Data's in ray-data/, Ray Train's in train/)."""
+    try:
+        import ray
+
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # a remote cluster: the head node's folder
+        return "/tmp/ray/session_latest/logs (on the head node)"
+
+
+def announce_log_folder() -> None:
+    if not verbose():
+        print(f"[skinray] Ray's own logs: {ray_log_folder()} (skinray --verbose shows them here)", flush=True)
+
+
+def _writes_a_file(handler: logging.Handler) -> bool:
+    """Ray's session file handlers create their FileHandler lazily; they are named *FileHandler."""
+    return "FileHandler" in type(handler).__name__
+
+
+class _SkinrayFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"[skinray] {level}{record.getMessage()}"
