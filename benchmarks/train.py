@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,35 @@ def _batches(size: int, batch: int, count: int = 4):
             for _ in range(count)]
 
 
-def measure_step(backbone: str, size: int, batch: int, steps: int) -> float:
-    """Images/s of skinray's train step on pre-decoded batches, in the calling process."""
+def cpu_seconds() -> Counter:
+    """CPU seconds used so far: this process per thread name, and every other process by name.
+
+    From /proc (Linux): the difference of two snapshots around the measured steps says where the
+    machine's cores went while the step ran: the step's own threads (TensorFlow's pools, gRPC,
+    Ray's and Ray Train's threads in a worker) and the other processes (raylet, the GCS, Ray
+    Train's controller, idle workers).
+    """
+    tick, me, used = os.sysconf("SC_CLK_TCK"), os.getpid(), Counter()
+
+    def read(folder: str) -> tuple[str, float]:
+        text = Path(folder, "stat").read_text()
+        comm, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        return comm, (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    for entry, prefix in [(f"/proc/{me}/task/{t}", "step process: ") for t in os.listdir(f"/proc/{me}/task")] + \
+            [(f"/proc/{p}", "other process: ") for p in os.listdir("/proc") if p.isdigit() and int(p) != me]:
+        try:
+            comm, seconds = read(entry)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        name = "kernel workers" if comm.startswith("kworker") else comm.rstrip("0123456789_-")
+        used[prefix + name] += seconds
+    return used
+
+
+def measure_step(backbone: str, size: int, batch: int, steps: int) -> dict:
+    """Images/s of skinray's train step on pre-decoded batches, in the calling process, and the CPU
+    seconds per 1,000 images spent meanwhile in each thread group and process."""
     import keras
     import tensorflow as tf
 
@@ -59,11 +87,15 @@ def measure_step(backbone: str, size: int, batch: int, steps: int) -> float:
     batches = _batches(size, batch)
     for i in range(10):  # trace and warm up (the first steps are much slower)
         step(*batches[i % len(batches)])
-    start = time.perf_counter()
+    before, start = cpu_seconds(), time.perf_counter()
     for i in range(steps):
         loss, _ = step(*batches[i % len(batches)])
     float(loss)
-    return steps * batch / (time.perf_counter() - start)
+    elapsed, after = time.perf_counter() - start, cpu_seconds()
+    per_1000 = 1000 / (steps * batch)
+    cpu = {k: round((after[k] - before.get(k, 0.0)) * per_1000, 3) for k in after}
+    return {"rate": steps * batch / elapsed, "cpu": {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+                                                      if v >= 0.01}}
 
 
 def _plain(args, queue, tf_config):
@@ -72,7 +104,7 @@ def _plain(args, queue, tf_config):
     queue.put(measure_step(args.backbone, args.size, args.batch, args.steps))
 
 
-def plain_rate(args, multi_worker: bool = False) -> float:
+def plain_rate(args, multi_worker: bool = False) -> dict:
     """In a fresh process, as a Ray worker is: TensorFlow's collective setup happens once per process.
 
     `multi_worker`: with a one-worker TF_CONFIG, as Ray Train sets it, so the strategy runs in
@@ -94,7 +126,7 @@ def plain_rate(args, multi_worker: bool = False) -> float:
     return rate
 
 
-def ray_task_rate(args) -> float:
+def ray_task_rate(args) -> dict:
     import ray
 
     @ray.remote(num_cpus=1, max_calls=1)
@@ -105,11 +137,11 @@ def ray_task_rate(args) -> float:
 
 
 def _ray_worker(config):
-    rate = measure_step(config["backbone"], config["size"], config["batch"], config["steps"])
-    Path(config["result"]).write_text(json.dumps(rate))
+    result = measure_step(config["backbone"], config["size"], config["batch"], config["steps"])
+    Path(config["result"]).write_text(json.dumps(result))
 
 
-def ray_rate(args) -> float:
+def ray_rate(args) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -167,7 +199,8 @@ def main() -> None:
         runs["plain_multi_worker"].append(plain_rate(args, multi_worker=True))
         runs["ray_task"].append(ray_task_rate(args))
         runs["ray"].append(ray_rate(args))
-    plain, multi, in_task, in_ray = (max(runs[k]) for k in runs)
+    best = {k: max(v, key=lambda r: r["rate"]) for k, v in runs.items()}
+    plain, multi, in_task, in_ray = (best[k]["rate"] for k in runs)
     with tempfile.TemporaryDirectory() as folder:
         archive = Path(folder) / "archive"
         write_sample(archive, per_class=args.per_class, classes=NUM_CLASSES, seed=0)
@@ -179,13 +212,27 @@ def main() -> None:
           f"{'ratio vs TF_CONFIG':>19} {'e2e 1 worker':>13} {'e2e 2 workers':>14}   images/s (best of {args.repeats})")
     print(f"{plain:>12.0f} {multi:>17.0f} {in_task:>9.0f} {in_ray:>10.0f} {in_ray / plain:>6.2f} {in_ray / multi:>19.2f} "
           f"{e2e[1]:>13.0f} {e2e[2]:>14.0f}")
-    print("spread (min-max): " + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in runs.items()))
+    rates = {k: [r["rate"] for r in v] for k, v in runs.items()}
+    print("spread (min-max): " + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in rates.items()))
+    print_cpu_account(best)
     print(json.dumps({"benchmark": "train", "backbone": args.backbone, "size": args.size, "batch": args.batch,
                       "cores": os.cpu_count(), "plain": round(plain, 1), "plain_multi_worker": round(multi, 1),
-                      "ray_task": round(in_task, 1), "ray": round(in_ray, 1), "runs": runs,
+                      "ray_task": round(in_task, 1), "ray": round(in_ray, 1), "runs": rates,
+                      "cpu_seconds_per_1000_images": {k: v["cpu"] for k, v in best.items()},
                       "ray_vs_plain": round(in_ray / plain, 3), "ray_vs_plain_multi_worker": round(in_ray / multi, 3),
                       "e2e_1_worker": round(e2e[1], 1),
                       "e2e_2_workers": round(e2e[2], 1)}))
+
+
+def print_cpu_account(best: dict) -> None:
+    """CPU seconds per 1,000 images, by thread group and process, in each side's best run."""
+    names = sorted({k for r in best.values() for k in r["cpu"]},
+                   key=lambda k: -max(r["cpu"].get(k, 0) for r in best.values()))
+    print(f"\nCPU seconds per 1,000 images while the step ran (best run of each side)")
+    print(f"{'where':<44}" + "".join(f"{k:>19}" for k in best))
+    for name in names[:14]:
+        print(f"{name[:44]:<44}" + "".join(f"{r['cpu'].get(name, 0):>19.3f}" for r in best.values()))
+    print(f"{'total':<44}" + "".join(f"{sum(r['cpu'].values()):>19.3f}" for r in best.values()))
 
 
 if __name__ == "__main__":

@@ -45,10 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="storage folder or URI for runs")
     train.add_argument("--workers", type=int)
     train.add_argument("--gpus-per-worker", type=float)
-    train.add_argument("--epochs", type=int, help="total epochs over both phases")
+    train.add_argument("--epochs", type=int, help="total epochs (over both phases of the transfer recipe)")
     train.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     train.add_argument("--weights", help="imagenet, none, or a path to a weights file")
     train.add_argument("--name", help="run name; the same name resumes an interrupted run")
+
+    tune = commands.add_parser("tune", help="search the classification head's hyperparameters with Ray Tune")
+    _config_options(tune)
+    tune.add_argument("--backbone", help="registered backbone (resnet50, inception_v3, efficientnetv2s, tiny)")
+    tune.add_argument("--data", help="archive folder or URI")
+    tune.add_argument("--out", required=True, help="folder or URI for searches")
+    tune.add_argument("--name", help="search name (default tune-BACKBONE); the same name continues a search")
+    tune.add_argument("--trials", type=int, help="configurations to try (default 16)")
+    tune.add_argument("--max-concurrent", type=int, help="trials at once (default: as the CPUs allow)")
+    tune.add_argument("--mode", choices=["cached", "full"], help="cached embeddings (default) or full Ray Train runs")
+    tune.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
+    tune.add_argument("--weights", help="imagenet, none, or a path to a weights file")
 
     ensemble = commands.add_parser("ensemble", help="calibrate members and write one versioned bundle")
     _config_options(ensemble)
@@ -108,6 +120,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from skinray.train.trainer import train_from_args
 
         return train_from_args(args)
+    if args.command == "tune":
+        from skinray.tune.search import tune_from_args
+
+        return tune_from_args(args)
     if args.command == "evaluate":
         from skinray.evaluate import evaluate_from_args
 

@@ -143,7 +143,7 @@ class TrainConfig:
         gpus_per_worker: GPUs each worker reserves; 0 trains on CPUs.
         cpus_per_worker: CPUs each worker reserves.
         batch_size: images per worker per step.
-        epochs: total epochs over both phases.
+        epochs: total epochs (over both phases of the transfer recipe).
         head_epochs: epochs of the first phase (backbone frozen); the rest train the backbone.
         head_lr: learning rate of the head phase, for `base_batch` images.
         finetune_lr: learning rate of the phase that trains the backbone, for `base_batch` images.
@@ -154,6 +154,10 @@ class TrainConfig:
             `min_lr` over each phase, after `warmup_epochs` of linear warm-up).
         warmup_epochs: epochs of linear learning-rate warm-up at the start of each phase.
         label_smoothing: label smoothing of the cross-entropy loss.
+        batchnorm_momentum: momentum of every BatchNormalization layer's moving statistics
+            (0: the backbone's own). Keras' applications use 0.99, which on a small archive leaves
+            the statistics a random network validates with far from the data's after a few
+            hundred steps; the scratch recipe uses 0.9.
         monitor: the validation metric early stopping, plateau and checkpoint ranking follow.
         early_stopping_patience: epochs without improvement before a phase stops (0: never).
         plateau_patience: epochs without improvement before the learning rate is reduced.
@@ -183,6 +187,7 @@ class TrainConfig:
     schedule: str | None = None
     warmup_epochs: int | None = None
     label_smoothing: float | None = None
+    batchnorm_momentum: float | None = None
     monitor: str = "val_macro_f1"
     early_stopping_patience: int = 5
     plateau_patience: int | None = None
@@ -219,6 +224,8 @@ class TrainConfig:
                  "must be in [0, epochs)")
         _require(unset(self.label_smoothing) or 0.0 <= self.label_smoothing < 1.0, "label_smoothing",
                  "must be in [0, 1)")
+        _require(unset(self.batchnorm_momentum) or 0.0 <= self.batchnorm_momentum < 1.0, "batchnorm_momentum",
+                 "must be in [0, 1) (0: the backbone's own)")
         _require(self.monitor in MONITORS, "monitor", f"must be one of {MONITORS}")
         _require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
         _require(unset(self.plateau_patience) or self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
@@ -282,6 +289,81 @@ class ScoreConfig:
         _require(self.rows_per_file >= 1, "rows_per_file", "must be >= 1")
 
 
+TUNE_MODES = ("cached", "full")
+LOG_RANGES = ("head_lr", "l2")  # searched log-uniformly; the other ranges uniformly
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune's search over the classification head (`skinray tune`).
+
+    The search space: `head_units` and `batch_size` are lists of choices; the other searched
+    settings are [low, high] ranges, log-uniform for `head_lr` and `l2`, uniform otherwise. Each
+    searched value lands on the same key `skinray train` reads (model.head_units, model.dropout,
+    model.head_dropout, model.l2, train.head_lr, train.label_smoothing, train.batch_size).
+
+    Args:
+        mode: 'cached' (heads train on embeddings computed once) or 'full' (each trial is a Ray
+            Train run of the head phase).
+        trials: configurations sampled from the space.
+        max_concurrent: trials running at once (0: as many as the cluster's CPUs allow).
+        cpus_per_trial: CPUs each cached trial reserves (fractions run several per core).
+        seed: seeds the sampling of configurations.
+        views: augmented views of each training image embedded in cached mode (one per epoch, in turn).
+        metric: the validation metric ASHA and the ranking follow (as `train.monitor`).
+        grace_period: epochs every trial runs before ASHA may stop it.
+        reduction_factor: ASHA keeps 1 / reduction_factor of the trials at each rung.
+        max_epochs: epochs of a trial that is never stopped.
+        embed_batch_size: images per call of the frozen backbone in the embedding job.
+    """
+
+    mode: str = "cached"
+    trials: int = 16
+    max_concurrent: int = 0
+    cpus_per_trial: float = 0.5
+    seed: int = 0
+    views: int = 4
+    metric: str = "val_macro_f1"
+    grace_period: int = 2
+    reduction_factor: int = 3
+    max_epochs: int = 12
+    embed_batch_size: int = 32
+    head_units: tuple[int, ...] = (64, 128, 256, 512)
+    batch_size: tuple[int, ...] = (16, 32, 64)
+    dropout: tuple[float, ...] = (0.0, 0.5)
+    head_dropout: tuple[float, ...] = (0.0, 0.5)
+    head_lr: tuple[float, ...] = (1e-4, 1e-2)
+    l2: tuple[float, ...] = (1e-6, 1e-3)
+    label_smoothing: tuple[float, ...] = (0.0, 0.2)
+
+    def __post_init__(self):
+        _require(self.mode in TUNE_MODES, "mode", f"must be one of {TUNE_MODES}")
+        _require(self.trials >= 1, "trials", "must be >= 1")
+        _require(self.max_concurrent >= 0, "max_concurrent", "must be >= 0 (0: as the CPUs allow)")
+        _require(self.cpus_per_trial > 0, "cpus_per_trial", "must be positive")
+        _require(self.views >= 1, "views", "must be >= 1")
+        _require(self.metric in MONITORS, "metric", f"must be one of {MONITORS}")
+        _require(self.max_epochs >= 1, "max_epochs", "must be >= 1")
+        _require(1 <= self.grace_period <= self.max_epochs, "grace_period", "must be in [1, max_epochs]")
+        _require(self.reduction_factor >= 2, "reduction_factor", "must be >= 2")
+        _require(self.embed_batch_size >= 1, "embed_batch_size", "must be >= 1")
+        for name in ("head_units", "batch_size"):
+            values = getattr(self, name)
+            _require(len(values) >= 1 and all(v >= 1 for v in values), name, "must be a non-empty list of positive choices")
+        for name in ("dropout", "head_dropout", "head_lr", "l2", "label_smoothing"):
+            low_high = getattr(self, name)
+            _require(len(low_high) == 2 and low_high[0] < low_high[1], name,
+                     "must be a range [low, high] with low < high")
+            _require(low_high[0] >= 0 and (name not in LOG_RANGES or low_high[0] > 0), name,
+                     "must be positive" if name in LOG_RANGES else "must be >= 0")
+        for name in ("dropout", "head_dropout", "label_smoothing"):
+            _require(getattr(self, name)[1] < 1.0, name, "must stay below 1")
+
+    @property
+    def metric_mode(self) -> str:
+        return "min" if self.metric == "val_loss" else "max"
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs, one section per concern."""
@@ -292,6 +374,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self):
         model, train = resolve_recipe(self.model, self.train)
@@ -309,12 +392,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "transfer": {
         "model": {"dropout": 0.3, "head_dropout": 0.3},
         "train": {"head_epochs": 3, "finetune_lr": 1e-4, "unfreeze_top": 30, "schedule": "plateau",
-                  "warmup_epochs": 0, "label_smoothing": 0.1, "plateau_patience": 2},
+                  "warmup_epochs": 0, "label_smoothing": 0.1, "plateau_patience": 2, "batchnorm_momentum": 0.0},
     },
     "scratch": {
         "model": {"dropout": 0.0, "head_dropout": 0.2},
         "train": {"head_epochs": 0, "finetune_lr": 1e-3, "unfreeze_top": -1, "schedule": "cosine",
-                  "warmup_epochs": 2, "label_smoothing": 0.0, "plateau_patience": 4},
+                  "warmup_epochs": 2, "label_smoothing": 0.0, "plateau_patience": 4, "batchnorm_momentum": 0.9},
     },
 }
 
@@ -373,6 +456,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return from_dict(Config, raw)
 
 
+def load_config_text(text: str) -> Config:
+    """A config from YAML text (a saved config.yaml read from any filesystem)."""
+    loaded = yaml.safe_load(text) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("<root>", "a config must hold a mapping of sections")
+    return from_dict(Config, loaded)
+
+
 def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
     for part in parts[:-1]:
         node = tree.setdefault(part, {})
@@ -411,6 +502,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is None:
             return None
         hint = options[0]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -426,7 +522,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain YAML-safe data: sections as mappings, lists as lists."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:

@@ -54,6 +54,37 @@ def quiet_process() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not _writes_a_file(handler):
             handler.setLevel(max(handler.level, logging.WARNING))
+    # Some Ray modules name their logger by file path (Ray Train's per-report "Reporting training
+    # result ..."): the level filter above misses them; the root console handler drops their INFO.
+    for handler in logging.getLogger().handlers:
+        if not _writes_a_file(handler) and not any(isinstance(f, _RayPathInfo) for f in handler.filters):
+            handler.addFilter(_RayPathInfo())
+
+
+def load_tensorflow(expect_gpu: bool) -> None:
+    """Imports TensorFlow and finds its devices; on a CPU-only run, without its CUDA chatter.
+
+    TensorFlow's C++ logs lines about missing CUDA drivers before its log level applies, at
+    import and when it first looks for devices. When the run asked for no GPU they are noise, so
+    stderr is closed meanwhile; when it did ask for one they are the diagnosis, and stay. (Where
+    Ray imports TensorFlow first, as Ray Train's TensorFlow backend does, its import lines show.)
+    """
+    if verbose() or expect_gpu:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def ray_init_options() -> dict:
@@ -86,6 +117,11 @@ def announce_log_folder() -> None:
 def _writes_a_file(handler: logging.Handler) -> bool:
     """Ray's session file handlers create their FileHandler lazily; they are named *FileHandler."""
     return "FileHandler" in type(handler).__name__
+
+
+class _RayPathInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/ray/" not in record.name
 
 
 class _SkinrayFormatter(logging.Formatter):

@@ -45,10 +45,13 @@ class ScoreActor:
     """Holds the Predictor (loaded once per actor) and turns decoded views into output rows."""
 
     def __init__(self, model: list[str], top_k: int, with_logits: bool = False):
-        from skinray.console import quiet_process
+        import ray
+
+        from skinray.console import load_tensorflow, quiet_process
         from skinray.predictor import Predictor
 
         quiet_process()  # before TensorFlow loads in this actor
+        load_tensorflow(expect_gpu=bool(ray.get_gpu_ids()))
         self.predictor = Predictor.from_paths(model)
         self.top_k, self.with_logits = top_k, with_logits
 

@@ -11,7 +11,7 @@ def _skinray(*args, timeout=300):
 def test_help_lists_every_command():
     proc = _skinray("--help")
     assert proc.returncode == 0
-    for command in ("data", "train", "ensemble", "score", "evaluate", "demo"):
+    for command in ("data", "train", "tune", "ensemble", "score", "evaluate", "demo"):
         assert command in proc.stdout
     data = _skinray("data", "--help")
     for action in ("fetch", "sample", "check"):

@@ -84,6 +84,7 @@ def test_the_recipe_follows_the_weights():
     assert (scratch.train.head_epochs, scratch.train.unfreeze_top, scratch.train.schedule) == (0, -1, "cosine")
     assert scratch.train.finetune_lr == 1e-3 and scratch.train.label_smoothing == 0.0
     assert (scratch.model.dropout, scratch.model.head_dropout) == (0.0, 0.2)
+    assert scratch.train.batchnorm_momentum == 0.9
     transfer = load_config(overrides=["model.weights=imagenet"])
     assert transfer.train.recipe == "transfer"
     assert (transfer.train.head_epochs, transfer.train.finetune_lr, transfer.train.schedule) == (3, 1e-4, "plateau")
@@ -112,3 +113,34 @@ def test_recipe_settings_are_validated(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert err.value.key == key
+
+
+def test_the_tune_section_holds_the_search_space(tmp_path):
+    cfg = load_config(overrides=["tune.head_units=[32,64]", "tune.head_lr=[0.001,0.01]", "tune.trials=4"])
+    assert cfg.tune.head_units == (32, 64) and cfg.tune.head_lr == (0.001, 0.01) and cfg.tune.trials == 4
+    assert load_config(save_config(cfg, tmp_path)) == cfg  # lists survive the round trip
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("tune.dropout=[0.5,0.1]", "tune.dropout", "low < high"),
+    ("tune.head_lr=[0.01]", "tune.head_lr", "low < high"),
+    ("tune.l2=[0,0.1]", "tune.l2", "positive"),
+    ("tune.head_units=[]", "tune.head_units", "non-empty"),
+    ("tune.head_units=[a]", "tune.head_units[0]", "expected int"),
+    ("tune.head_lr=0.1", "tune.head_lr", "expected a list"),
+    ("tune.mode=fast", "tune.mode", "one of"),
+    ("tune.grace_period=20", "tune.grace_period", "max_epochs"),
+])
+def test_a_bad_search_space_names_the_key(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert err.value.key == key and words in str(err.value)
+
+
+def test_a_trials_values_land_where_train_reads_them():
+    from skinray.tune.search import with_trial
+
+    cfg = with_trial(load_config(), {"head_units": 64, "dropout": 0.1, "head_dropout": 0.2, "l2": 1e-5,
+                                     "head_lr": 3e-3, "label_smoothing": 0.05, "batch_size": 16})
+    assert (cfg.model.head_units, cfg.model.dropout, cfg.model.head_dropout, cfg.model.l2) == (64, 0.1, 0.2, 1e-5)
+    assert (cfg.train.head_lr, cfg.train.label_smoothing, cfg.train.batch_size) == (3e-3, 0.05, 16)

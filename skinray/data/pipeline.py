@@ -92,6 +92,7 @@ def load_batch(
         "ok": ok,
         "path": np.asarray(paths, dtype=object),
         "error": np.asarray(errors, dtype=object),
+        "epoch": np.asarray(epochs, dtype=np.int32),
     }
 
 

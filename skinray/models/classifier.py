@@ -58,20 +58,40 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, siz
     The backbone is a nested model named "backbone", so freezing can address it as a whole.
     The logits stay float32 under mixed precision, for a numerically safe softmax and loss.
     """
-    regularizer = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
+    inputs, features = build_features(spec, size, weights)
+    return keras.Model(inputs, head(features, num_classes, cfg), name=f"skinray_{spec.name}")
+
+
+def build_features(spec: BackboneSpec, size: int, weights: str | None):
+    """uint8 images -> the backbone's pooled features: (input, output) of the model's lower part.
+
+    The frozen embedding model of `skinray tune` is exactly this part of the classifier.
+    """
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
     x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(inputs)
     backbone = spec.build(size, weights)
     backbone.name = "backbone"
-    x = backbone(x)
-    # === Head ===
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    return inputs, keras.layers.GlobalAveragePooling2D(name="pool")(backbone(x))
+
+
+def head(features, num_classes: int, cfg: ModelConfig):
+    """Pooled features -> logits: dropout, dense(head_units, activation, L2), dropout, dense.
+
+    One function for the head of `skinray train` and the heads `skinray tune` trains on cached
+    features, so a tuned configuration means the same layers in both.
+    """
+    regularizer = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
+    x = keras.layers.Dropout(cfg.dropout, name="dropout")(features)
     x = keras.layers.Dense(cfg.head_units, activation=cfg.head_activation, kernel_regularizer=regularizer,
                            name="hidden")(x)
     x = keras.layers.Dropout(cfg.head_dropout, name="head_dropout")(x)
-    logits = keras.layers.Dense(num_classes, kernel_regularizer=regularizer, dtype="float32", name="logits")(x)
-    return keras.Model(inputs, logits, name=f"skinray_{spec.name}")
+    return keras.layers.Dense(num_classes, kernel_regularizer=regularizer, dtype="float32", name="logits")(x)
+
+
+def build_head(feature_size: int, num_classes: int, cfg: ModelConfig) -> keras.Model:
+    """The head alone, on pooled features of `feature_size` (what a cached tuning trial trains)."""
+    features = keras.Input((feature_size,), name="features")
+    return keras.Model(features, head(features, num_classes, cfg), name="skinray_head")
 
 
 def freeze_backbone(model: keras.Model) -> None:

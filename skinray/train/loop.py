@@ -1,4 +1,4 @@
-"""What runs inside each Ray Train worker: the epochs of the two-phase fine-tuning loop.
+"""What runs inside each Ray Train worker: the epochs of a recipe (transfer: two phases; scratch: one).
 
 The step itself is in `step.py`, the early-stopping and plateau decisions in `monitor.py`, the
 TensorBoard writer in `tensorboard.py`. Each worker streams its own equal shard of the training set (skinray.data.pipeline), so every
@@ -66,11 +66,13 @@ class LoopState:
 
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train entry point: `config["inputs"]` is a `LoopInputs`."""
-    from skinray.console import quiet_process, set_verbose
+    from skinray.console import load_tensorflow, quiet_process, set_verbose
 
-    set_verbose(config["inputs"].verbose)
+    inputs = config["inputs"]
+    set_verbose(inputs.verbose)
     quiet_process()  # before TensorFlow loads in this worker
-    WorkerLoop(config["inputs"]).run()
+    load_tensorflow(expect_gpu=inputs.cfg.train.gpus_per_worker > 0)
+    WorkerLoop(inputs).run()
 
 
 class WorkerLoop:
@@ -91,7 +93,10 @@ class WorkerLoop:
 
         from skinray.console import quiet_process
 
+        from ray.util.debug import log_once
+
         ray.data.DataContext.get_current().enable_progress_bars = False
+        log_once("ray_data_progress_manager_disabled")  # the choice is ours: no "bars disabled" warning
         quiet_process()  # Ray Data's console handler exists now
 
     # === Setup ===
@@ -120,6 +125,8 @@ class WorkerLoop:
             raise ValueError(f"train.batch_size {self.batch} must divide over {self.local_replicas} local GPUs")
 
     def _build(self) -> None:
+        import keras
+
         from skinray.models.backbones import get_backbone, input_size, resolve_weights
         from skinray.models.classifier import build_classifier
 
@@ -129,6 +136,10 @@ class WorkerLoop:
         self.pretrained = weights is not None
         with self.strategy.scope():
             self.model = build_classifier(self.spec, self.num_classes, self.cfg.model, self.size, weights)
+        if self.cfg.train.batchnorm_momentum:
+            for layer in _all_layers(self.model):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = self.cfg.train.batchnorm_momentum
         self.all_sum = self._make_all_sum()
 
     def _restore(self) -> LoopState:

@@ -38,12 +38,18 @@ class TrainResult:
     history: list
 
 
-def train(cfg: Config, out: str, name: str = "") -> TrainResult:
-    """Fine-tunes `cfg.model.backbone` on `cfg.data.archive`; returns where the best model is."""
+def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> TrainResult:
+    """Fine-tunes `cfg.model.backbone` on `cfg.data.archive`; returns where the best model is.
+
+    `callbacks`: Ray Train callbacks, e.g. Tune's report callback when a Tune trial runs it.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    from skinray.console import load_tensorflow
+
+    load_tensorflow(expect_gpu=cfg.train.gpus_per_worker > 0)
     from skinray.models.backbones import get_backbone, input_size, resolve_weights
 
     spec = get_backbone(cfg.model.backbone)
@@ -78,6 +84,7 @@ def train(cfg: Config, out: str, name: str = "") -> TrainResult:
             ),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             logging_config=train_logging_config(),
+            callbacks=list(callbacks),
         ),
     )
     try:

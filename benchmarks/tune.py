@@ -1,0 +1,87 @@
+"""Tuning benchmark: seconds per trial of the cached head search against full Ray Train trials.
+
+    python benchmarks/tune.py [--trials 16] [--full-trials 3] [--backbone tiny] [--size 64]
+
+Both modes search the same space with the same seed, scheduler and epochs on the same generated
+archive (6 classes x 40 photos) on this machine, in one run:
+
+- cached: `skinray tune` as shipped: one embedding job (the frozen backbone over `tune.views`
+  augmented views of every training image and the validation images), then `--trials` heads on the
+  embeddings, several at once on fractional CPUs;
+- full:   `--mode full`: each trial a Ray Train run of the head phase (backbone frozen), one at a
+  time (its workers take the CPUs), `--full-trials` of them (each takes as long as the others).
+
+Seconds per trial = the search's wall time / its trials; for cached, the embedding job's time
+divided by 16 (a search of 16 trials) is added and printed separately. Prints a table,
+`cached_vs_full` (full's seconds per trial / cached's; target >= 10) and one JSON line.
+Runtime on 2 cores with the defaults: about ten minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed_search(args, archive: Path, out: Path, name: str, mode: str, trials: int) -> dict:
+    from skinray.config import load_config
+    from skinray.tune.search import tune_head
+
+    cfg = load_config(overrides=[
+        f"data.archive={archive}", f"model.backbone={args.backbone}", "model.weights=none",
+        f"model.image_size={args.size}", f"tune.mode={mode}", f"tune.trials={trials}",
+        f"tune.max_epochs={args.epochs}", "tune.grace_period=2", "train.workers=1", "score.max_actors=1",
+        *(["tune.max_concurrent=1"] if mode == "full" else [])])
+    started = time.perf_counter()
+    summary = tune_head(cfg, str(out), name)
+    return {"seconds": time.perf_counter() - started, "trials": summary["trials"],
+            "stopped_early": summary["stopped_early"], "best": summary["best"][cfg.tune.metric]}
+
+
+def embedding_seconds(out: Path, name: str) -> float:
+    """The embedding job's wall time: from the search's config.yaml to the embeddings' marker."""
+    run = out / name
+    marker = next(run.glob("embeddings/*/_SUCCESS.json"))
+    return marker.stat().st_mtime - (run / "config.yaml").stat().st_mtime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--full-trials", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+
+    from skinray.cluster import connect
+    from skinray.data.sample import write_sample
+
+    connect(reserved_cpus=1)
+    with tempfile.TemporaryDirectory() as folder:
+        archive, out = Path(folder) / "archive", Path(folder) / "out"
+        write_sample(archive, per_class=40, classes=6, seed=0)
+        cached = timed_search(args, archive, out, "cached", "cached", args.trials)
+        embed = embedding_seconds(out, "cached")
+        full = timed_search(args, archive, out, "full", "full", args.full_trials)
+    cached_trial = (cached["seconds"] - embed) / cached["trials"] + embed / 16
+    full_trial = full["seconds"] / full["trials"]
+    print(f"\n{args.backbone} at {args.size} px, {args.epochs} epochs a trial, ASHA, {os.cpu_count()} cores")
+    print(f"{'mode':<8} {'trials':>6} {'stopped early':>14} {'search s':>9} {'s / trial':>10} {'best f1':>8}")
+    print(f"{'cached':<8} {cached['trials']:>6} {cached['stopped_early']:>14} {cached['seconds']:>9.0f} "
+          f"{cached_trial:>10.1f} {cached['best']:>8.3f}   (embedding job {embed:.0f} s, /16 = {embed / 16:.1f} s)")
+    print(f"{'full':<8} {full['trials']:>6} {full['stopped_early']:>14} {full['seconds']:>9.0f} "
+          f"{full_trial:>10.1f} {full['best']:>8.3f}")
+    print(f"cached_vs_full = {full_trial / cached_trial:.1f} (target >= 10)")
+    print(json.dumps({"benchmark": "tune", "backbone": args.backbone, "size": args.size, "epochs": args.epochs,
+                      "cores": os.cpu_count(), "cached": cached, "full": full, "embedding_seconds": round(embed, 1),
+                      "cached_seconds_per_trial": round(cached_trial, 2), "full_seconds_per_trial": round(full_trial, 2),
+                      "cached_vs_full": round(full_trial / cached_trial, 2)}))
+
+
+if __name__ == "__main__":
+    main()
