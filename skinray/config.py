@@ -220,8 +220,7 @@ class TrainConfig:
         _require(self.lr_scaling in LR_SCALING, "lr_scaling", f"must be one of {LR_SCALING}")
         _require(unset(self.unfreeze_top) or self.unfreeze_top >= -1, "unfreeze_top", "must be >= -1 (-1: all)")
         _require(unset(self.schedule) or self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
-        _require(unset(self.warmup_epochs) or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
-                 "must be in [0, epochs)")
+        _require(unset(self.warmup_epochs) or self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         _require(unset(self.label_smoothing) or 0.0 <= self.label_smoothing < 1.0, "label_smoothing",
                  "must be in [0, 1)")
         _require(unset(self.batchnorm_momentum) or 0.0 <= self.batchnorm_momentum < 1.0, "batchnorm_momentum",

@@ -111,7 +111,9 @@ def ray_log_folder() -> str:
 
 def announce_log_folder() -> None:
     if not verbose():
-        print(f"[skinray] Ray's own logs: {ray_log_folder()} (skinray --verbose shows them here)", flush=True)
+        # On stderr: stdout stays the command's result (`data check --json` prints JSON there).
+        print(f"[skinray] Ray's own logs: {ray_log_folder()} (skinray --verbose shows them here)",
+              file=sys.stderr, flush=True)
 
 
 def _writes_a_file(handler: logging.Handler) -> bool:

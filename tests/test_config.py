@@ -108,7 +108,7 @@ def test_a_recipes_epoch_counts_fit_short_runs():
 @pytest.mark.parametrize("override, key", [("train.recipe=finetune", "train.recipe"),
                                            ("train.schedule=step", "train.schedule"),
                                            ("train.unfreeze_top=-2", "train.unfreeze_top"),
-                                           ("train.warmup_epochs=10", "train.warmup_epochs")])
+                                           ("train.warmup_epochs=-1", "train.warmup_epochs")])
 def test_recipe_settings_are_validated(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])

@@ -2,7 +2,7 @@
 
 One cached search (module fixture) runs through the command line; the tests read what it wrote,
 run it again (embeddings reused, nothing rerun), kill and continue another one, and run two full
-(Ray Train) trials.
+(Ray Train) trials. (Reuse by another search under the same --out goes through the same lookup.)
 """
 
 import csv
@@ -85,19 +85,27 @@ def test_a_search_with_other_settings_under_the_same_name_is_refused(search, ray
     assert proc.returncode == 2 and "tune.trials" in proc.stderr and "another --name" in proc.stderr
 
 
-def test_another_search_reuses_the_embeddings_of_the_same_data(search, ray_env):
-    proc = _tune(ray_env, search["archive"], search["out"], "--name", "other", "--trials", "2",
-                 "--set", "tune.max_epochs=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "embeddings reused" in proc.stdout and str(search["dir"] / "embeddings") in proc.stdout
+def test_another_search_under_the_same_out_finds_the_embeddings(search, tmp_path):
+    """The lookup by key across searches: a new search name reuses the first one's features."""
+    from skinray.data.catalog import list_archive
+    from skinray.data.pipeline import ImageSource
+    from skinray.tune.embeddings import embed
+    from skinray.tune.search import _inputs, _sibling_embeddings
+
+    cfg = load_config(search["dir"] / "config.yaml")
+    _, train_rows, val_rows = _inputs(cfg)
+    location, reused = embed(cfg, 32, train_rows, val_rows, ImageSource.of(list_archive(cfg.data.archive)),
+                             str(tmp_path / "embeddings"), elsewhere=_sibling_embeddings(str(search["out"])))
+    assert reused and location.startswith(str(search["dir"] / "embeddings"))
+    assert not (tmp_path / "embeddings").exists()
 
 
 def test_an_interrupted_search_continues_without_rerunning_finished_trials(ray_env, sample_archive, tmp_path):
     command = [sys.executable, "-m", "skinray", "tune", "--data", str(sample_archive), "--out", str(tmp_path),
-               "--name", "k", "--trials", "8", "--max-concurrent", "1", *TUNE]
+               "--name", "k", "--trials", "4", "--max-concurrent", "1", *TUNE]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_env,
                               start_new_session=True)
-    finished = _wait_for_finished_trials(tmp_path / "k" / "trials", driver, count=2)
+    finished = _wait_for_finished_trials(tmp_path / "k" / "trials", driver, count=1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = {p: p.read_text() for p in finished}
@@ -105,7 +113,7 @@ def test_an_interrupted_search_continues_without_rerunning_finished_trials(ray_e
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "continuing the search" in proc.stdout
     assert {p: p.read_text() for p in finished} == before
-    assert len(_rows(tmp_path / "k")) == 8
+    assert len(_rows(tmp_path / "k")) == 4
 
 
 def _wait_for_finished_trials(folder, driver, count, timeout=600):

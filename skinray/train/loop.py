@@ -156,7 +156,7 @@ class WorkerLoop:
             self.best_weights = self._load_best(folder)
             self.saved_optimizer = dict(np.load(folder / "optimizer.npz"))
         state.events.append({"event": "resumed", "from_epoch": state.epoch, "time": time.time()})
-        self._log(f"resumed from the checkpoint of epoch {state.epoch + 1} ({state.phase} phase)")
+        self._log(f"resumed from the checkpoint of epoch {state.epoch + 1} ({self._phase_label(state.phase)} phase)")
         return state
 
     def _load_best(self, folder: Path):

@@ -196,8 +196,9 @@ def _cached_trainable(cfg: Config, data, weights: list[float]):
 def _full_trainable(cfg: Config, out: str):
     from ray import tune
 
-    # The trial's driver function only waits; its Ray Train workers reserve the CPUs.
-    return tune.with_resources(tune.with_parameters(full_trial, cfg=cfg, out=out), {"cpu": 0})
+    # The trial's driver function only waits (Tune needs some resource); its Ray Train workers
+    # reserve the CPUs.
+    return tune.with_resources(tune.with_parameters(full_trial, cfg=cfg, out=out), {"cpu": 0.01})
 
 
 def _run(cfg: Config, trainable, run_dir: str):
@@ -209,8 +210,6 @@ def _run(cfg: Config, trainable, run_dir: str):
     # One kept checkpoint per trial (enough to continue it) makes Tune snapshot its state after
     # every report, which it warns about; on small trials that is the point, not a bottleneck.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    fs, path, prefix = resolve(run_dir)
-    storage = f"{prefix}{path}" if prefix else path
     trials_uri = join_uri(run_dir, "trials")
     if tune.Tuner.can_restore(trials_uri):
         print(f"[skinray] continuing the search in {trials_uri}", flush=True)
@@ -225,7 +224,7 @@ def _run(cfg: Config, trainable, run_dir: str):
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=t.max_epochs,
                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor),
                 search_alg=BasicVariantGenerator(random_state=t.seed)),
-            run_config=tune.RunConfig(name="trials", storage_path=storage,
+            run_config=tune.RunConfig(name="trials", storage_path=run_dir,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return tuner.fit()
 
