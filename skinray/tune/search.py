@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 
 from skinray import UserError
 from skinray.config import Config, TuneConfig, load_config, load_config_text, save_config
+from skinray.console import verbose
 from skinray.data.catalog import class_weights, join_uri, list_archive, resolve, splits
 from skinray.data.pipeline import ImageSource
 
@@ -60,6 +61,10 @@ def with_trial(cfg: Config, trial: dict) -> Config:
 
 def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> None:
     """One head on cached features: an epoch = one augmented view of every training image."""
+    from skinray.console import load_tensorflow, quiet_process
+
+    quiet_process()
+    load_tensorflow(expect_gpu=False)  # a head trains on the CPU
     import keras
     from ray import tune
 
@@ -223,8 +228,9 @@ def _run(cfg: Config, trainable, run_dir: str):
                 max_concurrent_trials=t.max_concurrent or None,
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=t.max_epochs,
                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor),
-                search_alg=BasicVariantGenerator(random_state=t.seed)),
-            run_config=tune.RunConfig(name="trials", storage_path=run_dir,
+                # The limit goes to the generator too: given one, Tune does not apply it for us.
+                search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent)),
+            run_config=tune.RunConfig(name="trials", storage_path=run_dir, verbose=2 if verbose() else 1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return tuner.fit()
 
