@@ -75,7 +75,7 @@ def keras_run(args, archive: Path, seed: int) -> dict:
     from skinray.config import load_config
     from skinray.data.catalog import class_weights, list_archive, splits
     from skinray.data.pipeline import ImageSource, load_batch
-    from skinray.metrics import confusion_metrics
+    from skinray.metrics import confusion, confusion_metrics
     from skinray.models.backbones import get_backbone
     from skinray.models.classifier import build_classifier
     from skinray.train.monitor import Monitor
@@ -116,7 +116,7 @@ def keras_run(args, archive: Path, seed: int) -> dict:
         model.fit(x, keras.utils.to_categorical(y, k), batch_size=args.batch, epochs=epoch + 1,
                   initial_epoch=epoch, class_weight=weights, shuffle=True, verbose=0)
         predicted = model.predict(x_val, batch_size=256, verbose=0).argmax(axis=1)
-        f1 = confusion_metrics(_confusion(y_val, predicted, k))["macro_f1"]
+        f1 = confusion_metrics(confusion(y_val, predicted, k))["macro_f1"]
         improved, _, stop = monitor.update(f1, epoch)
         if improved:
             best_weights = model.get_weights()
@@ -127,12 +127,6 @@ def keras_run(args, archive: Path, seed: int) -> dict:
     x_test, y_test = images(catalog.split("test"), None)
     accuracy = float((model.predict(x_test, batch_size=256, verbose=0).argmax(axis=1) == y_test).mean())
     return {"test_accuracy": accuracy, "best_epoch": monitor.best_epoch + 1, "seconds": seconds}
-
-
-def _confusion(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
-    matrix = np.zeros((k, k))
-    np.add.at(matrix, (labels, predicted), 1)
-    return matrix
 
 
 def _keras_in_process(args, archive: Path, seed: int, queue) -> None:

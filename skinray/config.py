@@ -127,6 +127,11 @@ RECIPE_NAMES = ("auto", "transfer", "scratch")
 MONITORS = ("val_macro_f1", "val_accuracy", "val_loss")
 
 
+def improves(metric: str) -> str:
+    """'min' for a loss, 'max' for accuracy and F1: which way a validation metric improves."""
+    return "min" if metric == "val_loss" else "max"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Distributed fine-tuning on Ray Train.
@@ -237,8 +242,7 @@ class TrainConfig:
 
     @property
     def monitor_mode(self) -> str:
-        """'min' for a loss, 'max' for accuracy and F1: which way `monitor` improves."""
-        return "min" if self.monitor == "val_loss" else "max"
+        return improves(self.monitor)
 
 
 @dataclass(frozen=True)
@@ -360,7 +364,7 @@ class TuneConfig:
 
     @property
     def metric_mode(self) -> str:
-        return "min" if self.metric == "val_loss" else "max"
+        return improves(self.metric)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,13 @@ import numpy as np
 ECE_BINS = 15
 
 
+def confusion(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """The confusion matrix (rows: true class, columns: predicted) of whole label arrays."""
+    matrix = np.zeros((num_classes, num_classes))
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
 def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
     """Accuracy and macro-F1 from a confusion matrix (rows: truth, columns: prediction).
 

@@ -68,7 +68,7 @@ def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> Non
     import keras
     from ray import tune
 
-    from skinray.metrics import confusion_metrics
+    from skinray.metrics import confusion, confusion_metrics
     from skinray.models.classifier import build_head
     from skinray.train.step import scaled_learning_rate
 
@@ -92,9 +92,7 @@ def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> Non
                   batch_size=trial_cfg.train.batch_size, class_weight=dict(enumerate(weights)), epochs=1,
                   verbose=0)
         logits = model.predict(data.val_x, batch_size=1024, verbose=0)
-        matrix = np.zeros((k, k))
-        np.add.at(matrix, (data.val_y, logits.argmax(axis=1)), 1)
-        scores = confusion_metrics(matrix)
+        scores = confusion_metrics(confusion(data.val_y, logits.argmax(axis=1), k))
         loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(data.val_y, logits, from_logits=True)))
         with tempfile.TemporaryDirectory() as folder:
             model.save(Path(folder, "head.keras"))
