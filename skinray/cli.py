@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", required=True, help="folder or URI; rerun with the same one to resume")
     score.add_argument("--top-k", type=int, help="classes listed per image (default 3)")
 
+    serve = commands.add_parser("serve", help="the online endpoint (Ray Serve) in the foreground until interrupted")
+    _config_options(serve)
+    serve.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--print-config", action="store_true",
+                       help="print the Serve config file that deploys the same application, and exit")
+
     evaluate = commands.add_parser("evaluate", help="per-class report of a bundle or trained model")
     evaluate.add_argument("--model", required=True, help="bundle, run directory, checkpoint, or .keras file")
     evaluate.add_argument("--data", required=True, help="archive folder or URI")
@@ -136,6 +144,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from skinray.score import score_from_args
 
         return score_from_args(args)
+    if args.command == "serve":
+        from skinray.serve.command import serve_from_args
+
+        return serve_from_args(args)
     if args.command == "demo":
         from skinray.demo import run_demo
 

@@ -12,8 +12,9 @@ import os
 from skinray import UserError
 
 
-def connect(reserved_cpus: float = 0.0) -> None:
+def connect(reserved_cpus: float = 0.0) -> bool:
     """Connects once per process; refuses a cluster whose CPUs long-lived workers would all take.
+    Returns True when it started a local cluster (which ends with this process).
 
     `reserved_cpus` is what the stage's long-lived workers hold for their whole run (training
     workers; scoring's model actors). Those CPUs are not available to ingest, so a cluster with
@@ -24,12 +25,18 @@ def connect(reserved_cpus: float = 0.0) -> None:
 
     from skinray.console import announce_log_folder, quiet_process, ray_init_options
 
+    started = False
     if not ray.is_initialized():
         quiet_process()  # before the local cluster starts: its workers inherit the environment
-        try:
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), **ray_init_options())
-        except ConnectionError:
+        address = os.environ.get("RAY_ADDRESS", "auto")  # "local": always a new local cluster
+        if address != "local":
+            try:
+                ray.init(address=address, **ray_init_options())
+            except ConnectionError:
+                address = "local"
+        if address == "local":
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2), **ray_init_options())
+            started = True
         import ray.data  # noqa: F401  (configures its console handler, which quiet_process lowers)
 
         quiet_process()
@@ -39,3 +46,4 @@ def connect(reserved_cpus: float = 0.0) -> None:
         raise UserError(f"the Ray cluster has {total:g} CPUs and the stage's workers take {reserved_cpus:g}: "
                         "none is left for ingest. Add CPUs, or lower train.workers / train.cpus_per_worker "
                         "(training) or score.max_actors / score.cpus_per_actor (scoring).")
+    return started

@@ -367,6 +367,77 @@ class TuneConfig:
         return improves(self.metric)
 
 
+SERVE_LAYOUTS = ("together", "per_member")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The online endpoint (`skinray serve`): Ray Serve deployments, batching, limits and keys.
+
+    Args:
+        host, port: where Serve's HTTP proxy listens (127.0.0.1: this machine only).
+        layout: `together` (one model deployment holds every member) or `per_member` (one
+            deployment per member, composed by the ingress); README, "Online scoring".
+        min_replicas, max_replicas, target_ongoing_requests: autoscaling of each model deployment;
+            upscale_delay_s, downscale_delay_s: how long the load must last before it scales.
+        max_ongoing_requests, max_queued_requests: per model replica, and the callers' queue
+            beyond which requests get a 503 at once.
+        cpus_per_replica, gpus_per_replica: what each model replica reserves.
+        ingress_replicas, ingress_cpus, ingress_max_ongoing_requests: the HTTP ingress (decoding
+            happens there); its queue holds as many again (the model queues are the limit that bites).
+        max_batch_size, batch_wait_s: dynamic batching (`@serve.batch`); 1 turns it off.
+        max_request_mb: request bodies above this get 413 before they are read whole.
+        max_images: images one batch request may carry.
+        top_k: classes listed in each answer.
+        api_keys_file: a file of API keys, one per line; the env var SKINRAY_API_KEYS (comma
+            separated) adds more. With none, the endpoint is open.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    layout: str = "together"
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 128
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.5
+    ingress_max_ongoing_requests: int = 128
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.01
+    max_request_mb: float = 20.0
+    max_images: int = 32
+    top_k: int = 3
+    api_keys_file: str = ""
+
+    def __post_init__(self):
+        _require(bool(self.host), "host", "must not be empty")
+        _require(0 <= self.port < 65536, "port", "must be in [0, 65535]")
+        _require(self.layout in SERVE_LAYOUTS, "layout", f"must be one of {', '.join(SERVE_LAYOUTS)}")
+        _require(self.min_replicas >= 1, "min_replicas", "must be >= 1")
+        _require(self.max_replicas >= self.min_replicas, "max_replicas", "must be >= min_replicas")
+        _require(self.target_ongoing_requests > 0, "target_ongoing_requests", "must be positive")
+        _require(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0, "downscale_delay_s", "must be >= 0")
+        _require(self.max_ongoing_requests >= 1, "max_ongoing_requests", "must be >= 1")
+        _require(self.max_queued_requests >= 1, "max_queued_requests", "must be >= 1 (unlimited queues hide overload)")
+        _require(self.cpus_per_replica >= 0 and self.gpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
+        _require(self.cpus_per_replica > 0 or self.gpus_per_replica > 0, "cpus_per_replica",
+                 "a replica must reserve a CPU or a GPU")
+        _require(self.ingress_replicas >= 1, "ingress_replicas", "must be >= 1")
+        _require(self.ingress_cpus > 0, "ingress_cpus", "must be positive")
+        _require(self.ingress_max_ongoing_requests >= 1, "ingress_max_ongoing_requests", "must be >= 1")
+        _require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        _require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0")
+        _require(self.max_request_mb > 0, "max_request_mb", "must be positive")
+        _require(self.max_images >= 1, "max_images", "must be >= 1")
+        _require(self.top_k >= 1, "top_k", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs, one section per concern."""
@@ -378,6 +449,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
         model, train = resolve_recipe(self.model, self.train)

@@ -91,3 +91,15 @@ def members(ray_cluster, tmp_path_factory):
             "train.finetune_lr=0.004"])
         runs.append(train(cfg, str(root / "runs"), name).run_dir)
     return {"archive": archive, "runs": runs, "root": root}
+
+
+@pytest.fixture(scope="session")
+def bundle(members, ray_cluster, tmp_path_factory):
+    """The two members calibrated into one bundle: what scoring and serving tests load."""
+    from skinray.config import load_config
+    from skinray.ensemble import build_ensemble
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    build_ensemble(members["runs"], str(members["archive"]), str(out), load_config(overrides=[
+        "score.max_actors=1", "score.batch_size=8", "score.rows_per_file=8"]))
+    return out

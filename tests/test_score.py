@@ -22,15 +22,6 @@ SMALL = ["score.max_actors=1", "score.batch_size=8", "score.rows_per_file=8"]
 
 
 @pytest.fixture(scope="module")
-def bundle(members, ray_cluster, tmp_path_factory):
-    from skinray.ensemble import build_ensemble
-
-    out = tmp_path_factory.mktemp("score-bundle") / "bundle"
-    build_ensemble(members["runs"], str(members["archive"]), str(out), load_config(overrides=SMALL))
-    return out
-
-
-@pytest.fixture(scope="module")
 def mixed_folder(members, tmp_path_factory):
     """The archive's test photos in a nested tree, plus files that are not usable images."""
     root = tmp_path_factory.mktemp("mixed")

@@ -74,6 +74,7 @@ def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> Non
 
     trial_cfg = with_trial(cfg, trial)
     k = len(weights)
+    keras.backend.clear_session()  # the actor may have run other trials before (reuse_actors)
     keras.utils.set_random_seed(cfg.tune.seed)
     checkpoint, start = tune.get_checkpoint(), 0
     if checkpoint:
@@ -227,7 +228,10 @@ def _run(cfg: Config, trainable, run_dir: str):
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=t.max_epochs,
                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor),
                 # The limit goes to the generator too: given one, Tune does not apply it for us.
-                search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent)),
+                search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent),
+                # A cached trial's own work is a second or two; loading TensorFlow into a new actor
+                # is several. Kept actors load it once and run trial after trial.
+                reuse_actors=t.mode == "cached"),
             run_config=tune.RunConfig(name="trials", storage_path=run_dir, verbose=2 if verbose() else 1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return tuner.fit()

@@ -1,0 +1,210 @@
+"""Online-serving benchmark: the Serve endpoint under bounded load, batched and unbatched, against
+the same bundle called in-process; and the replica count of an autoscaled deployment in a burst.
+
+    python benchmarks/serve.py [--size 64] [--seconds 15] [--repeats 2] [--burst 40]
+
+One bundle (the three real backbones of benchmarks/score.py, random weights, at `--size` px), one
+set of 64 generated JPEG photos (480 to 1024 px a side), this machine, one run:
+
+(b) batched:    `skinray serve`'s application, dynamic batching on (serve.max_batch_size 16,
+                batch_wait_s 0.01), one model replica;
+(u) unbatched:  the same with serve.max_batch_size 1;
+(m) per member: batched, one deployment per member (serve.layout per_member), for the layout choice;
+(p) in-process: the baseline: decode, warp, and `Predictor.predict` on one image at a time in
+                this process (what a Flask wrapper around the models would do), and on batches of
+                16 (the machine's ceiling for this model).
+
+A closed-loop load generator keeps `concurrency` requests in flight (1, 8, 32) for `--seconds`
+each, posting raw JPEG bytes to /v1/predict over keep-alive connections. The measurements of (b),
+(u) and (m) are interleaved `--repeats` times; the best requests/s and its p50/p99 are printed,
+with the spread. Then a deployment with autoscaling (1 to --max-replicas replicas, 2 ongoing
+requests each) gets a burst at concurrency 32 for `--burst` seconds and then nothing, and the
+replica count is printed every 2 s. Prints tables and one JSON line with every figure,
+`batched_vs_unbatched_rps` (concurrency 32, target >= 2) and `p99_over_p50` (batched, concurrency
+8, target <= 3). Runtime on 2 cores with the defaults: about 12 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from score import build_bundle  # noqa: E402  (benchmarks/score.py: the same bundle)
+
+CONCURRENCY = (1, 8, 32)
+MODES = {"b": {"max_batch_size": 16}, "u": {"max_batch_size": 1}, "m": {"max_batch_size": 16, "layout": "per_member"}}
+
+
+def photos(n: int, seed: int = 0) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = rng.integers(480, 1025, size=2)
+        pixels = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).resize((w, h)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> dict:
+    """A closed loop: `concurrency` clients, each posting the next image as soon as it has an answer."""
+    import requests
+
+    latencies, errors, stop = [], [], time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def client(k: int):
+        session, i = requests.Session(), k
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            r = session.post(f"{url}/v1/predict", data=images[i % len(images)], headers={"Content-Type": "image/jpeg"})
+            with lock:
+                (latencies if r.status_code == 200 else errors).append(time.perf_counter() - started)
+            i += concurrency
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    ms = np.array(latencies) * 1000
+    return {"rps": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "requests": len(latencies), "errors": len(errors)}
+
+
+def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
+    from skinray.data.pipeline import decode_views
+    from skinray.predictor import Predictor
+
+    predictor = Predictor.from_path(str(bundle))
+    out = {}
+    for batch in (1, 16):
+        done, started, latencies = 0, time.perf_counter(), []
+        while time.perf_counter() - started < seconds:
+            t = time.perf_counter()
+            views = [decode_views(images[(done + j) % len(images)], predictor.sizes) for j in range(batch)]
+            predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes})
+            latencies.append(time.perf_counter() - t)
+            done += batch
+        out[batch] = {"rps": done / (time.perf_counter() - started), "p50_ms": float(np.median(latencies) * 1000)}
+    return out
+
+
+def deploy(bundle: Path, name: str, **settings) -> None:
+    from ray import serve
+
+    from skinray.serve.app import build_app
+
+    base = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256}
+    serve.run(build_app({"model": str(bundle), "serve": {**base, **settings}}), name=name, route_prefix=f"/{name}")
+
+
+def replica_timeline(url: str, images: list[bytes], burst: float, idle: float) -> tuple[list, dict]:
+    """[(seconds, running model replicas)] every 2 s during a burst at concurrency 32 and after it;
+    and the burst's load figures."""
+    from ray import serve
+
+    def replicas() -> int:
+        status = serve.status().applications["scale"].deployments["Model"]
+        return status.replica_states.get("RUNNING", 0)
+
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(load(url, images, 32, burst)))
+    worker.start()
+    timeline, started = [], time.monotonic()
+    while time.monotonic() - started < burst + idle:
+        time.sleep(2)
+        timeline.append((round(time.monotonic() - started), replicas()))
+    worker.join()
+    return timeline, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--burst", type=float, default=40)
+    parser.add_argument("--max-replicas", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from skinray.cluster import connect
+
+    connect()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    images = photos(64)
+    classes = [f"class {i:02d}" for i in range(23)]
+    with tempfile.TemporaryDirectory() as folder:
+        bundle = build_bundle(Path(folder), args.size, classes)
+        baseline = in_process(bundle, images, args.seconds)
+        for name, settings in MODES.items():
+            deploy(bundle, name, cpus_per_replica=1.0, ingress_cpus=0.5, **settings)
+        runs = {(m, c): [] for m in MODES for c in CONCURRENCY}
+        for _ in range(args.repeats):
+            for c in CONCURRENCY:
+                for m in MODES:
+                    load(f"{url}/{m}", images, c, 2)  # warm the connections and the batch sizes
+                    runs[m, c].append(load(f"{url}/{m}", images, c, args.seconds))
+        for name in MODES:
+            serve.delete(name)
+        deploy(bundle, "scale", cpus_per_replica=1.0, ingress_cpus=0.5, min_replicas=1, max_replicas=args.max_replicas,
+               target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=10, max_batch_size=16)
+        timeline, burst = replica_timeline(f"{url}/scale", images, args.burst, 30)
+    serve.shutdown()
+    ray.shutdown()
+    report(args, baseline, runs, timeline, burst)
+
+
+def report(args, baseline: dict, runs: dict, timeline: list, burst: dict) -> None:
+    best = {k: max(v, key=lambda r: r["rps"]) for k, v in runs.items()}
+    spread = {k: (min(r["rps"] for r in v), max(r["rps"] for r in v)) for k, v in runs.items()}
+    print(f"\nthree backbones at {args.size} px, 23 classes, {os.cpu_count()} cores, {args.seconds:g} s a measurement, "
+          f"best of {args.repeats} interleaved (spread of requests/s)")
+    print(f"in-process baseline (p): batch 1 {baseline[1]['rps']:.1f} img/s (p50 {baseline[1]['p50_ms']:.0f} ms), "
+          f"batch 16 {baseline[16]['rps']:.1f} img/s")
+    print(f"{'mode':<14} {'conc':>4} {'req/s':>7} {'spread':>13} {'p50 ms':>8} {'p99 ms':>8} {'vs (p) b1':>9} {'errors':>6}")
+    for (m, c), r in best.items():
+        lo, hi = spread[m, c]
+        print(f"{ {'b': 'batched', 'u': 'unbatched', 'm': 'per member'}[m]:<14} {c:>4} {r['rps']:>7.1f} "
+              f"{f'{lo:.1f}-{hi:.1f}':>13} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} "
+              f"{r['rps'] / baseline[1]['rps']:>9.2f} {r['errors']:>6}")
+    print(f"autoscaling: a burst at concurrency 32 for {args.burst:g} s ({burst['rps']:.1f} req/s, p99 "
+          f"{burst['p99_ms']:.0f} ms), then idle; running model replicas at each second:")
+    print("  " + " ".join(f"{t}s:{n}" for t, n in timeline))
+    ratio = best["b", 32]["rps"] / best["u", 32]["rps"]
+    tail = best["b", 8]["p99_ms"] / best["b", 8]["p50_ms"]
+    print(f"batched_vs_unbatched_rps (c32) = {ratio:.2f} (target >= 2); p99_over_p50 (batched, c8) = {tail:.2f} "
+          "(target <= 3)")
+    print(json.dumps({"benchmark": "serve", "size": args.size, "cores": os.cpu_count(), "seconds": args.seconds,
+                      "repeats": args.repeats, "in_process": baseline,
+                      "served": {f"{m}_c{c}": r for (m, c), r in best.items()},
+                      "spread_rps": {f"{m}_c{c}": v for (m, c), v in spread.items()},
+                      "replica_timeline": [[t, n] for t, n in timeline], "burst": burst,
+                      "batched_vs_unbatched_rps": round(ratio, 2), "p99_over_p50": round(tail, 2)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The ingress's FastAPI application: the /v1 routes, health, and the pieces every route shares.
+
+    POST /v1/predict         one image: raw bytes (image/*, application/octet-stream) or multipart
+    POST /v1/predict/batch   several images in one multipart request: one result or error each
+    GET  /v1/model           classes, version, members, validation metrics
+    GET  /healthz, /readyz   alive; ready once every model is loaded and answered its warm-up
+    /v2/...                  the Open Inference Protocol (oip.py)
+    GET  /docs               OpenAPI
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+
+from skinray.data.decode import DecodeError
+from skinray.serve.http import ApiError, BodyLimit, error_response, timed
+from skinray.serve.service import Service, since_ms
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/", "application/octet-stream")
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}}}}}}}
+BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+
+class Probability(BaseModel):
+    label: str
+    probability: float
+
+
+class Answer(BaseModel):
+    label: str
+    confidence: float
+    top_k: list[Probability]
+    abstained: bool
+    model_version: str
+    latency_ms: float
+
+
+class BatchItem(BaseModel):
+    filename: str
+    label: str | None = None
+    confidence: float | None = None
+    top_k: list[Probability] | None = None
+    abstained: bool | None = None
+    error: str | None = None
+
+
+class BatchAnswer(BaseModel):
+    results: list[BatchItem]
+    model_version: str
+    latency_ms: float
+
+
+def make_app(service: Service) -> FastAPI:
+    from skinray.serve.oip import oip_router
+
+    app = FastAPI(title="skinray", version="1", description="Skin-disease image classification: an ensemble "
+                  "of calibrated CNNs. Send an image, get the label, its confidence and the top classes.")
+    cfg = service.cfg
+
+    def check_key(request: Request) -> None:
+        service.keys.check(request)
+
+    authorized = Depends(check_key)
+
+    @app.post("/v1/predict", response_model=Answer, dependencies=[authorized], openapi_extra=IMAGE_BODY)
+    async def predict(request: Request):
+        """One image -> its label, confidence, top classes and whether the ensemble abstains."""
+        started = time.perf_counter()
+        files = await read_images(request, cfg.max_images)
+        if len(files) != 1:
+            raise ApiError(422, f"/v1/predict takes one image, got {len(files)}: use /v1/predict/batch")
+        (views,) = await service.decode([files[0][1]])
+        if isinstance(views, DecodeError):
+            raise ApiError(400, f"not a readable image: {views.reason}")
+        (answer,) = service.answers(await service.predict([views]))
+        return {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
+
+    @app.post("/v1/predict/batch", response_model=BatchAnswer, response_model_exclude_none=True,
+              dependencies=[authorized], openapi_extra=BATCH_BODY)
+    async def predict_batch(request: Request):
+        """Several images (multipart) -> one result per image, or the reason it has none."""
+        started = time.perf_counter()
+        if _content_type(request) != "multipart/form-data":
+            raise ApiError(415, "send the images as a multipart/form-data upload (one file part per image)")
+        files = await read_images(request, cfg.max_images)
+        decoded = await service.decode([data for _, data in files])
+        good = [v for v in decoded if not isinstance(v, DecodeError)]
+        answers = iter(service.answers(await service.predict(good)))
+        results = [{"filename": name, "error": f"not a readable image: {v.reason}"} if isinstance(v, DecodeError)
+                   else {"filename": name, **next(answers)} for (name, _), v in zip(files, decoded)]
+        return {"results": results, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
+
+    @app.get("/v1/model", dependencies=[authorized])
+    async def model():
+        """The classes, version, members and validation metrics of the served bundle."""
+        return service.model_info()
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if await service.ready():
+            return {"ready": True}
+        return error_response(503, "the models are not loaded yet", {"Retry-After": "5"})
+
+    app.include_router(oip_router(service, authorized))
+    _install_guards(app, service)
+    return app
+
+
+def _install_guards(app: FastAPI, service: Service) -> None:
+    app.add_middleware(BodyLimit, limit=int(service.cfg.max_request_mb * 2**20))
+    app.middleware("http")(timed(service.metrics))
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        return error_response(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+
+
+# === Reading images from a request ===
+
+
+async def read_images(request: Request, max_images: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of each image in the body: the raw body, or each file part of a multipart form."""
+    kind = _content_type(request)
+    if kind == "multipart/form-data":
+        files = await _multipart_files(request, max_images)
+    elif kind == "" or kind.startswith(IMAGE_TYPES):
+        files = [("", await request.body())]
+    elif kind == "application/json":
+        raise ApiError(415, "a JSON body where an image is expected: send the image's bytes (Content-Type "
+                            "image/jpeg, image/png or application/octet-stream) or a multipart upload")
+    else:
+        raise ApiError(415, f"unsupported content type '{kind}': send image bytes or a multipart upload")
+    if not files or all(not data for _, data in files):
+        raise ApiError(400, "empty body: no image was sent")
+    return files
+
+
+async def _multipart_files(request: Request, max_images: int) -> list[tuple[str, bytes]]:
+    try:
+        form = await request.form(max_files=max_images, max_fields=max_images)
+    except (MultiPartException, HTTPException) as exc:  # Starlette raises the parser's errors as a 400
+        message = getattr(exc, "detail", None) or str(exc)
+        if message.startswith("Too many"):
+            raise ApiError(413, f"{message} (serve.max_images)") from None
+        raise ApiError(400, f"malformed multipart upload: {message}") from None
+    files = [(part.filename or name, await part.read()) for name, part in form.multi_items()
+             if isinstance(part, UploadFile)]
+    if not files:
+        raise ApiError(422, "the multipart upload has no file part")
+    return files
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()

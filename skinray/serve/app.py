@@ -1,0 +1,152 @@
+"""The Serve application: an HTTP ingress that decodes, and model deployments that batch.
+
+    serve run skinray.serve.app:build_app model=BUNDLE        (or `skinray serve --model BUNDLE`)
+
+`build_app(args)` is a Serve application builder, so the same application deploys from a Serve
+config file (`skinray serve --print-config`) with `serve deploy`. Its args: `model` (a bundle, run,
+checkpoint or `.keras`, local path or URI every replica can read) and `serve` (a mapping of
+`ServeConfig` settings).
+
+Layout (`serve.layout`): `together` is one model deployment holding every member; `per_member` is one
+deployment per member, called concurrently by the ingress. Either way the ingress decodes each
+image once, warps it to each member's size with the code bulk scoring uses, and combines the members'
+logits with `Predictor.combine`, so online and bulk scoring give the same probabilities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import yaml
+from ray import serve
+
+from skinray import UserError
+from skinray.config import ServeConfig, load_config_text
+
+KEYS_ENV = "SKINRAY_API_KEYS"
+APP_NAME = "skinray"
+
+
+@serve.deployment
+class Model:
+    """Some members of the ensemble (all of them, or one): uint8 views keyed by size -> raw logits.
+
+    Requests are batched across callers (`@serve.batch`): the views of every waiting request are
+    concatenated per size and each member runs once over them.
+    """
+
+    def __init__(self, model: str, members: list[int], max_batch_size: int, batch_wait_s: float, gpus: float):
+        from skinray.console import load_tensorflow, quiet_process
+
+        quiet_process()
+        load_tensorflow(expect_gpu=gpus > 0)
+        from skinray.predictor import Predictor, load_model
+        from skinray.serve.http import batch_size_histogram
+
+        predictor = Predictor.from_path(model, load_models=False)
+        self.members = [predictor.members[i] for i in members]
+        for member in self.members:
+            member.model = load_model(member.file)
+        self.logits_batch.set_max_batch_size(max_batch_size)
+        self.logits_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.batch_sizes = batch_size_histogram()
+        # Warm-up: the first call of a Keras model traces it. Serve routes no request to a replica
+        # before this constructor returns, so readiness means "loaded and answered".
+        self._run([{m.image_size: np.zeros((1, m.image_size, m.image_size, 3), np.uint8) for m in self.members}])
+
+    async def __call__(self, views: dict[int, np.ndarray]) -> np.ndarray:
+        """(members here, n, classes) logits for n images."""
+        return await self.logits_batch(views)
+
+    def ready(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def logits_batch(self, requests: list[dict[int, np.ndarray]]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self._run, requests)
+
+    def _run(self, requests: list[dict[int, np.ndarray]]) -> list[np.ndarray]:
+        counts = [len(next(iter(r.values()))) for r in requests]
+        self.batch_sizes.observe(sum(counts))
+        logits = np.stack([m.logits(np.concatenate([r[m.image_size] for r in requests]))
+                           for m in self.members])
+        return np.split(logits, np.cumsum(counts)[:-1], axis=1)
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The HTTP front: request guards, decoding, and the models' answers turned into responses."""
+
+    def __init__(self, model: str, handles: list, groups: list[list[int]], key_digests: list[str], cfg: dict):
+        from skinray.console import quiet_process
+        from skinray.predictor import Predictor
+        from skinray.serve.service import Service
+
+        quiet_process()
+        serve_cfg = load_config_text(yaml.safe_dump({"serve": cfg})).serve
+        predictor = Predictor.from_path(model, load_models=False)
+        self.service = Service(predictor, list(zip(handles, groups)), serve_cfg, set(key_digests))
+
+    def __serve_build_asgi_app__(self):
+        from skinray.serve.api import make_app
+
+        return make_app(self.service)
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application for `args` = {"model": PATH, "serve": {ServeConfig settings}}."""
+    from skinray.predictor import Predictor, absolute
+
+    if not args.get("model"):
+        raise UserError("no model given: pass model=BUNDLE_OR_RUN (skinray serve --model ...)")
+    model = absolute(str(args["model"]))
+    settings = dict(args.get("serve") or {})
+    cfg = load_config_text(yaml.safe_dump({"serve": settings})).serve
+    predictor = Predictor.from_path(model, load_models=False)  # a bad path fails here, before deploying
+    groups = ([[i] for i in range(len(predictor.members))] if cfg.layout == "per_member"
+              else [list(range(len(predictor.members)))])
+    handles = [_model_deployment(cfg, len(groups) > 1 and predictor.members[g[0]].name).bind(
+        model, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica) for g in groups]
+    ingress = Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus},
+                              max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+                              max_queued_requests=cfg.ingress_max_ongoing_requests)
+    return ingress.bind(model, handles, groups, sorted(key_digests(cfg)), settings)
+
+
+def _model_deployment(cfg: ServeConfig, member_name: str | bool):
+    return Model.options(
+        name=f"Model-{member_name}" if member_name else "Model",
+        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                            "target_ongoing_requests": cfg.target_ongoing_requests,
+                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
+        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica})
+
+
+# === API keys ===
+
+
+def key_digests(cfg: ServeConfig) -> set[str]:
+    """SHA-256 digests of the API keys in `serve.api_keys_file` and $SKINRAY_API_KEYS.
+
+    Only digests travel to the ingress replicas (and into Serve's deployment state); the keys
+    themselves stay where they were read.
+    """
+    keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",")]
+    if cfg.api_keys_file:
+        path = Path(cfg.api_keys_file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read serve.api_keys_file '{path}': {exc.strerror}") from None
+        keys += [line.strip() for line in lines if not line.strip().startswith("#")]
+    return {digest(k) for k in keys if k}
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,88 @@
+"""`skinray serve`: the endpoint in the foreground, and the Serve config file that deploys the same.
+
+    skinray serve --model BUNDLE [--host 127.0.0.1] [--port 8000] [--config FILE] [--set serve.K=V ...]
+    skinray serve --model BUNDLE --print-config > serve.yaml     # then: serve deploy serve.yaml
+
+Joins the Ray cluster in RAY_ADDRESS (or `ray start`'s), else starts a local one. Ctrl-C or
+SIGTERM removes the application; a local cluster this command started is shut down with Serve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+
+import yaml
+
+from skinray.config import load_config
+from skinray.predictor import absolute
+from skinray.serve.app import APP_NAME, build_app
+
+
+def app_args(model: str, cfg) -> dict:
+    return {"model": absolute(model), "serve": dataclasses.asdict(cfg.serve)}
+
+
+def serve_config(args: dict) -> str:
+    """A Serve config file (for `serve deploy` or a RayService's serveConfigV2) of this application."""
+    s = args["serve"]
+    document = {"proxy_location": "EveryNode", "http_options": {"host": s["host"], "port": s["port"]},
+                "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "skinray.serve.app:build_app",
+                                  "args": args}]}
+    return ("# skinray's online endpoint as a Ray Serve application.\n"
+            "#   serve deploy THIS_FILE            (with the dashboard reachable: `ray dashboard cluster.yaml`)\n"
+            "# The model path must be readable from every node (shared storage or an object store URI).\n"
+            "# API keys: SKINRAY_API_KEYS (comma separated) or serve.api_keys_file, read where the\n"
+            "# application is built (the cluster), never written here.\n" + yaml.safe_dump(document, sort_keys=False))
+
+
+def serve_from_args(args) -> int:
+    overrides = list(args.set) + [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
+    cfg = load_config(args.config, overrides)
+    arguments = app_args(args.model, cfg)
+    if args.print_config:
+        print(serve_config(arguments), end="")
+        return 0
+    application = build_app(arguments)  # a bad model path or keys file fails here, before Ray starts
+    from ray import serve
+
+    from skinray.cluster import connect
+
+    started = connect()
+    # After Ray's start-up, which installs its own SIGTERM handler (one that aborts). SIGINT too: a
+    # background job starts with it ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
+    try:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(application, name=APP_NAME, route_prefix="/")
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+        print(f"skinray serve: {arguments['model']} at {url} (page {url}/, API {url}/docs); "
+              "Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("skinray serve: stopping", flush=True)
+    finally:
+        _stop(started)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop(started_cluster: bool) -> None:
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if started_cluster:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,162 @@
+"""What every route shares: the body limit, API keys, JSON errors and the request metrics.
+
+Errors are JSON `{"error": "what was wrong"}` with the status that says whose fault it was:
+400 (unreadable input), 401 (no or a wrong API key), 404, 413 (too large), 415 (a body type the
+route does not take), 422 (a malformed request), 503 (overloaded, with Retry-After).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from skinray.serve.app import digest
+
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An answer other than 200, raised anywhere below a route."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def overloaded(what: str) -> ApiError:
+    return ApiError(503, f"{what} is at capacity: retry shortly", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+# === The body limit ===
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets 413 before it is read whole.
+
+    A declared Content-Length over the limit is refused at once; a body without one (chunked) is
+    counted as it arrives and refused at the chunk that crosses the limit.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise ApiError(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"request body over the limit of {self.limit / 2**20:g} MB (serve.max_request_mb)"
+
+    async def _refuse(self, scope, receive, send):
+        await error_response(413, self._message(), {"Connection": "close"})(scope, receive, send)
+
+
+# === API keys ===
+
+
+class Keys:
+    """Checks `Authorization: Bearer KEY` or `X-API-Key: KEY` against the keys' SHA-256 digests.
+
+    Every digest is compared (in constant time) whatever matched, so timing says nothing about
+    which key was close. The key itself is never logged or stored.
+    """
+
+    def __init__(self, digests: set[str]):
+        self.digests = sorted(digests)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def check(self, request: Request) -> None:
+        if not self.digests:
+            return
+        presented = _presented_key(request)
+        if presented is None:
+            raise ApiError(401, "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                           {"WWW-Authenticate": "Bearer"})
+        candidate = digest(presented)
+        matched = False
+        for known in self.digests:
+            matched |= hmac.compare_digest(candidate, known)
+        if not matched:
+            raise ApiError(401, "the API key is not valid", {"WWW-Authenticate": "Bearer"})
+
+
+def _presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header[:7].lower() == "bearer " and header[7:].strip():
+        return header[7:].strip()
+    return request.headers.get("x-api-key") or None
+
+
+# === Metrics (Ray's metrics API: scraped from each node's metrics endpoint) ===
+
+
+LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+class RequestMetrics:
+    """Requests by route and status, their latency, and the predicted classes and abstentions."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter("skinray_requests", "HTTP requests by route and status",
+                                        tag_keys=("route", "status"))
+        self.latency = metrics.Histogram("skinray_request_latency_ms", "HTTP request latency (ms) by route",
+                                         boundaries=LATENCY_MS, tag_keys=("route",))
+        self.predictions = metrics.Counter("skinray_predictions", "images answered, by predicted class",
+                                           tag_keys=("label", "abstained"))
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(1, {"route": route, "status": str(status)})
+        self.latency.observe(seconds * 1000, {"route": route})
+
+    def predicted(self, label: str, abstained: bool) -> None:
+        self.predictions.inc(1, {"label": label, "abstained": str(bool(abstained)).lower()})
+
+
+def batch_size_histogram():
+    from ray.serve import metrics
+
+    return metrics.Histogram("skinray_batch_size", "images per model call (dynamic batching)",
+                             boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+
+
+def timed(metrics: RequestMetrics):
+    """HTTP middleware: every response counted by its route template and status."""
+
+    async def middleware(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
+
+    return middleware

@@ -1,0 +1,234 @@
+"""The Open Inference Protocol (KServe v2), so KServe and Triton clients work unchanged.
+
+    GET  /v2                          server metadata
+    GET  /v2/health/live, /v2/health/ready
+    GET  /v2/models/skinray           model metadata (inputs, outputs, version)
+    GET  /v2/models/skinray/ready
+    POST /v2/models/skinray/infer     inputs: `image` BYTES [N] (encoded image files) or
+                                      `pixels` UINT8 [N, H, W, 3]; outputs: `probabilities` FP32
+                                      [N, classes], `label` BYTES [N], `abstained` BOOL [N]
+
+Tensors travel as JSON (`data`; BYTES elements as base64 strings, since JSON cannot carry raw
+bytes) or with the binary tensor data extension: the JSON header's length in the
+`Inference-Header-Content-Length` header, each binary tensor after it in input order
+(`parameters.binary_data_size`), BYTES elements as a 4-byte little-endian length and the bytes.
+Outputs are binary when the output asks (`parameters.binary_data`) or the request does
+(`parameters.binary_data_output`), as `tritonclient.http` does by default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from skinray.data.decode import DecodeError
+from skinray.serve.http import ApiError, error_response
+from skinray.serve.service import Service
+
+MODEL = "skinray"
+HEADER = "Inference-Header-Content-Length"
+INPUTS = {"image": "BYTES", "pixels": "UINT8"}
+OUTPUTS = ("probabilities", "label", "abstained")
+NUMERIC = {"UINT8": np.uint8, "FP32": np.float32, "BOOL": np.bool_}
+
+
+def oip_router(service: Service, authorized) -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
+    version = service.predictor.version
+
+    @router.get("")
+    async def server_metadata():
+        return {"name": "skinray", "version": "1", "extensions": ["binary_tensor_data"]}
+
+    @router.get("/health/live")
+    async def live():
+        return {"live": True}
+
+    @router.get("/health/ready")
+    @router.get(f"/models/{MODEL}/ready")
+    async def ready():
+        if await service.ready():
+            return {"ready": True}
+        return error_response(503, "the models are not loaded yet", {"Retry-After": "5"})
+
+    @router.get(f"/models/{MODEL}", dependencies=[authorized])
+    async def metadata():
+        return {"name": MODEL, "versions": [version], "platform": "skinray-ensemble",
+                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(service.predictor.classes)]},
+                            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                            {"name": "abstained", "datatype": "BOOL", "shape": [-1]}],
+                "parameters": {"classes": service.predictor.classes}}
+
+    @router.post(f"/models/{MODEL}/infer", dependencies=[authorized])
+    async def infer(request: Request):
+        request_json, tensors = parse_request(await request.body(), request.headers.get(HEADER))
+        views = await _views(service, tensors)
+        prediction = await service.predict(views)
+        answers = service.answers(prediction)
+        outputs = {"probabilities": ("FP32", prediction.probabilities),
+                   "label": ("BYTES", [a["label"].encode() for a in answers]),
+                   "abstained": ("BOOL", prediction.abstained)}
+        body, header_length = encode_response(request_json, outputs, version)
+        if header_length is None:
+            return JSONResponse(json.loads(body))
+        return Response(body, media_type="application/octet-stream", headers={HEADER: str(header_length)})
+
+    return router
+
+
+async def _views(service: Service, tensors: dict) -> list[dict]:
+    n_limit = service.cfg.max_images
+    if "image" in tensors:
+        images = tensors["image"]
+        _check_count(len(images), n_limit)
+        decoded = await service.decode(images)
+        bad = [(i, v) for i, v in enumerate(decoded) if isinstance(v, DecodeError)]
+        if bad:
+            raise ApiError(400, "; ".join(f"image {i} is not a readable image: {v.reason}" for i, v in bad))
+        return decoded
+    pixels = tensors["pixels"]
+    _check_count(len(pixels), n_limit)
+    if pixels.shape[1] * pixels.shape[2] > service.predictor.config.data.max_pixels:
+        raise ApiError(413, f"pixels of {pixels.shape[1]}x{pixels.shape[2]} exceed data.max_pixels")
+    return await service.pixel_views(pixels)
+
+
+def _check_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise ApiError(413, f"{n} images in one request: at most {limit} (serve.max_images)")
+
+
+# === Requests ===
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[dict, dict]:
+    """The request's JSON and its one input tensor by name: a list of bytes (`image`) or a uint8 array."""
+    json_part, binary = body, b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ApiError(400, f"{HEADER} {header_length!r} does not fit a body of {len(body)} bytes")
+        json_part, binary = body[:int(header_length)], body[int(header_length):]
+    try:
+        request = json.loads(json_part)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the inference request is not JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise ApiError(422, "an inference request is a JSON object with an 'inputs' list")
+    tensors, offset = {}, 0
+    for entry in request["inputs"]:
+        name, tensor, offset = _input(entry, binary, offset)
+        tensors[name] = tensor
+    if len(tensors) != 1:
+        raise ApiError(422, f"send exactly one input, 'image' or 'pixels' (got {sorted(tensors) or 'none'})")
+    if offset != len(binary):
+        raise ApiError(400, f"{len(binary) - offset} bytes of binary data follow the tensors the request declares")
+    return request, tensors
+
+
+def _input(entry, binary: bytes, offset: int):
+    if not isinstance(entry, dict) or entry.get("name") not in INPUTS:
+        raise ApiError(422, f"unknown input {entry.get('name') if isinstance(entry, dict) else entry!r}: "
+                            "send 'image' (BYTES) or 'pixels' (UINT8)")
+    name, datatype, shape = entry["name"], entry.get("datatype"), entry.get("shape")
+    if datatype != INPUTS[name]:
+        raise ApiError(422, f"input '{name}' must have datatype {INPUTS[name]}, not {datatype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ApiError(422, f"input '{name}' needs a shape: a list of non-negative integers")
+    size = (entry.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise ApiError(400, f"input '{name}' declares {size!r} binary bytes; the body has {len(binary) - offset}")
+        raw, offset = binary[offset:offset + size], offset + size
+        return name, (_bytes_elements(raw, shape) if name == "image" else _pixels(np.frombuffer(raw, np.uint8), shape)), offset
+    if "data" not in entry:
+        raise ApiError(422, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+    if name == "image":
+        return name, _base64_elements(entry["data"], shape), offset
+    try:
+        values = np.asarray(entry["data"], dtype=np.int64).reshape(-1)
+    except (ValueError, TypeError):
+        raise ApiError(422, "input 'pixels' data must be integers") from None
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise ApiError(422, "input 'pixels' values must be in [0, 255]")
+    return name, _pixels(values.astype(np.uint8), shape), offset
+
+
+def _pixels(values: np.ndarray, shape: list[int]) -> np.ndarray:
+    if len(shape) != 4 or shape[3] != 3:
+        raise ApiError(422, f"input 'pixels' has shape {shape}: expected [N, height, width, 3]")
+    if values.size != int(np.prod(shape)):
+        raise ApiError(400, f"input 'pixels' has {values.size} values for shape {shape}")
+    return values.reshape(shape)
+
+
+def _count(shape: list[int]) -> int:
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise ApiError(422, f"input 'image' has shape {shape}: expected [N] (or [N, 1])")
+    return shape[0]
+
+
+def _bytes_elements(raw: bytes, shape: list[int]) -> list[bytes]:
+    """The binary BYTES format: each element a 4-byte little-endian length, then its bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ApiError(400, "input 'image': binary data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        if offset + 4 + length > len(raw):
+            raise ApiError(400, "input 'image': an element's length runs past its binary data")
+        items.append(raw[offset + 4:offset + 4 + length])
+        offset += 4 + length
+    if len(items) != _count(shape):
+        raise ApiError(400, f"input 'image' has {len(items)} elements for shape {shape}")
+    return items
+
+
+def _base64_elements(data, shape: list[int]) -> list[bytes]:
+    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise ApiError(422, "input 'image' data in JSON must be a list of base64 strings")
+    if len(data) != _count(shape):
+        raise ApiError(400, f"input 'image' has {len(data)} elements for shape {shape}")
+    try:
+        return [base64.b64decode(d, validate=True) for d in data]
+    except binascii.Error as exc:
+        raise ApiError(422, f"input 'image' data is not base64: {exc}") from None
+
+
+# === Responses ===
+
+
+def encode_response(request: dict, outputs: dict, version: str) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the length of its JSON header."""
+    wanted = request.get("outputs")
+    if wanted is None:
+        binary_all = bool((request.get("parameters") or {}).get("binary_data_output", False))
+        wanted = [{"name": name, "parameters": {"binary_data": binary_all}} for name in OUTPUTS]
+    if not isinstance(wanted, list) or not all(isinstance(w, dict) and w.get("name") in outputs for w in wanted):
+        raise ApiError(422, f"requested outputs must be among {', '.join(OUTPUTS)}")
+    entries, chunks = [], []
+    for w in wanted:
+        datatype, value = outputs[w["name"]]
+        entry = {"name": w["name"], "datatype": datatype, "shape": list(np.shape(value)) if datatype != "BYTES"
+                 else [len(value)]}
+        if (w.get("parameters") or {}).get("binary_data", False):
+            raw = (b"".join(struct.pack("<I", len(v)) + v for v in value) if datatype == "BYTES"
+                   else np.ascontiguousarray(value, NUMERIC[datatype]).tobytes())
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = ([v.decode() for v in value] if datatype == "BYTES"
+                             else np.asarray(value, NUMERIC[datatype]).reshape(-1).tolist())
+        entries.append(entry)
+    response = {"model_name": MODEL, "model_version": version, "outputs": entries}
+    if "id" in request:
+        response["id"] = request["id"]
+    header = json.dumps(response).encode()
+    return (header + b"".join(chunks), len(header)) if chunks else (header, None)

@@ -1,0 +1,108 @@
+"""What a request goes through in the ingress: images -> views -> the model deployments -> answers.
+
+Decoding runs here (in a thread, off the event loop), with `decode_views`: the decode and warp of
+bulk scoring and evaluation. The model deployments return raw logits; `Predictor.combine` calibrates
+and weights them, so an image gets the probabilities `skinray score` gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from PIL import Image
+
+from skinray.data.decode import DecodeError
+from skinray.data.pipeline import decode_views, views_of
+from skinray.predictor import Prediction, Predictor
+from skinray.serve.http import ApiError, Keys, RequestMetrics, overloaded
+
+READY_TIMEOUT_S = 2.0
+
+
+class Service:
+    def __init__(self, predictor: Predictor, models: list[tuple[object, list[int]]], cfg, key_digests: set[str]):
+        self.predictor, self.models, self.cfg = predictor, models, cfg
+        self.keys = Keys(key_digests)
+        self.metrics = RequestMetrics()
+        self.sizes = predictor.sizes
+
+    # === Inputs ===
+
+    async def decode(self, images: list[bytes]) -> list[dict[int, np.ndarray] | DecodeError]:
+        """Each image's views, or the DecodeError saying why it has none."""
+        return await asyncio.to_thread(lambda: [self._decode_one(data) for data in images])
+
+    def _decode_one(self, data: bytes):
+        try:
+            return decode_views(data, self.sizes, self.predictor.config.data.max_pixels)
+        except DecodeError as exc:
+            return exc
+
+    async def pixel_views(self, pixels: np.ndarray) -> list[dict[int, np.ndarray]]:
+        """uint8 (n, height, width, 3) images -> each one's views (the same warp as decoded files)."""
+        return await asyncio.to_thread(lambda: [views_of(Image.fromarray(p, "RGB"), self.sizes) for p in pixels])
+
+    # === The models ===
+
+    async def predict(self, views: list[dict[int, np.ndarray]]) -> Prediction:
+        """Views of n images -> the ensemble's calibrated prediction (n may be 0)."""
+        if not views:
+            return self.predictor.combine(np.zeros((len(self.predictor.members), 0, len(self.predictor.classes))))
+        stacked = {size: np.stack([v[size] for v in views]) for size in self.sizes}
+        calls = [handle.remote({m_size: stacked[m_size] for m_size in self._sizes_of(group)})
+                 for handle, group in self.models]
+        try:
+            parts = await asyncio.gather(*calls)
+        except Exception as exc:
+            raise _unavailable(exc) from None
+        return self.predictor.combine(np.concatenate(parts, axis=0))
+
+    def _sizes_of(self, group: list[int]) -> set[int]:
+        return {self.predictor.members[i].image_size for i in group}
+
+    async def ready(self) -> bool:
+        """Every model deployment has a replica that loaded its members and answered a warm-up."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h, _ in self.models)), READY_TIMEOUT_S)
+            return True
+        except Exception:
+            return False
+
+    # === Answers ===
+
+    def answers(self, prediction: Prediction) -> list[dict]:
+        """One {label, confidence, top_k, abstained} per image; counted in the metrics."""
+        classes = self.predictor.classes
+        order, probs = prediction.top_k(self.cfg.top_k)
+        out = []
+        for i in range(len(prediction.probabilities)):
+            label, abstained = classes[int(prediction.labels[i])], bool(prediction.abstained[i])
+            self.metrics.predicted(label, abstained)
+            out.append({"label": label, "confidence": float(prediction.confidence[i]),
+                        "top_k": [{"label": classes[int(j)], "probability": float(p)}
+                                  for j, p in zip(order[i], probs[i])],
+                        "abstained": abstained})
+        return out
+
+    def model_info(self) -> dict:
+        p = self.predictor
+        return {"version": p.version, "classes": p.classes, "threshold": p.threshold,
+                "members": [{"name": m.name, "backbone": m.backbone, "image_size": m.image_size,
+                             "temperature": m.temperature, "weight": m.weight} for m in p.members],
+                "validation": p.manifest.get("validation", {}), "created": p.manifest.get("created", ""),
+                "layout": self.cfg.layout, "max_batch_size": self.cfg.max_batch_size}
+
+
+def since_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _unavailable(exc: Exception) -> Exception:
+    """The handle's overload and unavailability errors as 503s; anything else as it is."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+        return overloaded("the model")
+    return exc

@@ -1,0 +1,395 @@
+"""The online endpoint on Ray Serve: both protocols, bad requests, keys, overload, parity, shutdown.
+
+Three applications on the shared cluster's Serve instance: `open` at / (no keys, the `together`
+layout), `keyed` at /keyed (API keys, one deployment per member), and `busy` at /busy (a queue of
+one and a batch that waits) for the overload test. Clients are real: `requests` and
+`tritonclient.http`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from corpus import bomb_png
+
+KEY = "skinray-test-key-8f2c41d7"
+SMALL = {"cpus_per_replica": 0.5, "ingress_cpus": 0.25, "min_replicas": 1, "max_replicas": 1,
+         "max_request_mb": 1, "max_images": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy(bundle: Path, name: str, prefix: str, **settings) -> None:
+    from ray import serve
+
+    from skinray.serve.app import build_app
+
+    serve.run(build_app({"model": str(bundle), "serve": {**SMALL, **settings}}), name=name, route_prefix=prefix)
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_cluster):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def endpoint(serve_url, bundle):
+    deploy(bundle, "open", "/")
+    return serve_url
+
+
+@pytest.fixture(scope="module")
+def keyed(serve_url, bundle, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# one key per line\nanother-key-0000\n{KEY}\n")
+    deploy(bundle, "keyed", "/keyed", api_keys_file=str(keys), layout="per_member")
+    return serve_url + "/keyed"
+
+
+@pytest.fixture(scope="module")
+def photos(members) -> list[Path]:
+    return sorted((members["archive"] / "test").rglob("*.jpg"))[:3]
+
+
+def jpeg(size=(64, 48), colour=(200, 80, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def triton(url: str, **kw):
+    import tritonclient.http as http
+
+    return http.InferenceServerClient(url.removeprefix("http://"), **kw)
+
+
+def oip_probabilities(url: str, files: list[bytes], headers=None) -> np.ndarray:
+    import tritonclient.http as http
+
+    image = http.InferInput("image", [len(files)], "BYTES")
+    image.set_data_from_numpy(np.array(files, dtype=np.object_))
+    return triton(url).infer("skinray", [image], headers=headers).as_numpy("probabilities")
+
+
+# === The /v1 contract ===
+
+
+def test_predict_answers_raw_bytes_and_multipart_alike(endpoint, bundle, photos):
+    data = photos[0].read_bytes()
+    raw = requests.post(f"{endpoint}/v1/predict", data=data, headers={"Content-Type": "image/jpeg"})
+    form = requests.post(f"{endpoint}/v1/predict", files={"file": ("photo.jpg", data, "image/jpeg")})
+    assert raw.status_code == form.status_code == 200
+    a, b = raw.json(), form.json()
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert a["model_version"] == manifest["version"]
+    assert a["label"] == b["label"] == a["top_k"][0]["label"] and a["label"] in manifest["classes"]
+    assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-6)
+    assert len(a["top_k"]) == 3 and [t["probability"] for t in a["top_k"]] == sorted(
+        (t["probability"] for t in a["top_k"]), reverse=True)
+    assert a["abstained"] == (a["confidence"] < manifest["threshold"])
+    assert a["latency_ms"] > 0
+
+
+def test_batch_answers_each_image_or_says_why_not(endpoint, photos):
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:2]]
+    files.append(("files", ("notes.txt", b"not a photo at all", "text/plain")))
+    response = requests.post(f"{endpoint}/v1/predict/batch", files=files)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [photos[0].name, photos[1].name, "notes.txt"]
+    assert all("label" in r and "error" not in r for r in results[:2])
+    assert "not an image" in results[2]["error"] and "label" not in results[2]
+
+
+def test_model_and_health_routes(endpoint, bundle):
+    info = requests.get(f"{endpoint}/v1/model").json()
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert info["version"] == manifest["version"] and info["classes"] == manifest["classes"]
+    assert [m["image_size"] for m in info["members"]] == [48, 64]
+    assert "ensemble" in info["validation"]
+    assert requests.get(f"{endpoint}/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{endpoint}/readyz").json() == {"ready": True}
+    assert "/v1/predict" in requests.get(f"{endpoint}/openapi.json").json()["paths"]
+
+
+# === Parity ===
+
+
+def test_same_probabilities_as_the_predictor_and_bulk_scoring(endpoint, bundle, photos, ray_cluster, tmp_path):
+    """HTTP (OIP, full vectors), an in-process Predictor and `skinray score` agree on the same files
+    (to float32 rounding: oneDNN's results depend on the batch composition)."""
+    from skinray.config import load_config
+    from skinray.data.pipeline import decode_views
+    from skinray.predictor import Predictor
+    from skinray.score import read_predictions, score
+
+    served = oip_probabilities(endpoint, [p.read_bytes() for p in photos])
+    predictor = Predictor.from_path(str(bundle))
+    views = [decode_views(p.read_bytes(), predictor.sizes) for p in photos]
+    direct = predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes}).probabilities
+    np.testing.assert_allclose(served, direct, atol=1e-5)
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in photos:
+        (folder / p.name).write_bytes(p.read_bytes())
+    score(load_config(overrides=["score.max_actors=1", "score.batch_size=8"]), str(bundle), str(folder), str(tmp_path / "out"))
+    rows = {Path(r["path"]).name: r["probabilities"] for r in read_predictions(str(tmp_path / "out")).to_pylist()}
+    np.testing.assert_allclose(served, np.array([rows[p.name] for p in photos]), atol=1e-5)
+
+
+def test_both_layouts_answer_the_same(endpoint, keyed, photos):
+    files = [p.read_bytes() for p in photos]
+    together = oip_probabilities(endpoint, files)
+    per_member = oip_probabilities(keyed, files, headers={"Authorization": f"Bearer {KEY}"})
+    np.testing.assert_allclose(together, per_member, atol=1e-5)
+    assert requests.get(f"{keyed}/v1/model", headers={"X-API-Key": KEY}).json()["layout"] == "per_member"
+
+
+# === The Open Inference Protocol through tritonclient ===
+
+
+def test_oip_through_tritonclient(endpoint, bundle, photos):
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    client = triton(endpoint)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("skinray")
+    classes = json.loads((bundle / "bundle.json").read_text())["classes"]
+    meta = client.get_model_metadata("skinray")
+    assert {o["name"]: o["shape"] for o in meta["outputs"]}["probabilities"] == [-1, len(classes)]
+
+    image = http.InferInput("image", [2], "BYTES")
+    image.set_data_from_numpy(np.array([p.read_bytes() for p in photos[:2]], dtype=np.object_))
+    binary = client.infer("skinray", [image], request_id="r1")  # binary outputs: tritonclient's default
+    probabilities = binary.as_numpy("probabilities")
+    assert probabilities.shape == (2, len(classes)) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert [label.decode() for label in binary.as_numpy("label")] == [classes[i] for i in probabilities.argmax(1)]
+    assert binary.as_numpy("abstained").dtype == np.bool_ and binary.get_response()["id"] == "r1"
+
+    as_json = client.infer("skinray", [image], outputs=[http.InferRequestedOutput("probabilities", binary_data=False)])
+    np.testing.assert_allclose(as_json.as_numpy("probabilities"), probabilities, atol=1e-6)
+    assert as_json.as_numpy("label") is None  # only what was asked for
+
+    pixels = http.InferInput("pixels", [1, 40, 70, 3], "UINT8")
+    pixels.set_data_from_numpy(np.full((1, 40, 70, 3), 128, np.uint8))
+    assert client.infer("skinray", [pixels]).as_numpy("probabilities").shape == (1, len(classes))
+
+    broken = http.InferInput("image", [1], "BYTES")
+    broken.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="not a readable image") as caught:
+        client.infer("skinray", [broken])
+    assert caught.value.status() == "400"
+
+
+# === Bad requests: a 4xx with a JSON reason, and the endpoint keeps answering ===
+
+
+def _post(url, path, **kw):
+    return requests.post(f"{url}{path}", timeout=60, **kw)
+
+
+BAD_REQUESTS = {
+    "empty body": (dict(data=b"", headers={"Content-Type": "image/jpeg"}), 400, "empty body"),
+    "not an image": (dict(data=b"patient notes" * 20, headers={"Content-Type": "image/jpeg"}), 400, "not an image"),
+    "truncated image": (dict(data=jpeg((400, 300))[:700], headers={"Content-Type": "image/jpeg"}), 400, "truncated"),
+    "json body": (dict(json={"image": "x"}), 415, "JSON body where an image is expected"),
+    "text/plain": (dict(data=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported content type"),
+    "decompression bomb": (dict(data=bomb_png(), headers={"Content-Type": "image/png"}), 400, "decompression bomb"),
+    "over the size limit": (dict(data=b"\xff" * (2 << 20), headers={"Content-Type": "image/jpeg"}), 413, "limit of 1 MB"),
+    "over the limit, chunked": (dict(data=iter([b"\xff" * (256 << 10)] * 8), headers={"Content-Type": "image/jpeg"}),
+                                413, "limit of 1 MB"),
+    "multipart without a file": (dict(data={"note": "x"}, files={"x": ("", b"")}), 400, "empty body"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_a_bad_predict_request_gets_a_clear_4xx(endpoint, case):
+    kwargs, status, reason = BAD_REQUESTS[case]
+    response = _post(endpoint, "/v1/predict", **kwargs)
+    assert response.status_code == status, response.text
+    assert reason in response.json()["error"]
+
+
+def test_too_many_images_and_a_batch_that_is_not_multipart(endpoint):
+    many = [("files", (f"{i}.jpg", jpeg(), "image/jpeg")) for i in range(5)]
+    response = _post(endpoint, "/v1/predict/batch", files=many)
+    assert response.status_code == 413 and "serve.max_images" in response.json()["error"]
+    response = _post(endpoint, "/v1/predict/batch", data=jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 415 and "multipart" in response.json()["error"]
+
+
+HEADER_99 = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": 99}}]}).encode()
+MALFORMED_OIP = {
+    "not JSON": (dict(data=b"{oops"), 400, "not JSON"),
+    "no inputs": (dict(json={"outputs": []}), 422, "'inputs' list"),
+    "unknown input": (dict(json={"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}),
+                      422, "unknown input"),
+    "wrong datatype": (dict(json={"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 2, 2, 3],
+                                              "data": [0] * 12}]}), 422, "must have datatype UINT8"),
+    "shape and data disagree": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
+                                                       "data": [0] * 11}]}), 400, "11 values for shape"),
+    "not base64": (dict(json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}),
+                   422, "not base64"),
+    "binary size past the body": (dict(data=HEADER_99 + b"\x00" * 10, headers={
+        "Inference-Header-Content-Length": str(len(HEADER_99))}), 400, "declares 99 binary bytes"),
+    "unknown output": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
+                                              "data": [0] * 12}], "outputs": [{"name": "secret"}]}), 422,
+                       "requested outputs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_OIP))
+def test_a_malformed_inference_request_gets_a_clear_4xx(endpoint, case):
+    kwargs, status, reason = MALFORMED_OIP[case]
+    response = _post(endpoint, "/v2/models/skinray/infer", **kwargs)
+    assert response.status_code == status, response.text
+    assert reason in response.json()["error"]
+
+
+def test_the_endpoint_still_answers_after_bad_requests(endpoint, photos):
+    for kwargs, _, _ in list(BAD_REQUESTS.values())[:6]:
+        _post(endpoint, "/v1/predict", **kwargs)
+    response = _post(endpoint, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200 and response.json()["label"]
+
+
+# === API keys ===
+
+
+def test_api_keys_guard_the_model_routes_but_not_health(keyed, photos):
+    data, jpg = photos[0].read_bytes(), {"Content-Type": "image/jpeg"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": KEY[:-1]}, {"Authorization": KEY}):
+        response = _post(keyed, "/v1/predict", data=data, headers={**jpg, **headers})
+        assert response.status_code == 401 and "API key" in response.json()["error"]
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.get(f"{keyed}/v1/model").status_code == 401
+    assert _post(keyed, "/v2/models/skinray/infer", json={"inputs": []}).status_code == 401
+    for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}, {"X-API-Key": "another-key-0000"}):
+        assert _post(keyed, "/v1/predict", data=data, headers={**jpg, **headers}).status_code == 200
+    for route in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+        assert requests.get(f"{keyed}{route}").status_code == 200
+
+
+def test_the_key_is_not_in_the_logs(keyed, ray_cluster, photos):
+    _post(keyed, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg", "X-API-Key": KEY})
+    logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
+    leaked = [p.name for p in logs.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+# === Overload ===
+
+
+def test_overload_gets_a_quick_503_with_retry_after(serve_url, bundle):
+    """One request at a time in the model, a queue of one, and a batch that waits 3 s for company:
+    the third concurrent request has nowhere to go and is refused at once."""
+    from ray import serve
+
+    deploy(bundle, "busy", "/busy", max_ongoing_requests=1, max_queued_requests=1, max_batch_size=8,
+           batch_wait_s=3.0)
+    try:
+        def one(_):
+            started = time.monotonic()
+            r = _post(f"{serve_url}/busy", "/v1/predict", data=jpeg(), headers={"Content-Type": "image/jpeg"})
+            return r.status_code, r.headers.get("Retry-After"), r.text, time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(one, range(6)))
+        refused = [r for r in results if r[0] == 503]
+        assert refused and any(r[0] == 200 for r in results), results
+        assert all(r[1] == "1" and "at capacity" in json.loads(r[2])["error"] for r in refused), refused
+        assert min(r[3] for r in refused) < 2.5  # refused, not queued behind the 3 s batches
+    finally:
+        serve.delete("busy")
+
+
+# === The command ===
+
+
+def test_print_config_is_a_valid_serve_config(bundle):
+    from ray.serve.schema import ServeDeploySchema
+
+    out = subprocess.run([sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--print-config",
+                          "--set", "serve.max_batch_size=4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    config = ServeDeploySchema.parse_obj(yaml.safe_load(out.stdout))
+    app = config.applications[0]
+    assert app.import_path == "skinray.serve.app:build_app" and app.args["model"] == str(bundle.resolve())
+    assert app.args["serve"]["max_batch_size"] == 4 and config.http_options.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nowhere/bundle"], "does not exist"),
+    (["--set", "serve.layout=sideways"], "serve.layout"),
+    (["--set", "serve.api_keys_file=/nowhere/keys"], "cannot read serve.api_keys_file"),
+])
+def test_bad_serve_arguments_are_one_line(bundle, args, message):
+    command = [sys.executable, "-m", "skinray", "serve", *(["--model", str(bundle)] if "--model" not in args else []),
+               *args]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_skinray_serve_stops_cleanly_on_sigterm(bundle, photos, tmp_path):
+    """Its own local Ray (RAY_ADDRESS=local), an answered request, then SIGTERM: exit 0 and no
+    process it started is left."""
+    import psutil
+
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--port", str(port),
+                                "--set", "serve.max_replicas=1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the proxy has no route yet
+                pass
+            time.sleep(2)
+        response = _post(url, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200
+        started = psutil.Process(process.pid).children(recursive=True)
+        assert len(started) > 3  # Ray's GCS, raylet, Serve's controller, proxy, replicas ...
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert alive == [], [p.info for p in psutil.process_iter(["pid", "cmdline"]) if p in alive]
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/healthz", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+        log.close()
