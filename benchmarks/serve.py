@@ -149,7 +149,7 @@ def main() -> None:
 
     from skinray.cluster import connect
 
-    connect()
+    connect(reserved_cpus=4)  # three applications of 1.5 CPUs each are deployed at once (only one is busy)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

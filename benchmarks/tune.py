@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 
+EXTRA = []
+
+
 def timed_search(args, archive: Path, out: Path, name: str, mode: str, trials: int) -> dict:
     from skinray.config import load_config
     from skinray.tune.search import tune_head
@@ -34,7 +37,7 @@ def timed_search(args, archive: Path, out: Path, name: str, mode: str, trials: i
     cfg = load_config(overrides=[
         f"data.archive={archive}", f"model.backbone={args.backbone}", "model.weights=none",
         f"model.image_size={args.size}", f"tune.mode={mode}", f"tune.trials={trials}",
-        f"tune.max_epochs={args.epochs}", "tune.grace_period=2", "train.workers=1", "score.max_actors=1",
+        f"tune.max_epochs={args.epochs}", "tune.grace_period=2", *EXTRA, "train.workers=1", "score.max_actors=1",
         *(["tune.max_concurrent=1"] if mode == "full" else [])])
     started = time.perf_counter()
     summary = tune_head(cfg, str(out), name)

@@ -310,7 +310,7 @@ class TuneConfig:
             Train run of the head phase).
         trials: configurations sampled from the space.
         max_concurrent: trials running at once (0: as many as the cluster's CPUs allow).
-        cpus_per_trial: CPUs each cached trial reserves (fractions run several per core).
+        cpus_per_trial: CPUs each cached trial reserves; a trial runs TensorFlow on one thread.
         seed: seeds the sampling of configurations.
         views: augmented views of each training image embedded in cached mode (one per epoch, in turn).
         metric: the validation metric ASHA and the ranking follow (as `train.monitor`).
@@ -323,7 +323,7 @@ class TuneConfig:
     mode: str = "cached"
     trials: int = 16
     max_concurrent: int = 0
-    cpus_per_trial: float = 0.5
+    cpus_per_trial: float = 1.0
     seed: int = 0
     views: int = 4
     metric: str = "val_macro_f1"

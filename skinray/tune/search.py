@@ -66,6 +66,15 @@ def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> Non
     quiet_process()
     load_tensorflow(expect_gpu=False)  # a head trains on the CPU
     import keras
+    import tensorflow as tf
+
+    # One thread per trial: many trials share the cores, and a head's matrices are too small to split.
+    if tf.config.threading.get_intra_op_parallelism_threads() != 1:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow already initialised its pools in this actor
+            pass
     from ray import tune
 
     from skinray.metrics import confusion, confusion_metrics
@@ -86,7 +95,8 @@ def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> Non
         rate = scaled_learning_rate(trial_cfg.train.head_lr, trial_cfg.train.batch_size, cfg.train.base_batch,
                                     cfg.train.lr_scaling)
         model.compile(optimizer=keras.optimizers.Adam(rate), loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=trial_cfg.train.label_smoothing))
+            from_logits=True, label_smoothing=trial_cfg.train.label_smoothing),
+            jit_compile=False)  # XLA's compile of a new model takes seconds; a head's epoch, a fraction of one
     for epoch in range(start, cfg.tune.max_epochs):
         view = data.train_view == epoch % cfg.tune.views
         model.fit(data.train_x[view], keras.utils.to_categorical(data.train_y[view], k),
