@@ -1,7 +1,7 @@
 """Online-serving benchmark: the Serve endpoint under bounded load, batched and unbatched, against
 the same bundle called in-process; and the replica count of an autoscaled deployment in a burst.
 
-    python benchmarks/serve.py [--size 64] [--seconds 15] [--repeats 2] [--burst 40]
+    python benchmarks/serve.py [--size 96] [--seconds 10] [--repeats 2] [--burst 40]
 
 One bundle (the three real backbones of benchmarks/score.py, random weights, at `--size` px), one
 set of 64 generated JPEG photos (480 to 1024 px a side), this machine, one run:
@@ -137,8 +137,8 @@ def replica_timeline(url: str, images: list[bytes], burst: float, idle: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--burst", type=float, default=40)
     parser.add_argument("--max-replicas", type=int, default=2)

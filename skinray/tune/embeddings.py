@@ -40,10 +40,13 @@ class Embeddings:
     failed: int
 
 
+FORMAT = 2  # 2: every actor draws the same random backbone (weights none); 1 did not
+
+
 def embeddings_key(cfg: Config, size: int, train_rows: pa.Table, val_rows: pa.Table) -> str:
     what = {"train": _files(train_rows), "val": _files(val_rows), "backbone": cfg.model.backbone, "size": size,
             "weights": cfg.model.weights, "views": cfg.tune.views, "augment": dataclasses.asdict(cfg.augment),
-            "seed": cfg.data.seed, "val_fraction": cfg.data.val_fraction}
+            "seed": cfg.data.seed, "val_fraction": cfg.data.val_fraction, "format": FORMAT}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -89,13 +92,14 @@ def _features(cfg: Config, size: int, rows: pa.Table, source: ImageSource, augme
         EmbedActor, batch_size=batch,
         compute=ray.data.ActorPoolStrategy(min_size=score.min_actors, max_size=score.max_actors),
         num_cpus=score.cpus_per_actor, num_gpus=score.gpus_per_actor or None,
-        fn_constructor_kwargs={"backbone": cfg.model.backbone, "size": size, "weights": cfg.model.weights})
+        fn_constructor_kwargs={"backbone": cfg.model.backbone, "size": size, "weights": cfg.model.weights,
+                               "seed": cfg.data.seed})
 
 
 class EmbedActor:
     """Holds the frozen backbone; decoded images -> rows of pooled features."""
 
-    def __init__(self, backbone: str, size: int, weights: str):
+    def __init__(self, backbone: str, size: int, weights: str, seed: int):
         import ray
 
         from skinray.console import load_tensorflow, quiet_process
@@ -108,6 +112,9 @@ class EmbedActor:
         from skinray.models.classifier import build_features
 
         spec = get_backbone(backbone)
+        # Every actor must hold the same network: with weights none its layers start random, and
+        # features from differently drawn networks would mean nothing together.
+        keras.utils.set_random_seed(seed)
         self.model = keras.Model(*build_features(spec, size, resolve_weights(spec, weights)))
         self.size = int(self.model.output.shape[-1])
 
