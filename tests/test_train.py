@@ -197,7 +197,7 @@ def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_cluster, a
     """max_failures=0: the kill ends the run; the same command then resumes from the latest checkpoint."""
     command = [sys.executable, "-m", "skinray", "train", "--backbone", "tiny", "--data", str(archive),
                "--out", str(tmp_path), "--name", "again", "--epochs", "3", "--workers", "2",
-               "--image-size", "64", "--weights", "none"]
+               "--image-size", "32", "--weights", "none"]
     for item in ["train.batch_size=8", "train.max_failures=0", "train.kill_rank=1",
                  "train.kill_at_step=20"]:  # 8 steps an epoch: in the third epoch
         command += ["--set", item]
