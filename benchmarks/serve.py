@@ -161,7 +161,7 @@ def main() -> None:
         bundle = build_bundle(Path(folder), args.size, classes)
         baseline = in_process(bundle, images, args.seconds)
         for name, settings in MODES.items():
-            deploy(bundle, name, cpus_per_replica=1.0, ingress_cpus=0.5, **settings)
+            deploy(bundle, name, cpus_per_replica=0.5, ingress_cpus=0.5, **settings)  # 5.5 logical CPUs in all
         runs = {(m, c): [] for m in MODES for c in CONCURRENCY}
         for _ in range(args.repeats):
             for c in CONCURRENCY:
