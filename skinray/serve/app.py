@@ -88,7 +88,7 @@ class Ingress:
         from skinray.serve.service import Service
 
         quiet_process()
-        serve_cfg = load_config_text(yaml.safe_dump({"serve": cfg})).serve
+        serve_cfg = serve_config(cfg)
         predictor = Predictor.from_path(model, load_models=False)
         self.service = Service(predictor, list(zip(handles, groups)), serve_cfg, set(key_digests))
 
@@ -106,21 +106,27 @@ def build_app(args: dict) -> serve.Application:
         raise UserError("no model given: pass model=BUNDLE_OR_RUN (skinray serve --model ...)")
     model = absolute(str(args["model"]))
     settings = dict(args.get("serve") or {})
-    cfg = load_config_text(yaml.safe_dump({"serve": settings})).serve
+    cfg = serve_config(settings)
     predictor = Predictor.from_path(model, load_models=False)  # a bad path fails here, before deploying
     groups = ([[i] for i in range(len(predictor.members))] if cfg.layout == "per_member"
               else [list(range(len(predictor.members)))])
-    handles = [_model_deployment(cfg, len(groups) > 1 and predictor.members[g[0]].name).bind(
-        model, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica) for g in groups]
+    names = ["Model"] if len(groups) == 1 else [f"Model-{predictor.members[g[0]].name}" for g in groups]
+    handles = [_model_deployment(cfg, name).bind(model, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica)
+               for name, g in zip(names, groups)]
     ingress = Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus},
                               max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                               max_queued_requests=cfg.ingress_max_ongoing_requests)
     return ingress.bind(model, handles, groups, sorted(key_digests(cfg)), settings)
 
 
-def _model_deployment(cfg: ServeConfig, member_name: str | bool):
+def serve_config(settings: dict) -> ServeConfig:
+    """The `serve` section from a mapping of its settings, validated like a config file's."""
+    return load_config_text(yaml.safe_dump({"serve": settings})).serve
+
+
+def _model_deployment(cfg: ServeConfig, name: str):
     return Model.options(
-        name=f"Model-{member_name}" if member_name else "Model",
+        name=name,
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                             "target_ongoing_requests": cfg.target_ongoing_requests,
                             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},

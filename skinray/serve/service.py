@@ -16,7 +16,7 @@ from PIL import Image
 from skinray.data.decode import DecodeError
 from skinray.data.pipeline import decode_views, views_of
 from skinray.predictor import Prediction, Predictor
-from skinray.serve.http import ApiError, Keys, RequestMetrics, overloaded
+from skinray.serve.http import Keys, RequestMetrics, overloaded
 
 READY_TIMEOUT_S = 2.0
 
