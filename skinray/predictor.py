@@ -39,9 +39,22 @@ class Member:
     weight: float = 1.0
     config: Config = field(default_factory=Config)
     file: Path | None = None  # the local model.keras it was loaded from
+    _forward: object = field(default=None, repr=False, compare=False)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model(images, training=False), dtype=np.float32)
+        """uint8 (n, size, size, 3) -> float32 (n, classes) logits.
+
+        Through one traced graph for every batch size: an eager call of a deep Keras model pays
+        Python per layer (seen here: ResNet50 at 96 px, 614 ms eager against 44 ms traced for one
+        image; EfficientNetV2S 1188 against 50).
+        """
+        if self._forward is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.uint8)
+            self._forward = tf.function(lambda x: self.model(x, training=False), input_signature=[spec],
+                                        jit_compile=False)
+        return np.asarray(self._forward(images), dtype=np.float32)
 
 
 @dataclass
