@@ -95,6 +95,7 @@ def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
     predictor = Predictor.from_path(str(bundle))
     out = {}
     for batch in (1, 16):
+        predictor.predict({s: np.zeros((batch, s, s, 3), np.uint8) for s in predictor.sizes})  # traced, as served
         done, started, latencies = 0, time.perf_counter(), []
         while time.perf_counter() - started < seconds:
             t = time.perf_counter()
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--burst", type=float, default=40)
     parser.add_argument("--max-replicas", type=int, default=2)
+    parser.add_argument("--cpus", type=float, default=1.0, help="serve.cpus_per_replica of the measured model replicas")
     args = parser.parse_args()
 
     import ray
@@ -149,7 +151,7 @@ def main() -> None:
 
     from skinray.cluster import connect
 
-    connect(reserved_cpus=4)  # three applications of 1.5 CPUs each are deployed at once (only one is busy)
+    connect(reserved_cpus=3 * (args.cpus + 0.5))  # three applications deployed at once, only one of them busy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -161,7 +163,7 @@ def main() -> None:
         bundle = build_bundle(Path(folder), args.size, classes)
         baseline = in_process(bundle, images, args.seconds)
         for name, settings in MODES.items():
-            deploy(bundle, name, cpus_per_replica=0.5, ingress_cpus=0.5, **settings)  # 5.5 logical CPUs in all
+            deploy(bundle, name, cpus_per_replica=args.cpus, ingress_cpus=0.5, **settings)
         runs = {(m, c): [] for m in MODES for c in CONCURRENCY}
         for _ in range(args.repeats):
             for c in CONCURRENCY:

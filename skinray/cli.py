@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--print-config", action="store_true",
                        help="print the Serve config file that deploys the same application, and exit")
 
+    explain = commands.add_parser("explain", help="Grad-CAM explanations of images as PNG files, without a server")
+    explain.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
+    explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for them")
+    explain.add_argument("--out", required=True, help="folder for the PNG files (one per image, named after it)")
+
     evaluate = commands.add_parser("evaluate", help="per-class report of a bundle or trained model")
     evaluate.add_argument("--model", required=True, help="bundle, run directory, checkpoint, or .keras file")
     evaluate.add_argument("--data", required=True, help="archive folder or URI")
@@ -148,6 +153,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from skinray.serve.command import serve_from_args
 
         return serve_from_args(args)
+    if args.command == "explain":
+        from skinray.explain import explain_from_args
+
+        return explain_from_args(args)
     if args.command == "demo":
         from skinray.demo import run_demo
 

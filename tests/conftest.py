@@ -103,3 +103,45 @@ def bundle(members, ray_cluster, tmp_path_factory):
     build_ensemble(members["runs"], str(members["archive"]), str(out), load_config(overrides=[
         "score.max_actors=1", "score.batch_size=8", "score.rows_per_file=8"]))
     return out
+
+
+# === The Serve endpoint (test_serve.py, test_page.py) ===
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    """Serve on the shared cluster, its proxy on a free loopback port."""
+    from ray import serve
+
+    from serving import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def endpoint(serve_url, bundle):
+    """The bundle served without keys at / (the `together` layout)."""
+    from serving import deploy
+
+    deploy(bundle, "open", "/")
+    return serve_url
+
+
+@pytest.fixture(scope="session")
+def keyed(serve_url, bundle, tmp_path_factory):
+    """The bundle served with API keys from a file at /keyed, one deployment per member."""
+    from serving import KEY, deploy
+
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# one key per line\nanother-key-0000\n{KEY}\n")
+    deploy(bundle, "keyed", "/keyed", api_keys_file=str(keys), layout="per_member")
+    return serve_url + "/keyed"
+
+
+@pytest.fixture(scope="session")
+def photos(members):
+    """Three of the members' test photos."""
+    return sorted((members["archive"] / "test").rglob("*.jpg"))[:3]

@@ -8,16 +8,17 @@ one and a batch that waits) for the overload test. Clients are real: `requests` 
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -26,60 +27,7 @@ import yaml
 from PIL import Image
 
 from corpus import bomb_png
-
-KEY = "skinray-test-key-8f2c41d7"
-SMALL = {"cpus_per_replica": 0.5, "ingress_cpus": 0.25, "min_replicas": 1, "max_replicas": 1,
-         "max_request_mb": 1, "max_images": 4}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deploy(bundle: Path, name: str, prefix: str, **settings) -> None:
-    from ray import serve
-
-    from skinray.serve.app import build_app
-
-    serve.run(build_app({"model": str(bundle), "serve": {**SMALL, **settings}}), name=name, route_prefix=prefix)
-
-
-@pytest.fixture(scope="module")
-def serve_url(ray_cluster):
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def endpoint(serve_url, bundle):
-    deploy(bundle, "open", "/")
-    return serve_url
-
-
-@pytest.fixture(scope="module")
-def keyed(serve_url, bundle, tmp_path_factory):
-    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text(f"# one key per line\nanother-key-0000\n{KEY}\n")
-    deploy(bundle, "keyed", "/keyed", api_keys_file=str(keys), layout="per_member")
-    return serve_url + "/keyed"
-
-
-@pytest.fixture(scope="module")
-def photos(members) -> list[Path]:
-    return sorted((members["archive"] / "test").rglob("*.jpg"))[:3]
-
-
-def jpeg(size=(64, 48), colour=(200, 80, 60)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, "JPEG")
-    return buffer.getvalue()
-
+from serving import KEY, deploy, free_port, jpeg
 
 def triton(url: str, **kw):
     import tritonclient.http as http
@@ -168,6 +116,41 @@ def test_both_layouts_answer_the_same(endpoint, keyed, photos):
     per_member = oip_probabilities(keyed, files, headers={"Authorization": f"Bearer {KEY}"})
     np.testing.assert_allclose(together, per_member, atol=1e-5)
     assert requests.get(f"{keyed}/v1/model", headers={"X-API-Key": KEY}).json()["layout"] == "per_member"
+
+
+# === Explanations and the page ===
+
+
+def test_explain_answers_with_the_prediction_and_an_overlay(endpoint, photos):
+    data, jpg = photos[0].read_bytes(), {"Content-Type": "image/jpeg"}
+    predicted = requests.post(f"{endpoint}/v1/predict", data=data, headers=jpg).json()
+    answer = requests.post(f"{endpoint}/v1/explain", files={"file": ("photo.jpg", data, "image/jpeg")}).json()
+    assert answer["label"] == answer["explained_label"] == predicted["label"]
+    assert answer["confidence"] == pytest.approx(predicted["confidence"], abs=1e-6)
+    picture = Image.open(io.BytesIO(base64.b64decode(answer["explanation_png"])))
+    assert picture.format == "PNG" and picture.width >= 320
+    raw = requests.post(f"{endpoint}/v1/explain", data=data, headers={**jpg, "Accept": "image/png"})
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert raw.headers["X-Skinray-Label"] == quote(predicted["label"]) and raw.content.startswith(b"\x89PNG")
+    bad = _post(endpoint, "/v1/explain", data=b"not an image", headers=jpg)
+    assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
+
+
+def test_explain_with_keys_and_one_deployment_per_member(keyed, photos):
+    data, jpg = photos[0].read_bytes(), {"Content-Type": "image/jpeg"}
+    assert _post(keyed, "/v1/explain", data=data, headers=jpg).status_code == 401
+    answer = _post(keyed, "/v1/explain", data=data, headers={**jpg, "X-API-Key": KEY}).json()
+    assert answer["explained_label"] == answer["label"] and answer["explanation_png"]
+
+
+def test_the_page_is_served_open_with_a_strict_policy(endpoint, keyed):
+    for url, base in ((endpoint, "/"), (keyed, "/keyed/")):
+        page = requests.get(f"{url}/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert f'<base href="{base}">' in page.text and 'src="page.js"' in page.text
+        assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    script = requests.get(f"{keyed}/page.js")
+    assert script.headers["content-type"].startswith("text/javascript") and "v1/explain" in script.text
 
 
 # === The Open Inference Protocol through tritonclient ===

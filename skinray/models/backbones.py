@@ -36,6 +36,8 @@ class BackboneSpec:
         preprocessing: 'caffe' (BGR, ImageNet mean subtracted), 'tf' (scaled to [-1, 1]) or
             'raw' (0..255; the backbone normalises itself).
         feature_size: channels of the feature map (the head's input width).
+        cam_layer: the backbone's layer whose output Grad-CAM explains (its last convolutional
+            feature map), by name.
         min_size: the smallest input side the architecture accepts.
         weights_file: the no-top ImageNet weights as Keras caches them (None: no ImageNet weights).
         weights_url: where Keras downloads them from.
@@ -47,6 +49,7 @@ class BackboneSpec:
     input_size: int
     preprocessing: str
     feature_size: int
+    cam_layer: str
     min_size: int = 32
     weights_file: str | None = None
     weights_url: str | None = None
@@ -78,7 +81,7 @@ def _tiny(size: int, weights: str | None) -> keras.Model:
         x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False)(x)
         # Momentum 0.9: the moving statistics settle within the few hundred steps of a smoke run.
         x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
+        x = keras.layers.ReLU(name=f"relu_{filters}")(x)
     model = keras.Model(inputs, x, name="tiny")
     if weights:
         model.load_weights(weights)
@@ -89,24 +92,24 @@ REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
         BackboneSpec(
-            "resnet50", _resnet50, 224, "caffe", 2048,
+            "resnet50", _resnet50, 224, "caffe", 2048, "conv5_block3_out",
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=KERAS_APPLICATIONS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_hash="4d473c1dd8becc155b73f8504c6f6626",
         ),
         BackboneSpec(
-            "inception_v3", _inception_v3, 299, "tf", 2048, min_size=75,
+            "inception_v3", _inception_v3, 299, "tf", 2048, "mixed10", min_size=75,
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=KERAS_APPLICATIONS + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_hash="bcbd6486424b2319ff4ef7d526e38f63",
         ),
         BackboneSpec(
-            "efficientnetv2s", _efficientnetv2s, 384, "raw", 1280,
+            "efficientnetv2s", _efficientnetv2s, 384, "raw", 1280, "top_activation",
             weights_file="efficientnetv2-s_notop.h5",
             weights_url=KERAS_APPLICATIONS + "efficientnet_v2/efficientnetv2-s_notop.h5",
             weights_hash="af0682fb74e8c54910f2d4393339c070",
         ),
-        BackboneSpec("tiny", _tiny, 64, "tf", 64),
+        BackboneSpec("tiny", _tiny, 64, "tf", 64, "relu_64"),
     ]
 }
 

@@ -2,6 +2,9 @@
 
     POST /v1/predict         one image: raw bytes (image/*, application/octet-stream) or multipart
     POST /v1/predict/batch   several images in one multipart request: one result or error each
+    POST /v1/explain         one image: the answer and its Grad-CAM overlay (PNG: base64 in JSON,
+                             or the PNG itself for `Accept: image/png`)
+    GET  /                   the upload page (page/: plain HTML, CSS and JavaScript)
     GET  /v1/model           classes, version, members, validation metrics
     GET  /healthz, /readyz   alive; ready once every model is loaded and answered its warm-up
     /v2/...                  the Open Inference Protocol (oip.py)
@@ -10,10 +13,15 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import logging
 import time
+from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
@@ -49,6 +57,11 @@ class Answer(BaseModel):
     abstained: bool
     model_version: str
     latency_ms: float
+
+
+class Explanation(Answer):
+    explained_label: str
+    explanation_png: str  # base64
 
 
 class BatchItem(BaseModel):
@@ -106,6 +119,29 @@ def make_app(service: Service) -> FastAPI:
                    else {"filename": name, **next(answers)} for (name, _), v in zip(files, decoded)]
         return {"results": results, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
 
+    @app.post("/v1/explain", response_model=Explanation, dependencies=[authorized], openapi_extra={
+        **IMAGE_BODY, "responses": {"200": {"content": {"image/png": {}}}}})
+    async def explain(request: Request):
+        """One image -> its answer and where the models found the evidence for it (Grad-CAM over the
+        photo, with a legend): base64 PNG in JSON, or the PNG itself when the client accepts only
+        image/png (the answer then comes in X-Skinray-* headers)."""
+        started = time.perf_counter()
+        files = await read_images(request, cfg.max_images)
+        if len(files) != 1:
+            raise ApiError(422, f"/v1/explain takes one image, got {len(files)}")
+        try:
+            image, views = await service.decode_photo(files[0][1])
+        except DecodeError as exc:
+            raise ApiError(400, f"not a readable image: {exc.reason}") from None
+        answer, picture = await service.explain(image, views)
+        answer = {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
+        if _wants_png(request):
+            return Response(picture, media_type="image/png", headers={
+                "X-Skinray-Label": quote(answer["label"]), "X-Skinray-Confidence": f"{answer['confidence']:.6f}",
+                "X-Skinray-Abstained": str(answer["abstained"]).lower(),
+                "X-Skinray-Model-Version": quote(answer["model_version"])})
+        return {**answer, "explained_label": answer["label"], "explanation_png": base64.b64encode(picture).decode()}
+
     @app.get("/v1/model", dependencies=[authorized])
     async def model():
         """The classes, version, members and validation metrics of the served bundle."""
@@ -121,9 +157,48 @@ def make_app(service: Service) -> FastAPI:
             return {"ready": True}
         return error_response(503, "the models are not loaded yet", {"Retry-After": "5"})
 
+    _page_routes(app)
     app.include_router(oip_router(service, authorized))
     _install_guards(app, service)
     return app
+
+
+PAGE = Path(__file__).parent / "page"
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "page.css": "text/css; charset=utf-8",
+              "page.js": "text/javascript; charset=utf-8"}
+# The page runs only its own script and style, sends requests only to this server, and frames nothing.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; "
+                "base-uri 'self'", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache"}
+
+
+def _page_routes(app: FastAPI) -> None:
+    """The upload page: open to everyone (it holds no data); its requests carry the user's key.
+
+    Its links are relative to a <base> set per request to where the application is mounted (Serve's
+    route prefix arrives as the ASGI root_path), so it works at / and under any prefix alike.
+    """
+    pages = {name: (PAGE / name).read_bytes() for name in PAGE_FILES}
+
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request):
+        base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+        return Response(pages["index.html"].replace(b"__BASE__", base.encode()), media_type=PAGE_FILES["index.html"],
+                        headers=PAGE_HEADERS)
+
+    def static(name: str):
+        async def serve_file():
+            return Response(pages[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+        return serve_file
+
+    for name in ("page.css", "page.js"):
+        app.get(f"/{name}", include_in_schema=False)(static(name))
+
+
+def _wants_png(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
 
 
 def _install_guards(app: FastAPI, service: Service) -> None:

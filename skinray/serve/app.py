@@ -44,6 +44,7 @@ class Model:
 
         quiet_process()
         load_tensorflow(expect_gpu=gpus > 0)
+        from skinray.explain import Explainer
         from skinray.predictor import Predictor, load_model
         from skinray.serve.http import batch_size_histogram
 
@@ -51,6 +52,7 @@ class Model:
         self.members = [predictor.members[i] for i in members]
         for member in self.members:
             member.model = load_model(member.file)
+        self.explainer = Explainer(self.members)
         self.logits_batch.set_max_batch_size(max_batch_size)
         self.logits_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.batch_sizes = batch_size_histogram()
@@ -64,6 +66,11 @@ class Model:
 
     def ready(self) -> bool:
         return True
+
+    async def explain(self, views: dict[int, np.ndarray], classes: np.ndarray) -> list[np.ndarray]:
+        """Grad-CAM maps of the members here, one (n, h, w) array each, for `classes` (one per image).
+        Not batched: a backward pass per request, off the event loop."""
+        return await asyncio.to_thread(self.explainer.cams, views, classes)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def logits_batch(self, requests: list[dict[int, np.ndarray]]) -> list[np.ndarray]:

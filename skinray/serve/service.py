@@ -13,7 +13,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from skinray.data.decode import DecodeError
+from skinray.data.decode import DecodeError, decode
 from skinray.data.pipeline import decode_views, views_of
 from skinray.predictor import Prediction, Predictor
 from skinray.serve.http import Keys, RequestMetrics, overloaded
@@ -40,6 +40,14 @@ class Service:
         except DecodeError as exc:
             return exc
 
+    async def decode_photo(self, data: bytes) -> tuple[Image.Image, dict[int, np.ndarray]]:
+        """One image -> (the decoded photo, its views); raises DecodeError."""
+        def run():
+            image = decode(data, min_size=max(self.sizes), max_pixels=self.predictor.config.data.max_pixels)
+            return image, views_of(image, self.sizes)
+
+        return await asyncio.to_thread(run)
+
     async def pixel_views(self, pixels: np.ndarray) -> list[dict[int, np.ndarray]]:
         """uint8 (n, height, width, 3) images -> each one's views (the same warp as decoded files)."""
         return await asyncio.to_thread(lambda: [views_of(Image.fromarray(p, "RGB"), self.sizes) for p in pixels])
@@ -58,6 +66,23 @@ class Service:
         except Exception as exc:
             raise _unavailable(exc) from None
         return self.predictor.combine(np.concatenate(parts, axis=0))
+
+    async def explain(self, image: Image.Image, views: dict[int, np.ndarray]) -> tuple[dict, bytes]:
+        """One photo and its views -> (its answer, the explanation drawn as a PNG)."""
+        from skinray.explain import png, render
+
+        prediction = await self.predict([views])
+        (answer,) = self.answers(prediction)
+        one = {size: view[None] for size, view in views.items()}
+        calls = [handle.explain.remote({s: one[s] for s in self._sizes_of(group)}, prediction.labels)
+                 for handle, group in self.models]
+        try:
+            parts = await asyncio.gather(*calls)
+        except Exception as exc:
+            raise _unavailable(exc) from None
+        cams = [cam[0] for part in parts for cam in part]  # the groups list the members in order
+        weights = [m.weight for m in self.predictor.members]
+        return answer, await asyncio.to_thread(lambda: png(render(image, cams, weights)))
 
     def _sizes_of(self, group: list[int]) -> set[int]:
         return {self.predictor.members[i].image_size for i in group}

@@ -1,0 +1,34 @@
+"""Helpers of the tests that talk to the Serve endpoint (test_serve.py, test_page.py): a small
+application's settings, deploying it on the shared cluster, the test API key, a plain JPEG."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+from PIL import Image
+
+KEY = "skinray-test-key-8f2c41d7"
+SMALL = {"cpus_per_replica": 0.5, "ingress_cpus": 0.25, "min_replicas": 1, "max_replicas": 1,
+         "max_request_mb": 1, "max_images": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy(bundle: Path, name: str, prefix: str, **settings) -> None:
+    from ray import serve
+
+    from skinray.serve.app import build_app
+
+    serve.run(build_app({"model": str(bundle), "serve": {**SMALL, **settings}}), name=name, route_prefix=prefix)
+
+
+def jpeg(size=(64, 48), colour=(200, 80, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
