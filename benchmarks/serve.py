@@ -1,13 +1,14 @@
 """Online-serving benchmark: the Serve endpoint under bounded load, batched and unbatched, against
 the same bundle called in-process; and the replica count of an autoscaled deployment in a burst.
 
-    python benchmarks/serve.py [--size 96] [--seconds 10] [--repeats 2] [--burst 40]
+    python benchmarks/serve.py [--size 96] [--seconds 10] [--repeats 2] [--burst 40] [--cpus 2]
 
 One bundle (the three real backbones of benchmarks/score.py, random weights, at `--size` px), one
 set of 64 generated JPEG photos (480 to 1024 px a side), this machine, one run:
 
 (b) batched:    `skinray serve`'s application, dynamic batching on (serve.max_batch_size 16,
-                batch_wait_s 0.01), one model replica;
+                batch_wait_s 0.05), one model replica reserving `--cpus` (Ray sets its
+                OMP_NUM_THREADS, so TensorFlow's threads, from that: 2 = the baseline's threads);
 (u) unbatched:  the same with serve.max_batch_size 1;
 (m) per member: batched, one deployment per member (serve.layout per_member), for the layout choice;
 (p) in-process: the baseline: decode, warp, and `Predictor.predict` on one image at a time in
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--burst", type=float, default=40)
     parser.add_argument("--max-replicas", type=int, default=2)
-    parser.add_argument("--cpus", type=float, default=1.0, help="serve.cpus_per_replica of the measured model replicas")
+    parser.add_argument("--cpus", type=float, default=2.0, help="serve.cpus_per_replica of the measured model replicas")
     args = parser.parse_args()
 
     import ray
@@ -151,7 +152,9 @@ def main() -> None:
 
     from skinray.cluster import connect
 
-    connect(reserved_cpus=3 * (args.cpus + 0.5))  # three applications deployed at once, only one of them busy
+    # Three applications deployed at once (only one of them busy): (b) and (u) hold one model replica,
+    # (m) one per member; each has an ingress of 0.5 CPU.
+    connect(reserved_cpus=5 * args.cpus + 1.5)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -185,8 +188,9 @@ def report(args, baseline: dict, runs: dict, timeline: list, burst: dict) -> Non
     spread = {k: (min(r["rps"] for r in v), max(r["rps"] for r in v)) for k, v in runs.items()}
     print(f"\nthree backbones at {args.size} px, 23 classes, {os.cpu_count()} cores, {args.seconds:g} s a measurement, "
           f"best of {args.repeats} interleaved (spread of requests/s)")
+    ceiling = baseline[16]["rps"] / baseline[1]["rps"]
     print(f"in-process baseline (p): batch 1 {baseline[1]['rps']:.1f} img/s (p50 {baseline[1]['p50_ms']:.0f} ms), "
-          f"batch 16 {baseline[16]['rps']:.1f} img/s")
+          f"batch 16 {baseline[16]['rps']:.1f} img/s: batching's ceiling on this machine {ceiling:.2f}x")
     print(f"{'mode':<14} {'conc':>4} {'req/s':>7} {'spread':>13} {'p50 ms':>8} {'p99 ms':>8} {'vs (p) b1':>9} {'errors':>6}")
     for (m, c), r in best.items():
         lo, hi = spread[m, c]
@@ -201,7 +205,8 @@ def report(args, baseline: dict, runs: dict, timeline: list, burst: dict) -> Non
     print(f"batched_vs_unbatched_rps (c32) = {ratio:.2f} (target >= 2); p99_over_p50 (batched, c8) = {tail:.2f} "
           "(target <= 3)")
     print(json.dumps({"benchmark": "serve", "size": args.size, "cores": os.cpu_count(), "seconds": args.seconds,
-                      "repeats": args.repeats, "in_process": baseline,
+                      "repeats": args.repeats, "cpus_per_replica": args.cpus,
+                      "in_process": baseline, "in_process_batch_gain": round(ceiling, 2),
                       "served": {f"{m}_c{c}": r for (m, c), r in best.items()},
                       "spread_rps": {f"{m}_c{c}": v for (m, c), v in spread.items()},
                       "replica_timeline": [[t, n] for t, n in timeline], "burst": burst,

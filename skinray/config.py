@@ -409,7 +409,7 @@ class ServeConfig:
     ingress_cpus: float = 0.5
     ingress_max_ongoing_requests: int = 128
     max_batch_size: int = 16
-    batch_wait_s: float = 0.01
+    batch_wait_s: float = 0.05
     max_request_mb: float = 20.0
     max_images: int = 32
     top_k: int = 3

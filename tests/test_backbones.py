@@ -120,6 +120,8 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precis
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(model.trainable_variables)
         assert model.get_layer("logits").compute_dtype == "float32"
+        # Grad-CAM's layer, as the registry names it, is a feature map inside this backbone.
+        assert len(model.get_layer("backbone").get_layer(get_backbone(name).cam_layer).output.shape) == 4
         step = make_train_step(strategy, model, optimizer, [1.0, 2.0, 1.0, 0.5], 0.1, global_batch=4, xla=xla)
         images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
         before = [w.numpy().copy() for w in model.trainable_weights]

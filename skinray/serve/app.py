@@ -72,7 +72,7 @@ class Model:
         Not batched: a backward pass per request, off the event loop."""
         return await asyncio.to_thread(self.explainer.cams, views, classes)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # both set from the config at start
     async def logits_batch(self, requests: list[dict[int, np.ndarray]]) -> list[np.ndarray]:
         return await asyncio.to_thread(self._run, requests)
 
