@@ -127,8 +127,7 @@ def batched_rate(predictor, paths: list[str], batch: int = 32) -> float:
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
         views = [decode_views(Path(p).read_bytes(), predictor.sizes) for p in paths[i:i + batch]]
-        logits = np.stack([np.asarray(m.model(np.stack([v[m.image_size] for v in views]), training=False))
-                           for m in predictor.members])
+        logits = np.stack([m.logits(np.stack([v[m.image_size] for v in views])) for m in predictor.members])
         predictor.combine(logits)
     return len(paths) / (time.perf_counter() - start)
 

@@ -108,9 +108,10 @@ def bundle(members, ray_cluster, tmp_path_factory):
 # === The Serve endpoint (test_serve.py, test_page.py) ===
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_url(ray_cluster):
-    """Serve on the shared cluster, its proxy on a free loopback port."""
+    """Serve on the shared cluster, its proxy on a free loopback port; shut down after the module,
+    so that its replicas do not hold the cluster's CPUs while training and scoring tests run."""
     from ray import serve
 
     from serving import free_port
@@ -121,7 +122,7 @@ def serve_url(ray_cluster):
     serve.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def endpoint(serve_url, bundle):
     """The bundle served without keys at / (the `together` layout)."""
     from serving import deploy
@@ -130,7 +131,7 @@ def endpoint(serve_url, bundle):
     return serve_url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def keyed(serve_url, bundle, tmp_path_factory):
     """The bundle served with API keys from a file at /keyed, one deployment per member."""
     from serving import KEY, deploy
