@@ -142,12 +142,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def caption_lines(label: str, confidence: float, abstained: bool, top_k: list[tuple[str, float]],
-                  version: str) -> list[str]:
-    """What a reader needs beside the picture: the answer (or the referral), the runners-up, the model."""
-    answer = (f"uncertain, refer (most likely {label}, {confidence:.0%})" if abstained
-              else f"{label} ({confidence:.0%} confidence)")
-    return [answer, "top: " + ", ".join(f"{name} {p:.0%}" for name, p in top_k), f"model {version}"]
+def caption_lines(answer: dict, version: str) -> list[str]:
+    """What a reader needs beside the picture (`Prediction.answers`' answer): the answer (or the
+    referral), the runners-up, the model."""
+    label, confidence = answer["label"], answer["confidence"]
+    first = (f"uncertain, refer (most likely {label}, {confidence:.0%})" if answer["abstained"]
+             else f"{label} ({confidence:.0%} confidence)")
+    top = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in answer["top_k"])
+    return [first, f"top: {top}", f"model {version}"]
 
 
 # === skinray explain ===
@@ -156,8 +158,8 @@ def caption_lines(label: str, confidence: float, abstained: bool, top_k: list[tu
 def explain_from_args(args: argparse.Namespace) -> int:
     """Writes one PNG per readable input image; prints an error line for each one that is not."""
     from skinray.console import load_tensorflow
-    from skinray.data.decode import DecodeError, decode
-    from skinray.data.pipeline import views_of
+    from skinray.data.decode import DecodeError
+    from skinray.data.pipeline import decode_photo
     from skinray.predictor import Predictor
 
     inputs = _inputs(args.inputs)
@@ -169,21 +171,16 @@ def explain_from_args(args: argparse.Namespace) -> int:
     failed = 0
     for path, name in inputs:
         try:
-            image = decode(path.read_bytes(), min_size=predictor.image_size,
-                           max_pixels=predictor.config.data.max_pixels)
+            image, views = decode_photo(path.read_bytes(), predictor.sizes, predictor.config.data.max_pixels)
         except (DecodeError, OSError) as exc:
             print(f"{path}: not explained: {getattr(exc, 'reason', None) or exc}", file=sys.stderr)
             failed += 1
             continue
-        views = {size: view[None] for size, view in views_of(image, predictor.sizes).items()}
+        views = {size: view[None] for size, view in views.items()}
         prediction = predictor.predict(views)
-        label = int(prediction.labels[0])
-        cams = [c[0] for c in explainer.cams(views, np.array([label]))]
-        order, probs = prediction.top_k(3)
-        caption = caption_lines(predictor.classes[label], float(prediction.confidence[0]),
-                                bool(prediction.abstained[0]),
-                                [(predictor.classes[int(j)], float(p)) for j, p in zip(order[0], probs[0])],
-                                predictor.version)
+        cams = [c[0] for c in explainer.cams(views, prediction.labels)]
+        (answer,) = prediction.answers(predictor.classes, 3)
+        caption = caption_lines(answer, predictor.version)
         target = out / f"{name}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(png(render(image, cams, weights, caption)))

@@ -84,6 +84,14 @@ class Prediction:
         order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
         return order, np.take_along_axis(self.probabilities, order, axis=1)
 
+    def answers(self, classes: list[str], k: int) -> list[dict]:
+        """One {label, confidence, top_k: [{label, probability}], abstained} per image: what the
+        endpoint answers and an explanation's caption says."""
+        order, probs = self.top_k(k)
+        return [{"label": classes[int(self.labels[i])], "confidence": float(self.confidence[i]),
+                 "top_k": [{"label": classes[int(j)], "probability": float(p)} for j, p in zip(order[i], probs[i])],
+                 "abstained": bool(self.abstained[i])} for i in range(len(self.probabilities))]
+
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, np.float64) / temperature

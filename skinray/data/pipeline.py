@@ -105,7 +105,13 @@ def decode_views(data: bytes, sizes: tuple[int, ...], max_pixels: int = DEFAULT_
     What bulk scoring, evaluation and serving feed a `Predictor`: the image is decoded once, for
     the largest size, and each member's view is the evaluation warp of that one decode.
     """
-    return views_of(decode(data, min_size=max(sizes), max_pixels=max_pixels), sizes)
+    return decode_photo(data, sizes, max_pixels)[1]
+
+
+def decode_photo(data: bytes, sizes: tuple[int, ...], max_pixels: int = DEFAULT_MAX_PIXELS):
+    """`decode_views`, keeping the decoded photo too (what an explanation is drawn on): (image, views)."""
+    image = decode(data, min_size=max(sizes), max_pixels=max_pixels)
+    return image, views_of(image, sizes)
 
 
 def views_of(image, sizes: tuple[int, ...]) -> dict[int, np.ndarray]:

@@ -13,8 +13,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from skinray.data.decode import DecodeError, decode
-from skinray.data.pipeline import decode_views, views_of
+from skinray.data.decode import DecodeError
+from skinray.data.pipeline import decode_photo, decode_views, views_of
 from skinray.predictor import Prediction, Predictor
 from skinray.serve.http import Keys, RequestMetrics, overloaded
 
@@ -42,11 +42,7 @@ class Service:
 
     async def decode_photo(self, data: bytes) -> tuple[Image.Image, dict[int, np.ndarray]]:
         """One image -> (the decoded photo, its views); raises DecodeError."""
-        def run():
-            image = decode(data, min_size=max(self.sizes), max_pixels=self.predictor.config.data.max_pixels)
-            return image, views_of(image, self.sizes)
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(decode_photo, data, self.sizes, self.predictor.config.data.max_pixels)
 
     async def pixel_views(self, pixels: np.ndarray) -> list[dict[int, np.ndarray]]:
         """uint8 (n, height, width, 3) images -> each one's views (the same warp as decoded files)."""
@@ -99,17 +95,10 @@ class Service:
 
     def answers(self, prediction: Prediction) -> list[dict]:
         """One {label, confidence, top_k, abstained} per image; counted in the metrics."""
-        classes = self.predictor.classes
-        order, probs = prediction.top_k(self.cfg.top_k)
-        out = []
-        for i in range(len(prediction.probabilities)):
-            label, abstained = classes[int(prediction.labels[i])], bool(prediction.abstained[i])
-            self.metrics.predicted(label, abstained)
-            out.append({"label": label, "confidence": float(prediction.confidence[i]),
-                        "top_k": [{"label": classes[int(j)], "probability": float(p)}
-                                  for j, p in zip(order[i], probs[i])],
-                        "abstained": abstained})
-        return out
+        answers = prediction.answers(self.predictor.classes, self.cfg.top_k)
+        for answer in answers:
+            self.metrics.predicted(answer["label"], answer["abstained"])
+        return answers
 
     def model_info(self) -> dict:
         p = self.predictor
