@@ -31,6 +31,18 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def _require_resources(resources: dict[str, float], key: str) -> None:
+    """Custom Ray resources (node-type markers of cluster.yaml): named, not CPU or GPU, >= 0."""
+    for name, amount in resources.items():
+        _require(name not in ("CPU", "GPU", "memory") and bool(name), f"{key}.{name}",
+                 "CPU and GPU have their own keys; name a custom resource of the cluster's nodes")
+        _require(amount >= 0, f"{key}.{name}", "must be >= 0")
+
+
+def _resources() -> Any:
+    return field(default_factory=dict)
+
+
 # === Sections ===
 
 
@@ -44,6 +56,8 @@ class DataConfig:
         seed: seeds the split, the per-epoch shuffle and every augmentation draw.
         max_pixels: images claiming more pixels than this are refused (decompression-bomb guard).
         cpus_per_task: CPUs Ray Data reserves for each decode-and-augment task.
+        resources: custom Ray resources each decode task reserves, e.g. {cpu_node: 0.001} keeps
+            decoding on cluster.yaml's CPU nodes (README, "Cluster").
     """
 
     archive: str = ""
@@ -51,11 +65,18 @@ class DataConfig:
     seed: int = 0
     max_pixels: int = 80_000_000
     cpus_per_task: float = 1.0
+    resources: dict[str, float] = _resources()
 
     def __post_init__(self):
+        _require_resources(self.resources, "resources")
         _require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         _require(self.max_pixels > 0, "max_pixels", "must be positive")
         _require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
+
+    @property
+    def task_options(self) -> dict[str, Any]:
+        """Ray options of each decode task."""
+        return {"num_cpus": self.cpus_per_task, **({"resources": self.resources} if self.resources else {})}
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,7 @@ class TrainConfig:
         workers: Ray Train workers (one per GPU on a GPU cluster).
         gpus_per_worker: GPUs each worker reserves; 0 trains on CPUs.
         cpus_per_worker: CPUs each worker reserves.
+        resources: custom Ray resources each worker reserves (which nodes train).
         batch_size: images per worker per step.
         epochs: total epochs (over both phases of the transfer recipe).
         head_epochs: epochs of the first phase (backbone frozen); the rest train the backbone.
@@ -181,6 +203,7 @@ class TrainConfig:
     workers: int = 2
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    resources: dict[str, float] = _resources()
     batch_size: int = 32
     epochs: int = 10
     head_epochs: int | None = None
@@ -212,6 +235,7 @@ class TrainConfig:
         _require(self.workers >= 1, "workers", "must be >= 1")
         _require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        _require_resources(self.resources, "resources")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.epochs >= 1, "epochs", "must be >= 1")
         def unset(value) -> bool:  # recipe settings not yet resolved pass; Config resolves them
@@ -244,6 +268,12 @@ class TrainConfig:
     def monitor_mode(self) -> str:
         return improves(self.monitor)
 
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What each Ray Train worker reserves."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {}),
+                **self.resources}
+
 
 @dataclass(frozen=True)
 class EnsembleConfig:
@@ -267,6 +297,7 @@ class ScoreConfig:
     Args:
         min_actors, max_actors: the autoscaling pool of model actors (each holds every member).
         cpus_per_actor, gpus_per_actor: what each model actor reserves.
+        resources: custom Ray resources each model actor reserves (which nodes score).
         batch_size: images per model call.
         top_k: classes listed per image in the output's `top_k` column.
         rows_per_file: input files per listing part: the unit of progress a killed job keeps.
@@ -276,6 +307,7 @@ class ScoreConfig:
     max_actors: int = 2
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    resources: dict[str, float] = _resources()
     batch_size: int = 32
     top_k: int = 3
     rows_per_file: int = 256
@@ -285,11 +317,18 @@ class ScoreConfig:
         _require(self.max_actors >= self.min_actors, "max_actors", "must be >= min_actors")
         _require(self.cpus_per_actor >= 0, "cpus_per_actor", "must be >= 0")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
+        _require_resources(self.resources, "resources")
         _require(self.cpus_per_actor > 0 or self.gpus_per_actor > 0, "cpus_per_actor",
                  "an actor must reserve a CPU or a GPU")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.top_k >= 1, "top_k", "must be >= 1")
         _require(self.rows_per_file >= 1, "rows_per_file", "must be >= 1")
+
+    @property
+    def actor_options(self) -> dict[str, Any]:
+        """Ray options of each model actor (scoring, and the tune stage's embedding actors)."""
+        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor or None,
+                **({"resources": self.resources} if self.resources else {})}
 
 
 TUNE_MODES = ("cached", "full")
@@ -383,6 +422,7 @@ class ServeConfig:
         max_ongoing_requests, max_queued_requests: per model replica, and the callers' queue
             beyond which requests get a 503 at once.
         cpus_per_replica, gpus_per_replica: what each model replica reserves.
+        resources: custom Ray resources each model replica reserves (which nodes serve).
         ingress_replicas, ingress_cpus, ingress_max_ongoing_requests: the HTTP ingress (decoding
             happens there); its queue holds as many again (the model queues are the limit that bites).
         max_batch_size, batch_wait_s: dynamic batching (`@serve.batch`); 1 turns it off.
@@ -405,6 +445,7 @@ class ServeConfig:
     max_queued_requests: int = 128
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
+    resources: dict[str, float] = _resources()
     ingress_replicas: int = 1
     ingress_cpus: float = 0.5
     ingress_max_ongoing_requests: int = 128
@@ -428,6 +469,7 @@ class ServeConfig:
         _require(self.cpus_per_replica >= 0 and self.gpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
         _require(self.cpus_per_replica > 0 or self.gpus_per_replica > 0, "cpus_per_replica",
                  "a replica must reserve a CPU or a GPU")
+        _require_resources(self.resources, "resources")
         _require(self.ingress_replicas >= 1, "ingress_replicas", "must be >= 1")
         _require(self.ingress_cpus > 0, "ingress_cpus", "must be positive")
         _require(self.ingress_max_ongoing_requests >= 1, "ingress_max_ongoing_requests", "must be >= 1")
@@ -436,6 +478,12 @@ class ServeConfig:
         _require(self.max_request_mb > 0, "max_request_mb", "must be positive")
         _require(self.max_images >= 1, "max_images", "must be >= 1")
         _require(self.top_k >= 1, "top_k", "must be >= 1")
+
+    @property
+    def replica_options(self) -> dict[str, Any]:
+        """Ray actor options of each model replica."""
+        return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica,
+                **({"resources": self.resources} if self.resources else {})}
 
 
 @dataclass(frozen=True)
@@ -577,6 +625,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is None:
             return None
         hint = options[0]
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}")

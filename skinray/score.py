@@ -102,12 +102,12 @@ def prediction_table(predictor, prediction, batch: dict, ok: np.ndarray, top_k: 
 
 
 def predict_rows(ds, model: list[str], sizes: tuple[int, ...], source: ImageSource, cfg: ScoreConfig,
-                 cpus_per_task: float = 1.0, with_logits: bool = False):
+                 task_options: dict | None = None, with_logits: bool = False):
     """A Dataset of rows with a `path` -> a Dataset of prediction rows (see `prediction_table`)."""
     import ray.data
 
     views = ds.map_batches(
-        load_views, batch_size=cfg.batch_size, num_cpus=cpus_per_task,
+        load_views, batch_size=cfg.batch_size, **(task_options or {"num_cpus": 1.0}),
         fn_kwargs={"source": source, "sizes": tuple(sizes)},
         # Reserving the memory a task's batch takes also keeps decoding a task pool of its own: with
         # the same resources as the model actors, Ray Data would fuse it into them and decode in at
@@ -116,7 +116,7 @@ def predict_rows(ds, model: list[str], sizes: tuple[int, ...], source: ImageSour
     return views.map_batches(
         ScoreActor, batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+        **cfg.actor_options,
         fn_constructor_kwargs={"model": list(model), "top_k": cfg.top_k, "with_logits": with_logits})
 
 
@@ -261,7 +261,7 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     try:
         rows = ray.data.read_parquet(_path_of(listing), filesystem=fs, override_num_blocks=parts)
         predict_rows(rows, [model], predictor.sizes, source, score_cfg,
-                     cpus_per_task=cfg.data.cpus_per_task).write_parquet(_path_of(join_uri(output, PREDICTIONS)),
+                     task_options=cfg.data.task_options).write_parquet(_path_of(join_uri(output, PREDICTIONS)),
                                                                          filesystem=fs)
     finally:
         context.checkpoint_config, context.use_datasource_v2 = previous

@@ -33,6 +33,9 @@ def test_int_is_accepted_for_float():
         ("train.workers=0", "train.workers", ">= 1"),
         ("train.mixed_precision=fp8", "train.mixed_precision", "one of"),
         ("train.head_epochs=50", "train.head_epochs", "epochs"),
+        ("train.resources.GPU=1", "train.resources.GPU", "own keys"),
+        ("serve.resources.gpu_node=-1", "serve.resources.gpu_node", ">= 0"),
+        ("score.resources=3", "score.resources", "expected a mapping"),
     ],
 )
 def test_errors_name_the_key(override, key, words):
@@ -40,6 +43,18 @@ def test_errors_name_the_key(override, key, words):
         load_config(overrides=[override])
     assert err.value.key == key
     assert key in str(err.value) and words in str(err.value)
+
+
+def test_custom_resources_reach_what_ray_schedules(tmp_path):
+    cfg = load_config(overrides=["train.resources.gpu_node=0.01", "score.resources.gpu_node=0.01",
+                                 "serve.resources={gpu_node: 0.01}", "data.resources.cpu_node=0.001",
+                                 "train.gpus_per_worker=1"])
+    assert cfg.train.worker_resources == {"CPU": 1.0, "GPU": 1.0, "gpu_node": 0.01}
+    assert cfg.score.actor_options["resources"] == {"gpu_node": 0.01}
+    assert cfg.serve.replica_options["resources"] == {"gpu_node": 0.01}
+    assert cfg.data.task_options == {"num_cpus": 1.0, "resources": {"cpu_node": 0.001}}
+    assert "resources" not in load_config().score.actor_options
+    assert load_config(save_config(cfg, tmp_path)) == cfg
 
 
 def test_malformed_override():

@@ -199,7 +199,7 @@ def stream(
     batch_size: int,
     augment: AugmentConfig | None = None,
     seed: int = 0,
-    cpus_per_task: float = 1.0,
+    task_options: dict | None = None,
 ):
     """A Ray Dataset of decoded (and, with `augment`, augmented) images, in blocks of whole batches.
 
@@ -212,7 +212,7 @@ def stream(
     ds = dataset(table, rows_per_block).map_batches(
         load_batch,
         batch_size=None,
-        num_cpus=cpus_per_task,
+        **(task_options or {"num_cpus": 1.0}),
         fn_kwargs=dict(source=source, size=size, augment=augment, seed=seed),
     )
     # Ray Data reserves half of the CPUs for "other operators" by default; this pipeline has one

@@ -138,7 +138,7 @@ def _model_deployment(cfg: ServeConfig, name: str):
                             "target_ongoing_requests": cfg.target_ongoing_requests,
                             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
         max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica})
+        ray_actor_options=cfg.replica_options)
 
 
 # === API keys ===

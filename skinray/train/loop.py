@@ -265,7 +265,7 @@ class WorkerLoop:
                               seed=self.cfg.data.seed, epochs=range(start, train.epochs))
         batches = iter(iter_stream(stream(rows, source=self.inputs.source, size=self.size, batch_size=self.batch,
                                           augment=self.cfg.augment, seed=self.cfg.data.seed,
-                                          cpus_per_task=self.cfg.data.cpus_per_task), self.batch))
+                                          task_options=self.cfg.data.task_options), self.batch))
         writer = TensorBoard(self.inputs.run_uri) if self.rank == 0 else None
         for epoch in range(start, train.epochs):
             if state.phase == "head" and epoch >= train.head_epochs:
@@ -378,7 +378,7 @@ class WorkerLoop:
         loss_sum = 0.0
         if rows.num_rows:
             ds = stream(rows, source=self.inputs.source, size=self.size, batch_size=self.batch,
-                        cpus_per_task=self.cfg.data.cpus_per_task)
+                        task_options=self.cfg.data.task_options)
             for batch in iter_stream(ds, self.batch):
                 ok = batch["ok"]
                 if not ok.any():

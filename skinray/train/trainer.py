@@ -71,8 +71,7 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
         scaling_config=ScalingConfig(
             num_workers=train_cfg.workers,
             use_gpu=train_cfg.gpus_per_worker > 0,
-            resources_per_worker={"CPU": train_cfg.cpus_per_worker,
-                                  **({"GPU": train_cfg.gpus_per_worker} if train_cfg.gpus_per_worker else {})},
+            resources_per_worker=train_cfg.worker_resources,
         ),
         run_config=RunConfig(
             name=run_name,

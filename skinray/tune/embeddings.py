@@ -85,13 +85,13 @@ def _features(cfg: Config, size: int, rows: pa.Table, source: ImageSource, augme
 
     batch, score = cfg.tune.embed_batch_size, cfg.score
     decoded = dataset(rows, rows_per_block=4 * batch).map_batches(
-        load_batch, batch_size=None, num_cpus=cfg.data.cpus_per_task,
+        load_batch, batch_size=None, **cfg.data.task_options,
         fn_kwargs=dict(source=source, size=size, augment=augment, seed=cfg.data.seed),
         memory=decode_task_memory(4 * batch, (size,)))  # keeps decoding out of the actors (see score.py)
     return decoded.map_batches(
         EmbedActor, batch_size=batch,
         compute=ray.data.ActorPoolStrategy(min_size=score.min_actors, max_size=score.max_actors),
-        num_cpus=score.cpus_per_actor, num_gpus=score.gpus_per_actor or None,
+        **score.actor_options,
         fn_constructor_kwargs={"backbone": cfg.model.backbone, "size": size, "weights": cfg.model.weights,
                                "seed": cfg.data.seed})
 
