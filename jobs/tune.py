@@ -1,6 +1,6 @@
 """Ray job: search one backbone's classification head with Ray Tune. A thin wrapper over `skinray tune`.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/tune.py --backbone resnet50 --data s3://BUCKET/dermnet --out s3://BUCKET/tuning \
             --trials 32 --name resnet50-head
 

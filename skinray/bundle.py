@@ -94,18 +94,29 @@ def load_bundle(folder: Path, source: str = "", load_models: bool = True):
                      manifest["version"], manifest)
 
 
-def ensure_new(out: str) -> None:
-    """Refuses to write a bundle over anything that exists: a version is never silently replaced."""
+def built_before(out: str, sources: list[str], archive: str) -> dict | None:
+    """The manifest of the bundle at `out` when the same members on the same archive made it (a
+    resubmitted job), None when nothing is there; anything else there is refused: a version is
+    never silently replaced."""
     import pyarrow.fs as pafs
 
-    from skinray.data.catalog import resolve
+    from skinray.data.catalog import join_uri, resolve
 
     fs, path, _ = resolve(out)
     info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File or (
-            info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path))):
-        raise BundleError(f"'{out}' already exists: give the new bundle another --out (bundles are never "
-                          "overwritten)")
+    if info.type == pafs.FileType.NotFound or (
+            info.type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(path))):
+        return None
+    manifest = None
+    if fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    if manifest and [m["source"] for m in manifest["members"]] == list(sources) \
+            and manifest["validation"]["archive"] == archive:
+        return manifest
+    what = "a bundle of other members or data" if manifest else f"not a complete bundle (no {MANIFEST})"
+    raise BundleError(f"'{join_uri(out, '')[:-1]}' already exists and is {what}: give the new bundle another "
+                      "--out (bundles are never overwritten)")
 
 
 def write_bundle(out: str, members: list[dict], model_files: list[Path], configs: list, manifest: dict) -> dict:
@@ -120,10 +131,8 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
     """
     import shutil
 
-    import pyarrow.fs as pafs
-
     from skinray.config import save_config
-    from skinray.data.catalog import resolve
+    from skinray.data.catalog import resolve, upload_folder
 
     with tempfile.TemporaryDirectory(prefix="skinray-bundle-") as tmp:
         folder = Path(tmp)
@@ -136,8 +145,10 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
             entries.append({**entry, "file": f"members/{entry['name']}/model.keras",
                             "config": f"members/{entry['name']}/config.yaml"})
         sealed = seal(folder, {**manifest, "members": entries})
-        ensure_new(out)
+        # The manifest last: a write cut short leaves no bundle.json, so nothing loads it as a bundle.
+        (folder / MANIFEST).rename(Path(tmp, "manifest"))
+        upload_folder(folder, out)
         fs, path, _ = resolve(out)
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
+            f.write(Path(tmp, "manifest").read_bytes())
     return sealed

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--detach", action="store_true",
+                       help="deploy onto the running cluster (RAY_ADDRESS) and return, leaving the endpoint up")
     serve.add_argument("--print-config", action="store_true",
                        help="print the Serve config file that deploys the same application, and exit")
 
@@ -98,9 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for report.json, report.md and the confusion matrix")
     evaluate.add_argument("--batch-size", type=int, default=32)
 
+    pipeline = commands.add_parser("pipeline", help="archive to evaluated bundle: check, tune and train each member, "
+                                                    "ensemble, evaluate (resumable)")
+    pipeline.add_argument("--data", required=True, help="archive folder or URI")
+    pipeline.add_argument("--out", required=True,
+                          help="storage folder or URI for every stage's output; the same one continues a stopped run")
+    pipeline.add_argument("--members", nargs="+", metavar="CONFIG",
+                          help="one config file per member (default: configs/resnet50.yaml, inception_v3.yaml, "
+                               "efficientnetv2s.yaml)")
+    pipeline.add_argument("--no-tune", action="store_true", help="train with the member configs' heads as they are")
+    pipeline.add_argument("--gpu", action="store_true", help="one GPU per Train worker and per model actor")
+    pipeline.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config value of every member, e.g. --set train.workers=8 (repeatable)")
+
     demo = commands.add_parser("demo", help="the end-to-end demo on a generated sample archive")
     demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
     demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--quick", action="store_true", help="tiny members instead of the three real backbones")
+    demo.add_argument("--exit", action="store_true", help="end after the last stage instead of serving until Ctrl-C")
     return parser
 
 
@@ -157,10 +174,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from skinray.explain import explain_from_args
 
         return explain_from_args(args)
+    if args.command == "pipeline":
+        from skinray.workflow import pipeline_from_args
+
+        return pipeline_from_args(args)
     if args.command == "demo":
         from skinray.demo import run_demo
 
-        return run_demo(args.out, workers=args.workers)
+        return run_demo(args.out, workers=args.workers, quick=args.quick, exit_when_done=args.exit)
     raise UserError(f"unknown command {args.command}")
 
 

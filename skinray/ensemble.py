@@ -142,14 +142,17 @@ def fit(member_logits: np.ndarray, labels: np.ndarray, coverage: float) -> dict:
 
 def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config) -> dict:
     """Fits the calibration of `member_paths` on `archive`'s validation split and writes the bundle."""
-    from skinray.bundle import ensure_new, write_bundle
+    from skinray.bundle import built_before, write_bundle
     from skinray.cluster import connect
     from skinray.data.pipeline import ImageSource
     from skinray.predictor import absolute
     from skinray.score import labelled_logits
 
-    ensure_new(out)  # before any work: bundles are never overwritten
     member_paths = [absolute(p) for p in member_paths]  # the actors open them from their own folders
+    previous = built_before(out, member_paths, archive)  # before any work: bundles are never overwritten
+    if previous is not None:
+        print(f"[skinray] {out} holds the bundle of these members already (version {previous['version'][:16]})")
+        return previous
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus=cfg.score.max_actors * cfg.score.cpus_per_actor)
     source = ImageSource.of(catalog, predictor.config.data.max_pixels)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skinray.data.catalog import join_uri
 from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
 
 
@@ -140,7 +141,6 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     import dataclasses
 
     from skinray.cluster import connect
-    from skinray.config import save_config
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.pipeline import ImageSource
     from skinray.predictor import Predictor, absolute
@@ -159,9 +159,25 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     report |= {"model": predictor.source, "model_version": predictor.version, "split": split, "archive": archive,
                "failed_files": [{"path": p, "reason": r} for p, r in
                                 zip(failed["path"].to_pylist(), failed["error"].to_pylist())]}
-    write_report(report, out)
-    save_config(predictor.config, out)  # the evaluated model's resolved config, next to its report
+    _store(report, predictor.config, out)
     return report
+
+
+def _store(report: dict, config, out: str) -> None:
+    """The report files and the evaluated model's resolved config, in a folder or an object store."""
+    import tempfile
+
+    from skinray.config import save_config
+    from skinray.data.catalog import upload_folder
+
+    if "://" not in out:
+        write_report(report, out)
+        save_config(config, out)
+        return
+    with tempfile.TemporaryDirectory() as folder:  # drawn locally, then stored
+        write_report(report, folder)
+        save_config(config, folder)
+        upload_folder(folder, out)
 
 
 def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dict:
@@ -195,5 +211,5 @@ def evaluate_from_args(args) -> int:
     print(f"ECE {calibration['ece_before']:.4f} before calibration, {calibration['ece_after']:.4f} after; "
           f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
           f"{abstention['answered_accuracy']:.4f} of them correctly")
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(f"report: {join_uri(args.out, 'report.md')}")
     return 0

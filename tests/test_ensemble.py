@@ -130,15 +130,22 @@ def _edit_manifest(folder) -> str:
     return json.dumps(manifest)
 
 
-def test_a_bundle_is_never_overwritten(bundle, members, ray_cluster):
+def test_a_bundle_is_never_overwritten(bundle, members, ray_cluster, tmp_path):
     from skinray import UserError
     from skinray.config import load_config
     from skinray.ensemble import build_ensemble
 
     before = (bundle / "bundle.json").read_text()
-    with pytest.raises(UserError, match="already exists"):
-        build_ensemble(members["runs"], str(members["archive"]), str(bundle), load_config())
+    with pytest.raises(UserError, match="already exists and is a bundle of other members"):
+        build_ensemble(members["runs"][:1], str(members["archive"]), str(bundle), load_config())
+    # A resubmitted job (the same members and data) finds its bundle and changes nothing.
+    again = build_ensemble(members["runs"], str(members["archive"]), str(bundle), load_config())
+    assert again["version"] == json.loads(before)["version"]
     assert (bundle / "bundle.json").read_text() == before
+    partial = tmp_path / "partial"
+    (partial / "members").mkdir(parents=True)
+    with pytest.raises(UserError, match="not a complete bundle"):
+        build_ensemble(members["runs"], str(members["archive"]), str(partial), load_config())
 
 
 def _member_copy(run: str, tmp_path, name: str, edit) -> str:

@@ -51,6 +51,13 @@ def join_uri(base: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}{sep}{query}"
 
 
+def upload_folder(folder: str | Path, uri: str) -> None:
+    """Copies a local folder's files into `uri` (a folder or any pyarrow.fs URI), creating it."""
+    fs, path, _ = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def read_bytes(fs: pafs.FileSystem, prefix: str, path: str) -> bytes:
     """Reads one catalogued file (its `path` column) through the archive's filesystem."""
     with fs.open_input_file(path[len(prefix):]) as f:

@@ -15,6 +15,7 @@ import time
 
 import yaml
 
+from skinray import UserError
 from skinray.config import load_config
 from skinray.predictor import absolute
 from skinray.serve.app import APP_NAME, build_app
@@ -50,6 +51,8 @@ def serve_from_args(args) -> int:
     from skinray.cluster import connect
 
     started = connect()
+    if args.detach:
+        return _deploy(application, cfg, arguments, started)
     # After Ray's start-up, which installs its own SIGTERM handler (one that aborts). SIGINT too: a
     # background job starts with it ignored.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,6 +69,22 @@ def serve_from_args(args) -> int:
         print("skinray serve: stopping", flush=True)
     finally:
         _stop(started)
+    return 0
+
+
+def _deploy(application, cfg, arguments: dict, started_cluster: bool) -> int:
+    """Deploys (or updates) the application on the cluster and returns; Serve keeps it running."""
+    import ray
+    from ray import serve
+
+    if started_cluster:
+        ray.shutdown()
+        raise UserError("--detach deploys onto a running cluster, and none was found: set RAY_ADDRESS "
+                        "(or run `ray start --head`), or leave --detach out to serve in the foreground")
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(application, name=APP_NAME, route_prefix="/")  # returns once every replica is up
+    print(f"skinray serve: {arguments['model']} deployed as Serve application '{APP_NAME}' "
+          f"on port {cfg.serve.port} of every node ({cfg.serve.host}); `serve status` shows it", flush=True)
     return 0
 
 

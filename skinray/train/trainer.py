@@ -23,7 +23,7 @@ from skinray import UserError
 from skinray.cluster import connect
 from skinray.config import Config, load_config, save_config
 from skinray.console import train_logging_config, verbose
-from skinray.data.catalog import class_weights, join_uri, list_archive, resolve, splits
+from skinray.data.catalog import class_weights, join_uri, list_archive, resolve, splits, upload_folder
 from skinray.data.pipeline import ImageSource, steps_per_epoch
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 
@@ -134,14 +134,10 @@ def _write_run_files(cfg: Config, inputs: LoopInputs, run_uri: str) -> None:
     """config.yaml and classes.json next to the checkpoints, before the first epoch."""
     import tempfile
 
-    import pyarrow.fs as pafs
-
-    fs, path, _ = resolve(run_uri)
-    fs.create_dir(path, recursive=True)
     with tempfile.TemporaryDirectory() as folder:
         save_config(cfg, folder)
         Path(folder, "classes.json").write_text(json.dumps(inputs.classes))
-        pafs.copy_files(folder, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        upload_folder(folder, run_uri)
 
 
 def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:

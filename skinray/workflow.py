@@ -1,0 +1,175 @@
+"""Archive -> bundle: every stage in order (`skinray pipeline`, jobs/pipeline.py, the demo).
+
+    skinray pipeline --data ARCHIVE --out STORAGE [--members CONFIG ...] [--no-tune] [--gpu] [--set K=V ...]
+
+Check the archive -> per member: search its head (Ray Tune), train it (Ray Train) -> calibrate the
+members into one bundle -> evaluate the bundle beside its members on the test split. Everything lands
+under STORAGE (a folder or an object-store URI): check.json, tune/MEMBER/, runs/MEMBER/, bundle/,
+evaluation/. Running the same command again continues: a finished stage is skipped (its output is
+read back), a search or training run that was cut off continues where it stopped (Tune's restore;
+the run's latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from skinray import UserError
+from skinray.config import Config, load_config
+from skinray.data.catalog import join_uri, resolve
+
+DEFAULT_MEMBERS = ("configs/resnet50.yaml", "configs/inception_v3.yaml", "configs/efficientnetv2s.yaml")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One backbone of the ensemble: a config file and/or overrides; `name` names its folders;
+    `tune`: search its head before training it."""
+
+    name: str
+    config: str | None = None
+    settings: tuple[str, ...] = ()
+    tune: bool = True
+
+    @classmethod
+    def of_file(cls, path: str) -> "Member":
+        if not Path(path).is_file():
+            raise UserError(f"member config '{path}' not found (see configs/)")
+        return cls(Path(path).stem, path)
+
+
+def run_pipeline(archive: str, out: str, members: list[Member], settings: list[str] = (), tune: bool = True,
+                 say=print) -> dict:
+    """Runs (or continues) every stage; returns the test-split report of the bundle."""
+    if len({m.name for m in members}) != len(members):
+        raise UserError("two members share a name: give each member config its own file name")
+    out = out if "://" in out else str(Path(out).expanduser().resolve())
+    shared = [*settings, f"data.archive={archive}"]
+    configs = [load_config(m.config, [*m.settings, *shared]) for m in members]  # bad settings fail here
+    check_stage(archive, out, say)
+    runs = []
+    for member, cfg in zip(members, configs):
+        if tune and member.tune:
+            cfg = tune_stage(member, cfg, [*member.settings, *shared], out, say)
+        runs.append(train_stage(member, cfg, out, say))
+    bundle = ensemble_stage(runs, archive, out, configs[0], say)
+    return evaluate_stage(bundle, archive, out, say)
+
+
+def check_stage(archive: str, out: str, say) -> dict:
+    from skinray.data.check import check_archive, format_report
+
+    done = _read_json(join_uri(out, "check.json"))
+    if done is not None:
+        say(f"[pipeline] data check: done before ({join_uri(out, 'check.json')})")
+        return done
+    say(f"[pipeline] data check of {archive}")
+    report = check_archive(archive)
+    say(format_report(report))
+    if not report["ok"]:
+        raise UserError("the archive has unreadable files or images in two splits (report above): "
+                        "fix the archive, then run the pipeline again")
+    _write_json(join_uri(out, "check.json"), report)
+    return report
+
+
+def tune_stage(member: Member, cfg: Config, settings: list[str], out: str, say) -> Config:
+    """The member's config with the best head the search found (searched once, continued if cut off)."""
+    from skinray.tune.search import tune_head
+
+    best = join_uri(join_uri(join_uri(out, "tune"), member.name), "best_config.yaml")
+    if _read_text(best) is None:
+        say(f"[pipeline] {member.name}: head search, {cfg.tune.trials} trials ({cfg.tune.mode} mode)")
+        result = tune_head(cfg, join_uri(out, "tune"), member.name)
+        say(f"[pipeline] {member.name}: best {cfg.tune.metric} {result['best'][cfg.tune.metric]:.4f}")
+    else:
+        say(f"[pipeline] {member.name}: head search done before ({best})")
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder, "best_config.yaml")
+        local.write_text(_read_text(best))
+        return load_config(local, settings)
+
+
+def train_stage(member: Member, cfg: Config, out: str, say) -> str:
+    """The member's run directory, trained (or resumed) unless its summary says it finished."""
+    from skinray.train.trainer import train
+
+    run_dir = join_uri(join_uri(out, "runs"), member.name)
+    summary = _read_json(join_uri(run_dir, "summary.json"))
+    if summary is None:
+        say(f"[pipeline] {member.name}: training ({cfg.model.backbone} at {cfg.model.image_size or 'native'} px, "
+            f"{cfg.train.workers} workers, {cfg.train.epochs} epochs)")
+        result = train(cfg, join_uri(out, "runs"), member.name)
+        summary = {"best_metrics": result.best_metrics}
+    else:
+        say(f"[pipeline] {member.name}: trained before ({run_dir})")
+    say(f"[pipeline] {member.name}: best {cfg.train.monitor} "
+        f"{summary['best_metrics'].get(cfg.train.monitor, float('nan')):.4f}")
+    return run_dir
+
+
+def ensemble_stage(runs: list[str], archive: str, out: str, cfg: Config, say) -> str:
+    from skinray.ensemble import build_ensemble
+
+    bundle = join_uri(out, "bundle")
+    say(f"[pipeline] ensemble of {len(runs)} members -> {bundle}")
+    manifest = build_ensemble(runs, archive, bundle, cfg)  # a bundle of the same members: read back
+    say(f"[pipeline] bundle version {manifest['version'][:16]}")
+    return bundle
+
+
+def evaluate_stage(bundle: str, archive: str, out: str, say) -> dict:
+    """The bundle's report on the test split (its members beside it), in OUT/evaluation."""
+    from skinray.evaluate import evaluate
+
+    where = join_uri(out, "evaluation")
+    report = _read_json(join_uri(where, "report.json"))
+    if report is None:
+        say("[pipeline] evaluation of the bundle and its members on the test split")
+        report = evaluate(bundle, archive, "test", where)
+    lines = [f"[pipeline] test split, {report['num_images']} images: ensemble accuracy {report['accuracy']:.3f}, "
+             f"macro-F1 {report['macro_f1']:.3f}"]
+    lines += [f"[pipeline]   member {name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+              for name, m in report["members"].items()]
+    say("\n".join(lines) + f"\n[pipeline] report: {join_uri(where, 'report.md')}")
+    return report
+
+
+# === Command line ===
+
+GPU_SETTINGS = ("train.gpus_per_worker=1", "score.gpus_per_actor=1")
+
+
+def pipeline_from_args(args) -> int:
+    members = [Member.of_file(path) for path in (args.members or DEFAULT_MEMBERS)]
+    settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set]
+    report = run_pipeline(args.data, args.out, members, settings, tune=not args.no_tune)
+    return 0 if report["num_images"] else 1
+
+
+# === Storage ===
+
+
+def _read_text(uri: str) -> str | None:
+    fs, path, _ = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def _read_json(uri: str) -> dict | None:
+    text = _read_text(uri)
+    return None if text is None else json.loads(text)
+
+
+def _write_json(uri: str, value: dict) -> None:
+    fs, path, _ = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(value, indent=2).encode())

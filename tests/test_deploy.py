@@ -1,0 +1,131 @@
+"""The cluster definitions: cluster.yaml (Ray's own validator, and its security settings), the
+container image, the KubeRay manifests (KubeRay's own CRD schemas), the Serve config and the jobs."""
+
+import gzip
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = Path(__file__).resolve().parent / "data" / "kuberay"
+JOBS = ("pipeline", "tune", "train", "ensemble", "evaluate", "score", "deploy", "data_check")
+# The command deploy/serve.yaml says it was written by.
+SERVE_SETTINGS = ["serve.host=0.0.0.0", "serve.gpus_per_replica=1", "serve.cpus_per_replica=1", "serve.max_replicas=4",
+                  "serve.max_batch_size=32", "serve.batch_wait_s=0.01", "serve.resources.gpu_node=0.001",
+                  "serve.api_keys_file=/etc/skinray/api-keys"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_validator(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(cluster)
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    assert types[prepared["head_node_type"]]["resources"] == {"CPU": 0}  # the head only schedules
+    assert types["gpu"]["resources"]["GPU"] >= 1 and types["gpu"]["resources"]["gpu_node"] > 0
+    assert types["cpu"]["resources"]["cpu_node"] > 0 and "GPU" not in types["cpu"]["resources"]
+    assert types["gpu"]["max_workers"] > types["gpu"]["min_workers"] == 0  # autoscaled
+    assert prepared["idle_timeout_minutes"] > 0
+    assert prepared["docker"]["image"]
+
+
+def test_cluster_yaml_keeps_the_jobs_api_private_and_requires_the_token(cluster):
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    ray_starts = [c for c in starts if "ray start" in c]
+    head = next(c for c in cluster["head_start_ray_commands"] if "--head" in c)
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text().split("available_node_types")[1]
+    assert all("RAY_AUTH_MODE=token" in c for c in ray_starts)
+    assert "--env RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
+    # The token comes from the user's machine, never from the repository.
+    sources = list(cluster["file_mounts"].values())
+    assert sources == ["~/.ray/auth_token"]
+    assert not any(Path(ROOT, s).exists() for s in sources if not s.startswith("~"))
+
+
+def test_the_image_is_rays_gpu_image_with_tensorflow_and_cuda():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^FROM rayproject/ray:2\.60\.\d+-py311-gpu$", dockerfile, re.M)
+    assert 'pip install --no-cache-dir ".[gpu]"' in dockerfile
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    tensorflow = next(d for d in project["dependencies"] if d.startswith("tensorflow"))
+    assert project["optional-dependencies"]["gpu"] == [tensorflow.replace("tensorflow", "tensorflow[and-cuda]")]
+    assert not re.search(r"(?i)(token|secret|password|api.?key)\s*=", dockerfile)
+
+
+def _schemas() -> dict:
+    schemas = {}
+    for path in CRDS.glob("ray.io_*.yaml.gz"):
+        crd = yaml.safe_load(gzip.decompress(path.read_bytes()))
+        for version in crd["spec"]["versions"]:
+            schemas[(f"ray.io/{version['name']}", crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+@pytest.mark.parametrize("manifest, kind", [("rayjob.yaml", "RayJob"), ("rayservice.yaml", "RayService")])
+def test_kuberay_manifests_match_kuberays_schemas(manifest, kind):
+    doc = yaml.safe_load((ROOT / "deploy" / manifest).read_text())
+    assert doc["kind"] == kind
+    schema = _schemas()[(doc["apiVersion"], kind)]
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(doc))
+    assert not errors, [f"{'/'.join(map(str, e.path))}: {e.message[:200]}" for e in errors]
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"].startswith("2.60")
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"  # dashboard and Jobs API stay inside
+    gpu = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["maxReplicas"] > gpu["minReplicas"]  # autoscaled
+
+
+def test_a_broken_manifest_is_caught_by_the_schema():
+    doc = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    doc["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "password"
+    doc["spec"]["backoffLimit"] = "two"
+    schema = _schemas()[("ray.io/v1", "RayJob")]
+    paths = {"/".join(map(str, e.path)) for e in jsonschema.Draft7Validator(schema).iter_errors(doc)}
+    assert paths == {"spec/rayClusterSpec/authOptions/mode", "spec/backoffLimit"}
+
+
+def test_the_rayjob_runs_the_pipeline_job():
+    entry = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    script = re.search(r"/home/ray/skinray/(jobs/\S+\.py)", entry).group(1)
+    assert (ROOT / script).is_file() and script == "jobs/pipeline.py"
+    assert "COPY --chown=ray:users jobs ./jobs" in (ROOT / "deploy" / "Dockerfile").read_text()
+
+
+def test_the_serve_configs_are_what_skinray_serve_prints():
+    from skinray.config import load_config
+    from skinray.serve.app import serve_config as section
+    from skinray.serve.command import app_args, serve_config
+
+    printed = yaml.safe_load(serve_config(app_args("s3://BUCKET/skinray/v1/bundle", load_config(overrides=SERVE_SETTINGS))))
+    checked_in = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    assert checked_in == printed
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == printed
+    settings = printed["applications"][0]["args"]["serve"]
+    assert section(settings).resources == {"gpu_node": 0.001}  # what build_app validates on the cluster
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_each_job_says_how_to_submit_it_and_takes_its_commands_options(job):
+    path = ROOT / "jobs" / f"{job}.py"
+    text = path.read_text()
+    doc = text.split('"""')[1]
+    assert "ray job submit" in doc and "--working-dir ." in doc
+    assert "Expected" in doc or "expected" in doc.lower()
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and "usage: skinray" in proc.stdout
