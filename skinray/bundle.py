@@ -146,9 +146,10 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
                             "config": f"members/{entry['name']}/config.yaml"})
         sealed = seal(folder, {**manifest, "members": entries})
         # The manifest last: a write cut short leaves no bundle.json, so nothing loads it as a bundle.
-        (folder / MANIFEST).rename(Path(tmp, "manifest"))
+        manifest_bytes = (folder / MANIFEST).read_bytes()
+        (folder / MANIFEST).unlink()
         upload_folder(folder, out)
         fs, path, _ = resolve(out)
         with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
-            f.write(Path(tmp, "manifest").read_bytes())
+            f.write(manifest_bytes)
     return sealed

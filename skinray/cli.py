@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--quick", action="store_true", help="tiny members instead of the three real backbones")
+    demo.add_argument("--port", type=int, default=8000, help="the endpoint's port (default 8000)")
     demo.add_argument("--exit", action="store_true", help="end after the last stage instead of serving until Ctrl-C")
     return parser
 
@@ -181,7 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from skinray.demo import run_demo
 
-        return run_demo(args.out, workers=args.workers, quick=args.quick, exit_when_done=args.exit)
+        return run_demo(args.out, workers=args.workers, quick=args.quick, port=args.port, exit_when_done=args.exit)
     raise UserError(f"unknown command {args.command}")
 
 

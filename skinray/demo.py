@@ -42,7 +42,7 @@ QUICK = [Member(f"tiny{size}", settings=("model.backbone=tiny", f"model.image_si
 QUICK_PER_CLASS = 24
 
 
-def run_demo(out: str, workers: int = 2, quick: bool = False, exit_when_done: bool = False) -> int:
+def run_demo(out: str, workers: int = 2, quick: bool = False, port: int = 8000, exit_when_done: bool = False) -> int:
     from skinray.cluster import connect
     from skinray.data.sample import write_sample
     from skinray.workflow import run_pipeline
@@ -66,7 +66,7 @@ def run_demo(out: str, workers: int = 2, quick: bool = False, exit_when_done: bo
     scores = _score(out_dir, archive)
 
     _stage("4/4 the online endpoint on Ray Serve")
-    url = _serve(out_dir, archive)
+    url = _serve(out_dir, archive, port)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s "
           f"(test accuracy {report['accuracy']:.3f}, chance {1 / CLASSES:.2f})")
     _where(out_dir, scores, url)
@@ -91,7 +91,7 @@ def _score(out_dir: Path, archive: Path) -> str:
     return str(output)
 
 
-def _serve(out_dir: Path, archive: Path) -> str:
+def _serve(out_dir: Path, archive: Path, port: int) -> str:
     """Starts the endpoint on this cluster and scores one test photo through HTTP; returns its URL."""
     from ray import serve
 
@@ -99,7 +99,7 @@ def _serve(out_dir: Path, archive: Path) -> str:
     from skinray.serve.app import APP_NAME, build_app
     from skinray.serve.command import app_args
 
-    cfg = load_config(overrides=["serve.port=8000", "serve.max_replicas=1"])
+    cfg = load_config(overrides=[f"serve.port={port}", "serve.max_replicas=1"])
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(app_args(str(out_dir / "bundle"), cfg)), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"

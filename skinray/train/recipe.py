@@ -31,7 +31,7 @@ def describe(cfg: Config, global_batch: int) -> str:
                 f"{train.warmup_epochs} warm-up epochs, then x{train.plateau_factor} after "
                 f"{train.plateau_patience} epochs without improvement")
     return (f"recipe {train.recipe} ({why}): {phases}{layers} at {rate(train.finetune_lr)}; {schedule}; "
-            f"dropout {model.dropout}/{model.head_dropout}, label smoothing {train.label_smoothing}, "
+            f"dropout {model.dropout:.3g}/{model.head_dropout:.3g}, label smoothing {train.label_smoothing:.3g}, "
             f"early stopping after {train.early_stopping_patience or 'never'} epochs without improvement")
 
 
