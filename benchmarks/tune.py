@@ -1,9 +1,9 @@
 """Tuning benchmark: seconds per trial of the cached head search against full Ray Train trials.
 
-    python benchmarks/tune.py [--trials 16] [--full-trials 3] [--backbone tiny] [--size 64]
+    python benchmarks/tune.py [--trials 16] [--full-trials 3] [--backbone tiny] [--size 64] [--per-class 40]
 
 Both modes search the same space with the same seed, scheduler and epochs on the same generated
-archive (6 classes x 40 photos) on this machine, in one run:
+archive (6 classes x `--per-class` photos) on this machine, in one run:
 
 - cached: `skinray tune` as shipped: one embedding job (the frozen backbone over `tune.views`
   augmented views of every training image and the validation images), then `--trials` heads on the
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--per-class", type=int, default=40, help="training photos per class (6 classes)")
     args = parser.parse_args()
 
     from skinray.cluster import connect
@@ -67,20 +68,21 @@ def main() -> None:
     connect(reserved_cpus=1)
     with tempfile.TemporaryDirectory() as folder:
         archive, out = Path(folder) / "archive", Path(folder) / "out"
-        write_sample(archive, per_class=40, classes=6, seed=0)
+        write_sample(archive, per_class=args.per_class, classes=6, seed=0)
         cached = timed_search(args, archive, out, "cached", "cached", args.trials)
         embed = embedding_seconds(out, "cached")
         full = timed_search(args, archive, out, "full", "full", args.full_trials)
     cached_trial = (cached["seconds"] - embed) / cached["trials"] + embed / 16
     full_trial = full["seconds"] / full["trials"]
-    print(f"\n{args.backbone} at {args.size} px, {args.epochs} epochs a trial, ASHA, {os.cpu_count()} cores")
+    print(f"\n{args.backbone} at {args.size} px, 6 classes x {args.per_class} photos, {args.epochs} epochs a trial, "
+          f"ASHA, {os.cpu_count()} cores")
     print(f"{'mode':<8} {'trials':>6} {'stopped early':>14} {'search s':>9} {'s / trial':>10} {'best f1':>8}")
     print(f"{'cached':<8} {cached['trials']:>6} {cached['stopped_early']:>14} {cached['seconds']:>9.0f} "
           f"{cached_trial:>10.1f} {cached['best']:>8.3f}   (embedding job {embed:.0f} s, /16 = {embed / 16:.1f} s)")
     print(f"{'full':<8} {full['trials']:>6} {full['stopped_early']:>14} {full['seconds']:>9.0f} "
           f"{full_trial:>10.1f} {full['best']:>8.3f}")
     print(f"cached_vs_full = {full_trial / cached_trial:.1f} (target >= 10)")
-    print(json.dumps({"benchmark": "tune", "backbone": args.backbone, "size": args.size, "epochs": args.epochs,
+    print(json.dumps({"benchmark": "tune", "backbone": args.backbone, "size": args.size, "per_class": args.per_class, "epochs": args.epochs,
                       "cores": os.cpu_count(), "cached": cached, "full": full, "embedding_seconds": round(embed, 1),
                       "cached_seconds_per_trial": round(cached_trial, 2), "full_seconds_per_trial": round(full_trial, 2),
                       "cached_vs_full": round(full_trial / cached_trial, 2)}))

@@ -40,22 +40,22 @@ def test_report(ray_cluster, messy_archive):
     assert "PROBLEMS FOUND" in text and "truncated.jpg" in text
 
 
-def test_cli_json_and_exit_codes(ray_cluster, messy_archive, sample_archive):
+def test_cli_json_and_exit_codes(ray_env, messy_archive, sample_archive):
     proc = subprocess.run([sys.executable, "-m", "skinray", "data", "check", str(messy_archive), "--json"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=ray_env)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["duplicates_across_splits"] == 1
     clean = subprocess.run([sys.executable, "-m", "skinray", "data", "check", str(sample_archive)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=ray_env)
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.strip().endswith("ok")
 
 
-def test_console_shows_rays_info_logs_only_when_verbose(ray_cluster, sample_archive):
+def test_console_shows_rays_info_logs_only_when_verbose(ray_env, sample_archive):
     """By default Ray Data's INFO lines (execution plans) go to Ray's log files; --verbose shows them."""
     def check(*flags):
         proc = subprocess.run([sys.executable, "-m", "skinray", *flags, "data", "check", str(sample_archive)],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, env=ray_env)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout + proc.stderr
 

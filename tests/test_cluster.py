@@ -65,7 +65,7 @@ class TwoNodes:
 
     def stop(self) -> None:
         """As `ray stop` does, for these two nodes only: SIGTERM, a grace period, then SIGKILL."""
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             for pid in self.processes():
                 try:
                     os.kill(pid, sig)
@@ -113,7 +113,7 @@ def test_the_pipeline_job_runs_on_two_nodes_with_token_auth(two_nodes, sample_ar
         "job", "submit", f"--address={two_nodes.url}", f"--working-dir={ROOT}", "--",
         "python", "jobs/pipeline.py", "--data", str(sample_archive), "--out", str(out),
         "--members", "configs/tiny_smoke.yaml", "--no-tune",
-        "--set", "model.image_size=32", "--set", "train.epochs=2", "--set", "train.resources.trainer=1",
+        "--set", "model.image_size=32", "--set", "train.epochs=1", "--set", "train.resources.trainer=1",
         "--set", "score.max_actors=1", timeout=900)
     assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-3000:]
     assert "[pipeline] test split" in job.stdout

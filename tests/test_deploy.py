@@ -1,6 +1,7 @@
 """The cluster definitions: cluster.yaml (Ray's own validator, and its security settings), the
 container image, the KubeRay manifests (KubeRay's own CRD schemas), the Serve config and the jobs."""
 
+import functools
 import gzip
 import re
 import subprocess
@@ -65,10 +66,11 @@ def test_the_image_is_rays_gpu_image_with_tensorflow_and_cuda():
     assert not re.search(r"(?i)(token|secret|password|api.?key)\s*=", dockerfile)
 
 
+@functools.cache
 def _schemas() -> dict:
     schemas = {}
     for path in CRDS.glob("ray.io_*.yaml.gz"):
-        crd = yaml.safe_load(gzip.decompress(path.read_bytes()))
+        crd = yaml.load(gzip.decompress(path.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         for version in crd["spec"]["versions"]:
             schemas[(f"ray.io/{version['name']}", crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
     return schemas
@@ -129,3 +131,32 @@ def test_each_job_says_how_to_submit_it_and_takes_its_commands_options(job):
     assert "Expected" in doc or "expected" in doc.lower()
     proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and "usage: skinray" in proc.stdout
+
+
+def test_the_deploy_job_leaves_the_endpoint_running_on_the_cluster(ray_env, ray_cluster, bundle):
+    import urllib.request
+
+    from ray import serve
+    from serving import free_port
+
+    port = free_port()
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "deploy.py"), "--model", str(bundle), "--port", str(port),
+                           "--set", "serve.cpus_per_replica=0.5", "--set", "serve.ingress_cpus=0.25"],
+                          capture_output=True, text=True, timeout=300, env=ray_env)
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "deployed as Serve application 'skinray'" in proc.stdout
+        # The job's driver has exited; the application answers.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=60) as response:
+            assert response.status == 200
+    finally:
+        serve.shutdown()
+
+
+def test_detach_refuses_a_cluster_that_would_end_with_the_command(bundle):
+    import os
+
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.run([sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--detach"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "--detach deploys onto a running cluster" in proc.stderr

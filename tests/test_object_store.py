@@ -50,8 +50,8 @@ def test_data_check_on_a_bucket(ray_cluster, bucket_uri):
     assert report["ok"] and sum(report["counts"]["train"].values()) == 96
 
 
-def test_a_run_reads_and_writes_the_bucket_and_evaluates_from_it(ray_cluster, bucket_uri, tmp_path):
-    """The cluster path: archive, checkpoints, TensorBoard and summary all in object storage."""
+def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bucket_uri):
+    """The cluster path: archive, checkpoints, TensorBoard, summary and the report all in object storage."""
     from skinray.config import load_config
     from skinray.data.catalog import join_uri, resolve
     from skinray.evaluate import evaluate
@@ -66,5 +66,9 @@ def test_a_run_reads_and_writes_the_bucket_and_evaluates_from_it(ray_cluster, bu
     names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
     assert {"config.yaml", "classes.json", "summary.json", "tensorboard", "checkpoint_epoch_0002"} <= names
     assert result.best_metrics["epoch"] in (1, 2)
-    report = evaluate(join_uri(runs, "cloud"), bucket_uri, "test", str(tmp_path))
-    assert report["num_images"] == 24 and (tmp_path / "report.md").is_file()
+    reports = bucket_uri.replace("/dermnet?", "/evaluation?")  # what jobs/evaluate.py writes to
+    report = evaluate(join_uri(runs, "cloud"), bucket_uri, "test", reports)
+    fs, path, _ = resolve(reports)
+    assert report["num_images"] == 24
+    assert {"report.md", "report.json", "confusion_matrix.png", "reliability.png", "config.yaml"} <= {
+        info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}

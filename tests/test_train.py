@@ -193,7 +193,7 @@ def test_run_directory_contents(run):
     assert summary["best_checkpoint"] == run["result"].best_checkpoint
 
 
-def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_cluster, archive, tmp_path):
+def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_env, archive, tmp_path):
     """max_failures=0: the kill ends the run; the same command then resumes from the latest checkpoint."""
     command = [sys.executable, "-m", "skinray", "train", "--backbone", "tiny", "--data", str(archive),
                "--out", str(tmp_path), "--name", "again", "--epochs", "3", "--workers", "2",
@@ -201,14 +201,14 @@ def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_cluster, a
     for item in ["train.batch_size=8", "train.max_failures=0", "train.kill_rank=1",
                  "train.kill_at_step=20"]:  # 8 steps an epoch: in the third epoch
         command += ["--set", item]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ray_env)
     assert first.returncode != 0
     assert "run the same command again" in first.stderr
     # The console: the recipe and skinray's lines; Ray's per-report dicts went to its log files.
     assert "recipe scratch (model.weights is 'none')" in first.stdout
     assert "[skinray] epoch 1/3 [scratch]" in first.stdout + first.stderr
     assert "TrainingReport(" not in first.stdout + first.stderr
-    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ray_env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "best checkpoint:" in second.stdout
     final = sorted((tmp_path / "again").glob("checkpoint_epoch_*"))[-1]
