@@ -100,17 +100,15 @@ def built_before(out: str, sources: list[str], archive: str) -> dict | None:
     never silently replaced."""
     import pyarrow.fs as pafs
 
-    from skinray.data.catalog import join_uri, resolve
+    from skinray.data.catalog import join_uri, read_text, resolve
 
     fs, path, _ = resolve(out)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound or (
             info.type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(path))):
         return None
-    manifest = None
-    if fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
-        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-            manifest = json.loads(f.read())
+    text = read_text(join_uri(out, MANIFEST))
+    manifest = json.loads(text) if text is not None else None
     if manifest and [m["source"] for m in manifest["members"]] == list(sources) \
             and manifest["validation"]["archive"] == archive:
         return manifest

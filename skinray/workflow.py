@@ -17,11 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
 
 from skinray import UserError
 from skinray.config import Config, load_config
-from skinray.data.catalog import join_uri, resolve
+from skinray.data.catalog import join_uri, read_text, resolve
 
 DEFAULT_MEMBERS = ("configs/resnet50.yaml", "configs/inception_v3.yaml", "configs/efficientnetv2s.yaml")
 
@@ -83,15 +82,17 @@ def tune_stage(member: Member, cfg: Config, settings: list[str], out: str, say) 
     from skinray.tune.search import tune_head
 
     best = join_uri(join_uri(join_uri(out, "tune"), member.name), "best_config.yaml")
-    if _read_text(best) is None:
+    text = read_text(best)
+    if text is None:
         say(f"[pipeline] {member.name}: head search, {cfg.tune.trials} trials ({cfg.tune.mode} mode)")
         result = tune_head(cfg, join_uri(out, "tune"), member.name)
         say(f"[pipeline] {member.name}: best {cfg.tune.metric} {result['best'][cfg.tune.metric]:.4f}")
+        text = read_text(best)
     else:
         say(f"[pipeline] {member.name}: head search done before ({best})")
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder, "best_config.yaml")
-        local.write_text(_read_text(best))
+        local.write_text(text)
         return load_config(local, settings)
 
 
@@ -155,16 +156,8 @@ def pipeline_from_args(args) -> int:
 # === Storage ===
 
 
-def _read_text(uri: str) -> str | None:
-    fs, path, _ = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
 def _read_json(uri: str) -> dict | None:
-    text = _read_text(uri)
+    text = read_text(uri)
     return None if text is None else json.loads(text)
 
 

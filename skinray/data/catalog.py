@@ -51,6 +51,15 @@ def join_uri(base: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}{sep}{query}"
 
 
+def read_text(uri: str) -> str | None:
+    """The text of the file at `uri` (a path or any pyarrow.fs URI), or None when there is none."""
+    fs, path, _ = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
 def upload_folder(folder: str | Path, uri: str) -> None:
     """Copies a local folder's files into `uri` (a folder or any pyarrow.fs URI), creating it."""
     fs, path, _ = resolve(uri)

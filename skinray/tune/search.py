@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 from skinray import UserError
 from skinray.config import Config, TuneConfig, load_config, load_config_text, save_config
 from skinray.console import verbose
-from skinray.data.catalog import class_weights, join_uri, list_archive, resolve, splits
+from skinray.data.catalog import class_weights, join_uri, list_archive, read_text, resolve, splits
 from skinray.data.pipeline import ImageSource
 
 # Where each searched value goes in the config that `skinray train` reads.
@@ -164,11 +164,10 @@ def tune_head(cfg: Config, out: str, name: str = "") -> dict:
 
 def _refuse_a_different_search(cfg: Config, run_dir: str) -> None:
     """The same name continues a search; with other settings it would silently continue the old one."""
-    fs, path, _ = resolve(run_dir)
-    if fs.get_file_info(f"{path}/config.yaml").type == pafs.FileType.NotFound:
+    text = read_text(join_uri(run_dir, "config.yaml"))
+    if text is None:
         return
-    with fs.open_input_stream(f"{path}/config.yaml") as f:
-        saved = load_config_text(f.read().decode())
+    saved = load_config_text(text)
     changed = [f"{section}.{key}" for section in ("data", "augment", "model", "tune")
                for key, value in dataclasses.asdict(getattr(cfg, section)).items()
                if dataclasses.asdict(getattr(saved, section))[key] != value]
