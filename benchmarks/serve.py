@@ -1,7 +1,7 @@
 """Online-serving benchmark: the Serve endpoint under bounded load, batched and unbatched, against
 the same bundle called in-process; and the replica count of an autoscaled deployment in a burst.
 
-    python benchmarks/serve.py [--size 96] [--seconds 10] [--repeats 2] [--burst 40] [--cpus 2]
+    python benchmarks/serve.py [--size 96] [--seconds 10] [--repeats 2] [--burst 60] [--idle 90] [--cpus 2]
 
 One bundle (the three real backbones of benchmarks/score.py, random weights, at `--size` px), one
 set of 64 generated JPEG photos (480 to 1024 px a side), this machine, one run:
@@ -18,11 +18,12 @@ set of 64 generated JPEG photos (480 to 1024 px a side), this machine, one run:
 A closed-loop load generator keeps `concurrency` requests in flight (1, 8, 32) for `--seconds`
 each, posting raw JPEG bytes to /v1/predict over keep-alive connections. The measurements of (b),
 (u) and (m) are interleaved `--repeats` times; the best requests/s and its p50/p99 are printed,
-with the spread. Then a deployment with autoscaling (1 to --max-replicas replicas, 2 ongoing
-requests each) gets a burst at concurrency 32 for `--burst` seconds and then nothing, and the
-replica count is printed every 2 s. Prints tables and one JSON line with every figure,
+with the spread. Beside them, (b) and (u) are called through a Serve handle at concurrency 32 with
+views decoded beforehand: the model deployment's batching without the HTTP path. Then a deployment with autoscaling (1 to --max-replicas replicas, 2 ongoing
+requests each) gets a burst at concurrency 32 for `--burst` seconds and then nothing for `--idle`
+seconds, and the replica count (running, +starting) is printed every 2 s. Prints tables and one JSON line with every figure,
 `batched_vs_unbatched_rps` (concurrency 32, target >= 2) and `p99_over_p50` (batched, concurrency
-8, target <= 3). Runtime on 2 cores with the defaults: about 12 minutes.
+8, target <= 3). Runtime on 2 cores with the defaults: about 15 minutes.
 """
 
 from __future__ import annotations
@@ -108,6 +109,25 @@ def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
     return out
 
 
+def handle_load(app: str, sizes: tuple[int, ...], concurrency: int, seconds: float) -> float:
+    """Requests/s of the model deployment alone: `concurrency` calls in flight through a Serve handle,
+    each one image's views (decoded once, beforehand): what batching gives without the HTTP path."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Model", app_name=app)
+    views = {s: np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8) for s in sizes}
+    pending, done, started = [], 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        while len(pending) < concurrency:
+            pending.append(handle.remote(views))
+        pending.pop(0).result()
+        done += 1
+    rate = done / (time.perf_counter() - started)
+    for response in pending:
+        response.result()
+    return rate
+
+
 def deploy(bundle: Path, name: str, **settings) -> None:
     from ray import serve
 
@@ -118,13 +138,15 @@ def deploy(bundle: Path, name: str, **settings) -> None:
 
 
 def replica_timeline(url: str, images: list[bytes], burst: float, idle: float) -> tuple[list, dict]:
-    """[(seconds, running model replicas)] every 2 s during a burst at concurrency 32 and after it;
+    """[(seconds, model replicas)] every 2 s during a burst at concurrency 32 and after it;
     and the burst's load figures."""
     from ray import serve
 
-    def replicas() -> int:
-        status = serve.status().applications["scale"].deployments["Model"]
-        return status.replica_states.get("RUNNING", 0)
+    def replicas() -> str:
+        """Running model replicas, and "+k" for k starting (asked for, loading their models)."""
+        states = serve.status().applications["scale"].deployments["Model"].replica_states
+        starting = states.get("STARTING", 0)
+        return f"{states.get('RUNNING', 0)}" + (f"+{starting}" if starting else "")
 
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(load(url, images, 32, burst)))
@@ -142,7 +164,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--burst", type=float, default=40)
+    parser.add_argument("--burst", type=float, default=60)
+    parser.add_argument("--idle", type=float, default=90, help="seconds watched after the burst (Serve's look-back "
+                        "window of 30 s and the downscale delay pass before a replica goes)")
     parser.add_argument("--max-replicas", type=int, default=2)
     parser.add_argument("--cpus", type=float, default=2.0, help="serve.cpus_per_replica of the measured model replicas")
     args = parser.parse_args()
@@ -168,22 +192,25 @@ def main() -> None:
         for name, settings in MODES.items():
             deploy(bundle, name, cpus_per_replica=args.cpus, ingress_cpus=0.5, **settings)
         runs = {(m, c): [] for m in MODES for c in CONCURRENCY}
+        handles = {"b": [], "u": []}
         for _ in range(args.repeats):
             for c in CONCURRENCY:
                 for m in MODES:
                     load(f"{url}/{m}", images, c, 2)  # warm the connections and the batch sizes
                     runs[m, c].append(load(f"{url}/{m}", images, c, args.seconds))
+            for m in handles:
+                handles[m].append(handle_load(m, (args.size,), 32, args.seconds))
         for name in MODES:
             serve.delete(name)
         deploy(bundle, "scale", cpus_per_replica=1.0, ingress_cpus=0.5, min_replicas=1, max_replicas=args.max_replicas,
                target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=10, max_batch_size=16)
-        timeline, burst = replica_timeline(f"{url}/scale", images, args.burst, 30)
+        timeline, burst = replica_timeline(f"{url}/scale", images, args.burst, args.idle)
     serve.shutdown()
     ray.shutdown()
-    report(args, baseline, runs, timeline, burst)
+    report(args, baseline, runs, handles, timeline, burst)
 
 
-def report(args, baseline: dict, runs: dict, timeline: list, burst: dict) -> None:
+def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burst: dict) -> None:
     best = {k: max(v, key=lambda r: r["rps"]) for k, v in runs.items()}
     spread = {k: (min(r["rps"] for r in v), max(r["rps"] for r in v)) for k, v in runs.items()}
     print(f"\nthree backbones at {args.size} px, 23 classes, {os.cpu_count()} cores, {args.seconds:g} s a measurement, "
@@ -197,8 +224,12 @@ def report(args, baseline: dict, runs: dict, timeline: list, burst: dict) -> Non
         print(f"{ {'b': 'batched', 'u': 'unbatched', 'm': 'per member'}[m]:<14} {c:>4} {r['rps']:>7.1f} "
               f"{f'{lo:.1f}-{hi:.1f}':>13} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} "
               f"{r['rps'] / baseline[1]['rps']:>9.2f} {r['errors']:>6}")
+    handle_ratio = max(handles["b"]) / max(handles["u"])
+    print(f"the model deployment alone (Serve handle, concurrency 32, no HTTP): batched {max(handles['b']):.1f} "
+          f"({min(handles['b']):.1f}-{max(handles['b']):.1f}), unbatched {max(handles['u']):.1f} "
+          f"({min(handles['u']):.1f}-{max(handles['u']):.1f}) req/s: {handle_ratio:.2f}x")
     print(f"autoscaling: a burst at concurrency 32 for {args.burst:g} s ({burst['rps']:.1f} req/s, p99 "
-          f"{burst['p99_ms']:.0f} ms), then idle; running model replicas at each second:")
+          f"{burst['p99_ms']:.0f} ms), then idle for {args.idle:g} s; model replicas (running+starting) every 2 s:")
     print("  " + " ".join(f"{t}s:{n}" for t, n in timeline))
     ratio = best["b", 32]["rps"] / best["u", 32]["rps"]
     tail = best["b", 8]["p99_ms"] / best["b", 8]["p50_ms"]
@@ -209,6 +240,8 @@ def report(args, baseline: dict, runs: dict, timeline: list, burst: dict) -> Non
                       "in_process": baseline, "in_process_batch_gain": round(ceiling, 2),
                       "served": {f"{m}_c{c}": r for (m, c), r in best.items()},
                       "spread_rps": {f"{m}_c{c}": v for (m, c), v in spread.items()},
+                      "handle_c32_rps": {m: max(v) for m, v in handles.items()},
+                      "handle_batched_vs_unbatched_rps": round(handle_ratio, 2),
                       "replica_timeline": [[t, n] for t, n in timeline], "burst": burst,
                       "batched_vs_unbatched_rps": round(ratio, 2), "p99_over_p50": round(tail, 2)}))
 
