@@ -137,7 +137,8 @@ def _is_done(result_json):
 
 def test_full_mode_runs_ray_train_trials(ray_env, sample_archive, tmp_path):
     proc = _tune(ray_env, sample_archive, tmp_path, "--name", "f", "--mode", "full", "--trials", "2",
-                 "--max-concurrent", "2", "--set", "tune.max_epochs=2", "--set", "train.workers=1")
+                 "--max-concurrent", "2", "--set", "tune.max_epochs=1", "--set", "tune.grace_period=1",
+                 "--set", "train.workers=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(tmp_path / "f")
     assert len(rows) == 2 and all(r["error"] == "" for r in rows)
