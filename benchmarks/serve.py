@@ -19,9 +19,10 @@ A closed-loop load generator keeps `concurrency` requests in flight (1, 8, 32) f
 each, posting raw JPEG bytes to /v1/predict over keep-alive connections. The measurements of (b),
 (u) and (m) are interleaved `--repeats` times; the best requests/s and its p50/p99 are printed,
 with the spread. Beside them, (b) and (u) are called through a Serve handle at concurrency 32 with
-views decoded beforehand: the model deployment's batching without the HTTP path. Then a deployment with autoscaling (1 to --max-replicas replicas, 2 ongoing
-requests each) gets a burst at concurrency 32 for `--burst` seconds and then nothing for `--idle`
-seconds, and the replica count (running, +starting) is printed every 2 s. Prints tables and one JSON line with every figure,
+views decoded beforehand: the model deployment's batching without the HTTP path. Then a deployment
+with autoscaling (1 to --max-replicas replicas, 2 ongoing requests each) gets a burst at
+concurrency 32 for `--burst` seconds and then nothing for `--idle` seconds, and the replica count
+(running, +starting) is printed every 2 s. Prints tables and one JSON line with every figure,
 `batched_vs_unbatched_rps` (concurrency 32, target >= 2) and `p99_over_p50` (batched, concurrency
 8, target <= 3). Runtime on 2 cores with the defaults: about 15 minutes.
 """

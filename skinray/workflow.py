@@ -17,7 +17,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from skinray import UserError
 from skinray.config import Config, load_config
 from skinray.data.catalog import join_uri, read_text, resolve
