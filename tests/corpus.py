@@ -72,6 +72,13 @@ def png16() -> bytes:
     return _png(Image.fromarray(values))
 
 
+def dds_without_pixel_format() -> bytes:
+    """A 128-byte DDS texture whose pixel-format flags are 0: Pillow identifies it by content and
+    raised NotImplementedError while decoding it, whatever the file was called."""
+    header = struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 0) + bytes(48)
+    return b"DDS " + header
+
+
 CASES = {
     # name: (file name, bytes factory, expect)
     "truncated_jpeg": ("truncated.jpg", lambda: _jpeg(red_square((400, 300)))[:1500], "truncated"),
@@ -84,6 +91,7 @@ CASES = {
     "animated_gif": ("animated.gif", animated_gif, "ok"),
     "exif_rotated": ("rotated.jpg", exif_rotated_jpeg, "ok"),
     "bomb": ("bomb.png", bomb_png, "decompression bomb"),
+    "dds_as_jpg": ("texture.jpg", dds_without_pixel_format, "not an image skinray reads"),
 }
 
 

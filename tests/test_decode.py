@@ -2,10 +2,12 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from corpus import CASES
-from skinray.data.decode import DecodeError, decode, is_image_name
+from skinray.data.decode import FORMATS, DecodeError, decode, is_image_name
 
 
 def _decode_case(awkward_files, case, **kw):
@@ -99,3 +101,75 @@ def test_pixel_limit_is_configurable():
 def test_image_names_are_matched_case_insensitively():
     assert is_image_name("a.JPG") and is_image_name("b.Png") and is_image_name("c.tiff")
     assert not is_image_name("notes.txt") and not is_image_name("README")
+
+
+# === Any file, any bytes: an image or a DecodeError, never another exception ===
+
+
+def _every_format_pillow_writes() -> dict[str, bytes]:
+    """One small image in each format this Pillow can write (in the first mode it takes)."""
+    Image.init()
+    files = {}
+    for name in sorted(Image.SAVE):
+        for mode in ("RGB", "L", "RGBA", "1"):
+            buffer = io.BytesIO()
+            try:
+                Image.new(mode, (40, 30), 120).save(buffer, name)
+            except Exception:  # this format does not take this mode, or cannot be written here
+                continue
+            files[name] = buffer.getvalue()
+            break
+    return files
+
+
+WRITTEN = _every_format_pillow_writes()
+
+
+def _decodes_or_refuses(data: bytes):
+    """decode() gives an RGB image or raises DecodeError with a reason; anything else fails the test."""
+    try:
+        image = decode(data, min_size=16)
+    except DecodeError as exc:
+        assert exc.reason
+        return None
+    assert image.mode == "RGB" and min(image.size) >= 1
+    return image
+
+
+def test_the_corpus_covers_pillows_writers_and_every_format_we_read():
+    assert set(FORMATS) | {"DDS", "TGA", "PPM", "ICO", "JPEG2000"} <= set(WRITTEN)
+
+
+@pytest.mark.parametrize("name", sorted(WRITTEN))
+def test_each_format_decodes_only_if_we_read_it(name):
+    image = _decodes_or_refuses(WRITTEN[name])
+    assert (image is not None) == (name in FORMATS), name
+    if image is None:
+        with pytest.raises(DecodeError, match="not an image skinray reads"):
+            decode(WRITTEN[name])
+
+
+@pytest.mark.parametrize("name", sorted(WRITTEN))
+def test_each_format_truncated_or_with_a_corrupt_header_is_that_files_error(name):
+    data = WRITTEN[name]
+    for length in (1, 8, 16, 32, 64, len(data) // 2, len(data) - 1):
+        _decodes_or_refuses(data[:length])
+    for start in range(0, min(len(data), 96), 5):
+        corrupt = bytearray(data)
+        corrupt[start:start + 3] = bytes(b ^ 0xA5 for b in corrupt[start:start + 3])
+        _decodes_or_refuses(bytes(corrupt))
+
+
+MAGICS = [data[:16] for data in WRITTEN.values()]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_random_bytes_never_escape_as_another_exception(data):
+    _decodes_or_refuses(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(MAGICS), st.binary(max_size=4096))
+def test_a_known_header_with_random_bytes_after_it_never_escapes(magic, rest):
+    _decodes_or_refuses(magic + rest)
