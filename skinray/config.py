@@ -407,6 +407,9 @@ class TuneConfig:
 
 
 SERVE_LAYOUTS = ("together", "per_member")
+# An idle ingress replica's memory (a Ray worker with FastAPI and skinray's serving code loaded, no
+# TensorFlow: about 300 MB measured), with room for request bodies in flight.
+INGRESS_BASE_MB = 450
 
 
 @dataclass(frozen=True)
@@ -425,6 +428,11 @@ class ServeConfig:
         resources: custom Ray resources each model replica reserves (which nodes serve).
         ingress_replicas, ingress_cpus, ingress_max_ongoing_requests: the HTTP ingress (decoding
             happens there); its queue holds as many again (the model queues are the limit that bites).
+        ingress_memory_mb: memory each ingress replica reserves from Ray. The images it decodes at
+            once are as many as fit in it beside the replica itself (`decode_slots`): a decode holds
+            up to 17 bytes per pixel the header claims (an RGBA WebP; most files far less).
+        max_pixels: images whose header claims more pixels are refused (400) before decoding; its
+            own limit, lower than training's `data.max_pixels`, since a 50 KB PNG can claim 25 MP.
         max_batch_size, batch_wait_s: dynamic batching (`@serve.batch`); 1 turns it off.
         max_request_mb: request bodies above this get 413 before they are read whole.
         max_images: images one batch request may carry.
@@ -449,6 +457,8 @@ class ServeConfig:
     ingress_replicas: int = 1
     ingress_cpus: float = 0.5
     ingress_max_ongoing_requests: int = 128
+    ingress_memory_mb: float = 2048.0
+    max_pixels: int = 25_000_000
     max_batch_size: int = 16
     batch_wait_s: float = 0.05
     max_request_mb: float = 20.0
@@ -473,6 +483,11 @@ class ServeConfig:
         _require(self.ingress_replicas >= 1, "ingress_replicas", "must be >= 1")
         _require(self.ingress_cpus > 0, "ingress_cpus", "must be positive")
         _require(self.ingress_max_ongoing_requests >= 1, "ingress_max_ongoing_requests", "must be >= 1")
+        _require(self.max_pixels > 0, "max_pixels", "must be positive")
+        one_decode = INGRESS_BASE_MB + _decode_mb(self.max_pixels)
+        _require(self.ingress_memory_mb >= one_decode, "ingress_memory_mb",
+                 f"must hold the ingress ({INGRESS_BASE_MB} MB) and one decode of serve.max_pixels "
+                 f"({_decode_mb(self.max_pixels):.0f} MB): at least {one_decode:.0f}")
         _require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
         _require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0")
         _require(self.max_request_mb > 0, "max_request_mb", "must be positive")
@@ -480,10 +495,26 @@ class ServeConfig:
         _require(self.top_k >= 1, "top_k", "must be >= 1")
 
     @property
+    def decode_slots(self) -> int:
+        """How many images one ingress replica decodes at once: as many as fit in its memory."""
+        return int((self.ingress_memory_mb - INGRESS_BASE_MB) // _decode_mb(self.max_pixels))
+
+    @property
+    def ingress_options(self) -> dict[str, Any]:
+        """Ray actor options of each ingress replica: its CPUs and the memory its decodes are sized to."""
+        return {"num_cpus": self.ingress_cpus, "memory": int(self.ingress_memory_mb * 2**20)}
+
+    @property
     def replica_options(self) -> dict[str, Any]:
         """Ray actor options of each model replica."""
         return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica,
                 **({"resources": self.resources} if self.resources else {})}
+
+
+def _decode_mb(pixels: int) -> float:
+    from skinray.data.decode import PEAK_BYTES_PER_PIXEL
+
+    return pixels * PEAK_BYTES_PER_PIXEL / 2**20
 
 
 @dataclass(frozen=True)

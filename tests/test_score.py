@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from corpus import dds_without_pixel_format
 from skinray.config import load_config
 from skinray.score import read_predictions
 
@@ -33,6 +34,7 @@ def mixed_folder(members, tmp_path_factory):
     (root / "notes.txt").write_text("not a photo")
     (root / "b" / "truncated.jpg").write_bytes(photos[0].read_bytes()[:400])
     (root / "empty.png").write_bytes(b"")
+    (root / "a" / "texture.jpg").write_bytes(dds_without_pixel_format())  # Pillow's DDS decoder raised
     (root / ".DS_Store").write_bytes(b"\0\0")  # hidden: not an input
     return root
 
@@ -51,9 +53,10 @@ def test_one_row_per_file_with_errors_as_rows(scored, mixed_folder, bundle):
     files = sorted(str(p) for p in mixed_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     assert sorted(table["path"].to_pylist()) == files  # exactly once each
     rows = {r["path"]: r for r in table.to_pylist()}
-    for broken in ("notes.txt", "b/truncated.jpg", "empty.png"):
+    for broken in ("notes.txt", "b/truncated.jpg", "empty.png", "a/texture.jpg"):
         row = rows[str(mixed_folder / broken)]
         assert row["error"] and row["label"] is None and row["confidence"] is None
+    assert "not an image skinray reads" in rows[str(mixed_folder / "a/texture.jpg")]["error"]
     good = [r for r in rows.values() if r["error"] is None]
     assert len(good) == 20
     manifest = json.loads((bundle / "bundle.json").read_text())
@@ -63,8 +66,8 @@ def test_one_row_per_file_with_errors_as_rows(scored, mixed_folder, bundle):
         assert row["confidence"] == pytest.approx(max(row["probabilities"]))
         assert row["abstained"] == (row["confidence"] < manifest["threshold"])
         assert set(row["member_probabilities"]) == {"00-tiny", "01-tiny"}
-    assert (summary["rows"], summary["scored"], summary["failed"]) == (23, 20, 3)
-    assert summary["unique_paths"] == summary["listed"] == 23
+    assert (summary["rows"], summary["scored"], summary["failed"]) == (24, 20, 4)
+    assert summary["unique_paths"] == summary["listed"] == 24
     assert sum(summary["per_class"].values()) == 20
     assert json.loads((scored["out"] / "summary.json").read_text()) == summary
 
@@ -88,7 +91,7 @@ def test_a_rerun_with_the_same_output_adds_nothing(scored, bundle, mixed_folder,
 
     files_before = sorted(p.name for p in (scored["out"] / "predictions").iterdir())
     summary = score(load_config(overrides=SMALL), str(bundle), str(mixed_folder), str(scored["out"]))
-    assert summary["rows"] == summary["unique_paths"] == 23
+    assert summary["rows"] == summary["unique_paths"] == 24
     assert sorted(p.name for p in (scored["out"] / "predictions").iterdir()) == files_before
 
 
@@ -97,7 +100,7 @@ def test_a_training_run_scores_as_a_one_member_model(members, mixed_folder, ray_
 
     summary = score(load_config(overrides=SMALL), members["runs"][0], str(mixed_folder), str(tmp_path))
     rows = read_predictions(str(tmp_path)).to_pylist()
-    assert summary["scored"] == 20 and len(rows) == 23
+    assert summary["scored"] == 20 and len(rows) == 24
     good = [r for r in rows if r["error"] is None]
     assert all(not r["abstained"] for r in good)  # no threshold without calibration
     assert all(set(r["member_probabilities"]) == {"tiny"} for r in good)

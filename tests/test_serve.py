@@ -26,7 +26,7 @@ import requests
 import yaml
 from PIL import Image
 
-from corpus import bomb_png
+from corpus import bomb_png, dds_without_pixel_format
 from serving import KEY, deploy, free_port, jpeg
 
 def triton(url: str, **kw):
@@ -65,12 +65,14 @@ def test_predict_answers_raw_bytes_and_multipart_alike(endpoint, bundle, photos)
 def test_batch_answers_each_image_or_says_why_not(endpoint, photos):
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:2]]
     files.append(("files", ("notes.txt", b"not a photo at all", "text/plain")))
+    files.append(("files", ("texture.jpg", dds_without_pixel_format(), "image/jpeg")))
     response = requests.post(f"{endpoint}/v1/predict/batch", files=files)
     assert response.status_code == 200
     results = response.json()["results"]
-    assert [r["filename"] for r in results] == [photos[0].name, photos[1].name, "notes.txt"]
+    assert [r["filename"] for r in results] == [photos[0].name, photos[1].name, "notes.txt", "texture.jpg"]
     assert all("label" in r and "error" not in r for r in results[:2])
     assert "not an image" in results[2]["error"] and "label" not in results[2]
+    assert "not an image skinray reads" in results[3]["error"] and "label" not in results[3]
 
 
 def test_model_and_health_routes(endpoint, bundle):
@@ -183,11 +185,12 @@ def test_oip_through_tritonclient(endpoint, bundle, photos):
     pixels.set_data_from_numpy(np.full((1, 40, 70, 3), 128, np.uint8))
     assert client.infer("skinray", [pixels]).as_numpy("probabilities").shape == (1, len(classes))
 
-    broken = http.InferInput("image", [1], "BYTES")
-    broken.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
-    with pytest.raises(InferenceServerException, match="not a readable image") as caught:
-        client.infer("skinray", [broken])
-    assert caught.value.status() == "400"
+    for data in (b"hello", dds_without_pixel_format()):
+        broken = http.InferInput("image", [2], "BYTES")
+        broken.set_data_from_numpy(np.array([photos[0].read_bytes(), data], dtype=np.object_))
+        with pytest.raises(InferenceServerException, match="image 1 is not a readable image") as caught:
+            client.infer("skinray", [broken])
+        assert caught.value.status() == "400"
 
 
 # === Bad requests: a 4xx with a JSON reason, and the endpoint keeps answering ===
@@ -204,6 +207,8 @@ BAD_REQUESTS = {
     "json body": (dict(json={"image": "x"}), 415, "JSON body where an image is expected"),
     "text/plain": (dict(data=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported content type"),
     "decompression bomb": (dict(data=bomb_png(), headers={"Content-Type": "image/png"}), 400, "decompression bomb"),
+    "a format skinray does not read": (dict(data=dds_without_pixel_format(), headers={"Content-Type": "image/jpeg"}),
+                                       400, "not an image skinray reads"),
     "over the size limit": (dict(data=b"\xff" * (2 << 20), headers={"Content-Type": "image/jpeg"}), 413, "limit of 1 MB"),
     "over the limit, chunked": (dict(data=iter([b"\xff" * (256 << 10)] * 8), headers={"Content-Type": "image/jpeg"}),
                                 413, "limit of 1 MB"),
@@ -311,6 +316,41 @@ def test_overload_gets_a_quick_503_with_retry_after(serve_url, bundle):
         assert min(r[3] for r in refused) < 2.5  # refused, not queued behind the 3 s batches
     finally:
         serve.delete("busy")
+
+
+def _peak_rss_mb(process_title: str) -> float:
+    """The high-water mark of the resident memory of the Ray worker whose title names it."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and process_title.encode() in (entry / "cmdline").read_bytes():
+                return int((entry / "status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+        except OSError:  # the process ended while we looked
+            continue
+    raise AssertionError(f"no process {process_title}")
+
+
+def test_a_flood_of_small_files_claiming_many_pixels_stays_within_the_ingress_memory(endpoint, photos):
+    """Each file is a few KB of WebP that decodes to 6 MP of RGBA (~100 MB while decoding). Sixteen at
+    once, and one past serve.max_pixels: every request is answered, and the ingress never held more
+    memory than it reserved from Ray, because only three decode at once."""
+    from serving import FLOOD
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (3000, 2000), (200, 90, 60, 200)).save(buffer, "WEBP")
+    heavy, wide = buffer.getvalue(), io.BytesIO()
+    Image.new("RGBA", (3000, 2001), (200, 90, 60, 200)).save(wide, "WEBP")
+    assert len(heavy) < 50_000
+
+    def one(data):
+        return _post(endpoint, "/v1/predict", data=data, headers={"Content-Type": "image/webp"})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, [heavy] * 16 + [wide.getvalue()]))
+    assert [r.status_code for r in answers[:16]] == [200] * 16, [r.text for r in answers]
+    assert answers[16].status_code == 400 and "6,000,000" in answers[16].json()["error"]
+    peak = _peak_rss_mb("ServeReplica:open:Ingress")
+    assert peak < FLOOD["ingress_memory_mb"], f"ingress peak RSS {peak:.0f} MB"
+    assert one(photos[0].read_bytes()).status_code == 200
 
 
 # === The command ===

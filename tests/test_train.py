@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from corpus import dds_without_pixel_format
 from skinray.config import load_config
 from skinray.train.monitor import Monitor, checkpoint_score
 from skinray.train.recipe import contradictions, describe
@@ -31,6 +32,8 @@ def archive(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train-archive")
     write_sample(root, per_class=40, classes=4, seed=0)  # 128 train, 32 val, 40 test images
+    first_class = sorted(p for p in (root / "train").iterdir())[0]
+    (first_class / "texture.jpg").write_bytes(dds_without_pixel_format())  # Pillow's DDS decoder raised
     return root
 
 
@@ -116,6 +119,17 @@ def test_tiny_cnn_learns_the_sample_archive(run):
     # Four classes: chance is 0.25. Seen here: 0.9 to 1.0 by epoch 8.
     assert best["val_accuracy"] >= 0.75
     assert best["val_macro_f1"] >= 0.7
+
+
+def test_a_file_the_decoder_fails_on_is_counted_and_training_goes_on(run):
+    """A DDS texture named .jpg among the training photos (Pillow's DDS decoder raised
+    NotImplementedError, which failed the run): the run finished, and its epochs counted the file."""
+    from skinray.data.catalog import list_archive, splits
+
+    parts = splits(list_archive(str(run["archive"])), run["cfg"].data.val_fraction, run["cfg"].data.seed)
+    assert any(p.endswith("texture.jpg") for p in parts["train"]["path"].to_pylist())
+    assert len(run["state"]["history"]) == EPOCHS
+    assert sum(h["failed_files"] for h in run["state"]["history"]) >= 1
 
 
 def test_killed_worker_resumes_from_a_checkpoint_not_from_scratch(run):

@@ -14,13 +14,11 @@ from collections import defaultdict
 import numpy as np
 
 from skinray.data.catalog import list_archive, read_bytes
-from skinray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
+from skinray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, format_matches, open_image
 from skinray.data.pipeline import ImageSource, dataset
 
 # Enough pixels to prove the whole file decodes (a reduced JPEG decode still reads every byte).
 CHECK_SIZE = 64
-EXTENSION_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "png": "PNG",
-                     "webp": "WEBP", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF", "gif": "GIF"}
 
 
 def inspect_batch(batch: dict[str, np.ndarray], *, source: ImageSource) -> dict[str, np.ndarray]:
@@ -32,7 +30,7 @@ def inspect_batch(batch: dict[str, np.ndarray], *, source: ImageSource) -> dict[
             data = read_bytes(source.filesystem, source.prefix, path)
             digest = hashlib.sha256(data).hexdigest()
             decode(data, min_size=CHECK_SIZE, max_pixels=source.max_pixels)
-            fmt = _format_of(data)
+            fmt = open_image(data, source.max_pixels).format
         except DecodeError as exc:
             error = exc.reason
         except OSError as exc:
@@ -48,15 +46,6 @@ def inspect_batch(batch: dict[str, np.ndarray], *, source: ImageSource) -> dict[
         "format": np.asarray(formats, dtype=object),
         "error": np.asarray(errors, dtype=object),
     }
-
-
-def _format_of(data: bytes) -> str:
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.format or ""
 
 
 def check_archive(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
@@ -78,8 +67,7 @@ def check_archive(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
             unreadable.append({"path": row["path"], "reason": row["error"]})
             continue
         by_digest[row["sha256"]].append(row)
-        ext = row["path"].rsplit(".", 1)[-1].lower()
-        if EXTENSION_FORMATS.get(ext) != row["format"]:
+        if not format_matches(row["path"], row["format"]):
             misnamed.append({"path": row["path"], "format": row["format"]})
     duplicates = [
         {"sha256": digest, "paths": [r["path"] for r in group],

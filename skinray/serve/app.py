@@ -120,7 +120,7 @@ def build_app(args: dict) -> serve.Application:
     names = ["Model"] if len(groups) == 1 else [f"Model-{predictor.members[g[0]].name}" for g in groups]
     handles = [_model_deployment(cfg, name).bind(model, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica)
                for name, g in zip(names, groups)]
-    ingress = Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus},
+    ingress = Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options=cfg.ingress_options,
                               max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                               max_queued_requests=cfg.ingress_max_ongoing_requests)
     return ingress.bind(model, handles, groups, sorted(key_digests(cfg)), settings)

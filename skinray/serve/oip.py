@@ -96,8 +96,8 @@ async def _views(service: Service, tensors: dict) -> list[dict]:
         return decoded
     pixels = tensors["pixels"]
     _check_count(len(pixels), n_limit)
-    if pixels.shape[1] * pixels.shape[2] > service.predictor.config.data.max_pixels:
-        raise ApiError(413, f"pixels of {pixels.shape[1]}x{pixels.shape[2]} exceed data.max_pixels")
+    if pixels.shape[1] * pixels.shape[2] > service.cfg.max_pixels:
+        raise ApiError(413, f"pixels of {pixels.shape[1]}x{pixels.shape[2]} exceed serve.max_pixels")
     return await service.pixel_views(pixels)
 
 

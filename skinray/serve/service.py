@@ -1,7 +1,9 @@
 """What a request goes through in the ingress: images -> views -> the model deployments -> answers.
 
 Decoding runs here (in a thread, off the event loop), with `decode_views`: the decode and warp of
-bulk scoring and evaluation. The model deployments return raw logits; `Predictor.combine` calibrates
+bulk scoring and evaluation. At most `serve.decode_slots` images decode at once in a replica, each
+refused from its header past `serve.max_pixels`, so that a flood of small files claiming many pixels
+cannot take more memory than the replica reserved; a request waits for a slot, one image at a time. The model deployments return raw logits; `Predictor.combine` calibrates
 and weights them, so an image gets the probabilities `skinray score` gives it.
 """
 
@@ -27,22 +29,27 @@ class Service:
         self.keys = Keys(key_digests)
         self.metrics = RequestMetrics()
         self.sizes = predictor.sizes
+        self.decode_slots = asyncio.Semaphore(cfg.decode_slots)
 
     # === Inputs ===
 
     async def decode(self, images: list[bytes]) -> list[dict[int, np.ndarray] | DecodeError]:
         """Each image's views, or the DecodeError saying why it has none."""
-        return await asyncio.to_thread(lambda: [self._decode_one(data) for data in images])
+        return [await self._decode_one(data) for data in images]
 
-    def _decode_one(self, data: bytes):
+    async def _decode_one(self, data: bytes):
         try:
-            return decode_views(data, self.sizes, self.predictor.config.data.max_pixels)
+            return await self._decoded(decode_views, data)
         except DecodeError as exc:
             return exc
 
     async def decode_photo(self, data: bytes) -> tuple[Image.Image, dict[int, np.ndarray]]:
         """One image -> (the decoded photo, its views); raises DecodeError."""
-        return await asyncio.to_thread(decode_photo, data, self.sizes, self.predictor.config.data.max_pixels)
+        return await self._decoded(decode_photo, data)
+
+    async def _decoded(self, decoder, data: bytes):
+        async with self.decode_slots:
+            return await asyncio.to_thread(decoder, data, self.sizes, self.cfg.max_pixels)
 
     async def pixel_views(self, pixels: np.ndarray) -> list[dict[int, np.ndarray]]:
         """uint8 (n, height, width, 3) images -> each one's views (the same warp as decoded files)."""
