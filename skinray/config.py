@@ -430,7 +430,7 @@ class ServeConfig:
             happens there); its queue holds as many again (the model queues are the limit that bites).
         ingress_memory_mb: memory each ingress replica reserves from Ray. The images it decodes at
             once are as many as fit in it beside the replica itself (`decode_slots`): a decode holds
-            up to 17 bytes per pixel the header claims (an RGBA WebP; most files far less).
+            up to 20 bytes per pixel the header claims (an RGBA WebP; a JPEG well under 1).
         max_pixels: images whose header claims more pixels are refused (400) before decoding; its
             own limit, lower than training's `data.max_pixels`, since a 50 KB PNG can claim 25 MP.
         max_batch_size, batch_wait_s: dynamic batching (`@serve.batch`); 1 turns it off.

@@ -125,7 +125,7 @@ def serve_url(ray_cluster):
 @pytest.fixture(scope="module")
 def endpoint(serve_url, bundle):
     """The bundle served without keys at / (the `together` layout), its ingress sized for the flood
-    test: 6 MP images at most, 750 MB reserved (three decodes at once)."""
+    test: 6 MP images at most, 750 MB reserved (two decodes at once)."""
     from serving import FLOOD, deploy
 
     deploy(bundle, "open", "/", **FLOOD)

@@ -14,7 +14,7 @@ SMALL = {"cpus_per_replica": 0.5, "ingress_cpus": 0.25, "min_replicas": 1, "max_
          "max_request_mb": 1, "max_images": 4}
 
 
-# The open endpoint's ingress: room for (750 - 450) // 97 = 3 decodes of 6 MP at once.
+# The open endpoint's ingress: room for (750 - 450) // 114 = 2 decodes of 6 MP at once.
 FLOOD = {"max_pixels": 6_000_000, "ingress_memory_mb": 750}
 
 

@@ -173,3 +173,41 @@ def test_random_bytes_never_escape_as_another_exception(data):
 @given(st.sampled_from(MAGICS), st.binary(max_size=4096))
 def test_a_known_header_with_random_bytes_after_it_never_escapes(magic, rest):
     _decodes_or_refuses(magic + rest)
+
+
+# === Memory: what one decode holds, which the endpoint's decode slots are sized by ===
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large process starts high.
+PEAK_PROBE = """
+import sys
+from skinray.data.decode import decode
+def peak():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+data, small = (open(path, "rb").read() for path in sys.argv[1:3])
+decode(small, min_size=16)  # the decoders loaded
+before = peak()
+image = decode(data, min_size=224)
+print((peak() - before) / 6e6)
+"""
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGBA", "WEBP"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG"), ("RGB", "JPEG")])
+def test_one_decode_holds_at_most_peak_bytes_per_pixel(mode, fmt, tmp_path):
+    """The growth of a fresh process's peak resident set while one 6 MP image decodes, per pixel."""
+    import subprocess
+    import sys
+
+    from skinray.data.decode import PEAK_BYTES_PER_PIXEL
+
+    image = Image.new(mode, (3000, 2000), 1 if mode == "P" else (200, 90, 60, 200)[:len(mode)])
+    if mode == "P":
+        image.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    image.save(tmp_path / "big", fmt, **({"transparency": 0} if mode == "P" else {}))
+    Image.new("RGB", (64, 64)).save(tmp_path / "small.png")
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(tmp_path / "big"), str(tmp_path / "small.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    per_pixel = float(out.stdout)
+    assert per_pixel <= PEAK_BYTES_PER_PIXEL, f"{mode} {fmt}: {per_pixel:.1f} bytes per pixel"
+    if (mode, fmt) == ("RGBA", "WEBP"):  # the worst case the bound was measured on: the probe sees it
+        assert per_pixel > PEAK_BYTES_PER_PIXEL / 2

@@ -332,7 +332,7 @@ def _peak_rss_mb(process_title: str) -> float:
 def test_a_flood_of_small_files_claiming_many_pixels_stays_within_the_ingress_memory(endpoint, photos):
     """Each file is a few KB of WebP that decodes to 6 MP of RGBA (~100 MB while decoding). Sixteen at
     once, and one past serve.max_pixels: every request is answered, and the ingress never held more
-    memory than it reserved from Ray, because only three decode at once."""
+    memory than it reserved from Ray, because only two decode at once."""
     from serving import FLOOD
 
     buffer = io.BytesIO()

@@ -41,10 +41,10 @@ IMAGE_EXTENSIONS = frozenset(ext for extensions in FORMATS.values() for ext in e
 OPENERS = [name for name in FORMATS if name != "MPO"]
 FORMAT_NAMES = "JPEG, PNG, WebP, BMP, TIFF or GIF"
 DEFAULT_MAX_PIXELS = 80_000_000
-# The most memory one decode holds, per pixel the header claims (measured by tests/test_decode.py):
-# an RGBA WebP (libwebp's buffer, Pillow's copy, the premultiplied copy `reduce` makes) ~16.3;
-# PNGs with alpha or a palette 8-9; RGB files ~4.
-PEAK_BYTES_PER_PIXEL = 17
+# The most memory one decode holds, per pixel the header claims, with a margin for the allocator
+# (measured by tests/test_decode.py): an RGBA WebP (libwebp's buffer, Pillow's copy, the
+# premultiplied copy `reduce` makes) 16.7; PNGs with alpha or a palette 8-9; RGB PNG 4; JPEG ~0.2.
+PEAK_BYTES_PER_PIXEL = 20
 # Modes Pillow's `reduce` averages correctly; others are converted first (palette indices and
 # 1-bit pixels cannot be averaged, and 16-bit greys are not supported).
 REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
