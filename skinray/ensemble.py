@@ -146,7 +146,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     from skinray.cluster import connect
     from skinray.data.pipeline import ImageSource
     from skinray.predictor import absolute
-    from skinray.score import labelled_logits
+    from skinray.inference import labelled_logits
 
     member_paths = [absolute(p) for p in member_paths]  # the actors open them from their own folders
     previous = built_before(out, member_paths, archive)  # before any work: bundles are never overwritten

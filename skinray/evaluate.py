@@ -144,7 +144,7 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.pipeline import ImageSource
     from skinray.predictor import Predictor, absolute
-    from skinray.score import labelled_logits
+    from skinray.inference import labelled_logits
 
     model_path = absolute(model_path)  # the actors open it from their own working directories
     predictor = Predictor.from_path(model_path, load_models=False)  # the actors load the models

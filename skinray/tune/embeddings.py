@@ -81,7 +81,7 @@ def embed(cfg: Config, size: int, train_rows: pa.Table, val_rows: pa.Table, sour
 def _features(cfg: Config, size: int, rows: pa.Table, source: ImageSource, augment):
     import ray.data
 
-    from skinray.score import decode_task_memory
+    from skinray.inference import decode_task_memory
 
     batch, score = cfg.tune.embed_batch_size, cfg.score
     decoded = dataset(rows, rows_per_block=4 * batch).map_batches(
