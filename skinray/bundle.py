@@ -78,37 +78,15 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
-def load_bundle(folder: Path, source: str = "", load_models: bool = True):
-    """A verified bundle folder (local) -> Predictor (see `Predictor.from_path` for `load_models`)."""
-    from skinray.config import load_config
-    from skinray.predictor import Member, Predictor, load_model
-
-    manifest = verify(folder)
-    members = []
-    for entry in manifest["members"]:
-        model = load_model(folder / entry["file"]) if load_models else None
-        members.append(Member(entry["name"], model, entry["backbone"], int(entry["image_size"]),
-                              float(entry["temperature"]), float(entry["weight"]),
-                              load_config(folder / entry["config"]), folder / entry["file"]))
-    return Predictor(members, list(manifest["classes"]), source or str(folder), float(manifest["threshold"]),
-                     manifest["version"], manifest)
-
-
 def built_before(out: str, sources: list[str], archive: str) -> dict | None:
     """The manifest of the bundle at `out` when the same members on the same archive made it (a
     resubmitted job), None when nothing is there; anything else there is refused: a version is
     never silently replaced."""
-    import pyarrow.fs as pafs
+    from skinray.storage import is_empty, join_uri, read_json
 
-    from skinray.data.catalog import join_uri, read_text, resolve
-
-    fs, path, _ = resolve(out)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound or (
-            info.type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(path))):
+    if is_empty(out):
         return None
-    text = read_text(join_uri(out, MANIFEST))
-    manifest = json.loads(text) if text is not None else None
+    manifest = read_json(join_uri(out, MANIFEST))
     if manifest and [m["source"] for m in manifest["members"]] == list(sources) \
             and manifest["validation"]["archive"] == archive:
         return manifest
@@ -130,7 +108,7 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
     import shutil
 
     from skinray.config import save_config
-    from skinray.data.catalog import resolve, upload_folder
+    from skinray.storage import join_uri, upload_folder, write_bytes
 
     with tempfile.TemporaryDirectory(prefix="skinray-bundle-") as tmp:
         folder = Path(tmp)
@@ -147,7 +125,5 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
         manifest_bytes = (folder / MANIFEST).read_bytes()
         (folder / MANIFEST).unlink()
         upload_folder(folder, out)
-        fs, path, _ = resolve(out)
-        with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
-            f.write(manifest_bytes)
+        write_bytes(join_uri(out, MANIFEST), manifest_bytes)
     return sealed

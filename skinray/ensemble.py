@@ -145,7 +145,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     from skinray.bundle import built_before, write_bundle
     from skinray.cluster import connect
     from skinray.data.pipeline import ImageSource
-    from skinray.predictor import absolute
+    from skinray.storage import absolute
     from skinray.inference import labelled_logits
 
     member_paths = [absolute(p) for p in member_paths]  # the actors open them from their own folders

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skinray.data.catalog import join_uri
+from skinray.storage import is_uri, join_uri
 from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
 
 
@@ -143,7 +143,8 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     from skinray.cluster import connect
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.pipeline import ImageSource
-    from skinray.predictor import Predictor, absolute
+    from skinray.predictor import Predictor
+    from skinray.storage import absolute
     from skinray.inference import labelled_logits
 
     model_path = absolute(model_path)  # the actors open it from their own working directories
@@ -168,9 +169,9 @@ def _store(report: dict, config, out: str) -> None:
     import tempfile
 
     from skinray.config import save_config
-    from skinray.data.catalog import upload_folder
+    from skinray.storage import upload_folder
 
-    if "://" not in out:
+    if not is_uri(out):
         write_report(report, out)
         save_config(config, out)
         return

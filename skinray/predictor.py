@@ -15,16 +15,15 @@ same probabilities for the same file.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from skinray import UserError
+from skinray.bundle import MANIFEST, verify
 from skinray.config import Config, load_config
-from skinray.data.catalog import resolve
+from skinray.storage import local_copy
 
 
 @dataclass
@@ -137,11 +136,22 @@ class Predictor:
         TensorFlow and seconds per model to load): what a driver needs to plan the work its actors do.
         """
         local = _local_copy(path)
-        if (local / "bundle.json").is_file():
-            from skinray.bundle import load_bundle
-
-            return load_bundle(local, source=path, load_models=load_models)
+        if (local / MANIFEST).is_file():
+            return cls.from_bundle(local, source=path, load_models=load_models)
         return cls.from_checkpoint(local, source=path, load_models=load_models)
+
+    @classmethod
+    def from_bundle(cls, folder: Path, source: str = "", load_models: bool = True) -> "Predictor":
+        """A bundle folder (local), verified against its manifest first (`skinray.bundle.verify`)."""
+        manifest = verify(folder)
+        members = []
+        for entry in manifest["members"]:
+            model = load_model(folder / entry["file"]) if load_models else None
+            members.append(Member(entry["name"], model, entry["backbone"], int(entry["image_size"]),
+                                  float(entry["temperature"]), float(entry["weight"]),
+                                  load_config(folder / entry["config"]), folder / entry["file"]))
+        return cls(members, list(manifest["classes"]), source or str(folder), float(manifest["threshold"]),
+                   manifest["version"], manifest)
 
     @classmethod
     def from_paths(cls, paths: list[str], load_models: bool = True) -> "Predictor":
@@ -184,7 +194,7 @@ class Predictor:
         # Named by where it came from (a remote run is read from a temporary copy): the run and its checkpoint.
         version = source or str(checkpoint)
         if local.is_dir() and checkpoint != local:
-            from skinray.data.catalog import join_uri
+            from skinray.storage import join_uri
 
             version = join_uri(version, checkpoint.name)
         return cls([member], json.loads(classes_file.read_text()), str(checkpoint), version=version)
@@ -231,33 +241,13 @@ def load_model(path: Path):
     return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
-def absolute(path: str) -> str:
-    """A model path every process can open: URIs as they are, local paths made absolute."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def _local_copy(path: str) -> Path:
     """Remote runs, checkpoints and bundles are copied to a temporary folder once; local paths are
     used in place."""
-    if "://" not in path:
-        local = Path(path).expanduser()
-        if not local.exists():
-            raise UserError(f"model path '{path}' does not exist")
-        return local
-    import pyarrow.fs as pafs
-
-    fs, remote, _ = resolve(path)
-    info = fs.get_file_info(remote)
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(f"model path '{path}' does not exist")
-    target = Path(tempfile.mkdtemp(prefix="skinray-model-"))
-    if info.type == pafs.FileType.Directory:
-        pafs.copy_files(remote, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        return target
-    name = target / Path(remote).name
-    with fs.open_input_stream(remote) as src, open(name, "wb") as out:
-        shutil.copyfileobj(src, out)
-    return name
+    try:
+        return local_copy(path)
+    except FileNotFoundError:
+        raise UserError(f"model path '{path}' does not exist") from None
 
 
 def _checkpoint_dir(folder: Path) -> Path:

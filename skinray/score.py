@@ -20,19 +20,17 @@ which evaluation and the ensemble's fitting use too.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import PurePosixPath
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from skinray import UserError
 from skinray.config import Config
-from skinray.data.catalog import join_uri, resolve
 from skinray.data.pipeline import ImageSource
 from skinray.inference import predict_rows
+from skinray.storage import clear_dir, join_uri, kind, list_files, make_dir, resolve, write_json
 
 PREDICTIONS, LISTING, CHECKPOINT = "predictions", "_listing", "_checkpoint"
 
@@ -46,17 +44,17 @@ def list_inputs(uri: str) -> tuple[ImageSource, list[str]]:
     Returns the source to read with and the files as full paths or URIs. Non-image files are
     listed too: they get a row with their error, never a silent drop.
     """
-    fs, root, prefix = resolve(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
+    found = kind(uri)
+    if found is None:
         raise UserError(f"input '{uri}' does not exist")
-    if info.type == pafs.FileType.Directory:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = sorted(prefix + e.path for e in entries if e.type == pafs.FileType.File and not any(
-            part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(e.path[len(root):]).parts))
+    if found == "dir":
+        fs, root, prefix, files = list_files(uri)
+        paths = sorted(f"{prefix}{root}/{f}" for f in files if not any(
+            part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(f).parts))
         if not paths:
             raise UserError(f"input folder '{uri}' holds no files")
         return ImageSource(fs, prefix), paths
+    fs, root, prefix = resolve(uri)
     return ImageSource(fs, prefix), _manifest_paths(fs, root, prefix, uri)
 
 
@@ -102,9 +100,8 @@ def _write_listing(paths: list[str], output: str, rows_per_file: int) -> tuple[s
 
     fs, root, _ = resolve(output)
     listing = f"{root}/{LISTING}"
-    if fs.get_file_info(listing).type != pafs.FileType.NotFound:
-        fs.delete_dir(listing)
-    fs.create_dir(listing, recursive=True)
+    clear_dir(join_uri(output, LISTING))
+    make_dir(join_uri(output, LISTING))
     for part, start in enumerate(range(0, len(paths), rows_per_file)):
         pq.write_table(pa.table({"path": paths[start:start + rows_per_file]}),
                        f"{listing}/part-{part:06d}.parquet", filesystem=fs)
@@ -120,7 +117,8 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     from ray.data.checkpoint import CheckpointConfig
 
     from skinray.cluster import connect
-    from skinray.predictor import Predictor, absolute
+    from skinray.predictor import Predictor
+    from skinray.storage import absolute
 
     model = absolute(model)  # the actors open it from their own working directories
     predictor = Predictor.from_path(model, load_models=False)  # a bad model fails here, before any work
@@ -130,7 +128,7 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     # The actors, the checkpoint filter's actor and at least one decode task must fit together.
     connect(reserved_cpus=score_cfg.max_actors * score_cfg.cpus_per_actor + 1)
     fs, root, _ = resolve(output)
-    fs.create_dir(root, recursive=True)
+    make_dir(output)
     listing, parts = _write_listing(paths, output, score_cfg.rows_per_file)
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config, context.use_datasource_v2
@@ -149,8 +147,7 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     finally:
         context.checkpoint_config, context.use_datasource_v2 = previous
     summary = summarise(output, len(paths), predictor, time.perf_counter() - started)
-    with fs.open_output_stream(f"{root}/summary.json") as f:
-        f.write(json.dumps(summary, indent=2).encode())
+    write_json(join_uri(output, "summary.json"), summary)
     return summary
 
 

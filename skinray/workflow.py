@@ -12,14 +12,13 @@ the run's latest checkpoint).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from skinray import UserError
 from skinray.config import Config, load_config
-from skinray.data.catalog import join_uri, read_text, resolve
+from skinray.storage import absolute, join_uri, read_json, read_text, write_json
 
 DEFAULT_MEMBERS = ("configs/resnet50.yaml", "configs/inception_v3.yaml", "configs/efficientnetv2s.yaml")
 
@@ -46,7 +45,7 @@ def run_pipeline(archive: str, out: str, members: list[Member], settings: list[s
     """Runs (or continues) every stage; returns the test-split report of the bundle."""
     if len({m.name for m in members}) != len(members):
         raise UserError("two members share a name: give each member config its own file name")
-    out = out if "://" in out else str(Path(out).expanduser().resolve())
+    out = absolute(out)
     shared = [*settings, f"data.archive={archive}"]
     configs = [load_config(m.config, [*m.settings, *shared]) for m in members]  # bad settings fail here
     check_stage(archive, out, say)
@@ -62,7 +61,7 @@ def run_pipeline(archive: str, out: str, members: list[Member], settings: list[s
 def check_stage(archive: str, out: str, say) -> dict:
     from skinray.data.check import check_archive, format_report
 
-    done = _read_json(join_uri(out, "check.json"))
+    done = read_json(join_uri(out, "check.json"))
     if done is not None:
         say(f"[pipeline] data check: done before ({join_uri(out, 'check.json')})")
         return done
@@ -72,7 +71,7 @@ def check_stage(archive: str, out: str, say) -> dict:
     if not report["ok"]:
         raise UserError("the archive has unreadable files or images in two splits (report above): "
                         "fix the archive, then run the pipeline again")
-    _write_json(join_uri(out, "check.json"), report)
+    write_json(join_uri(out, "check.json"), report)
     return report
 
 
@@ -100,7 +99,7 @@ def train_stage(member: Member, cfg: Config, out: str, say) -> str:
     from skinray.train.trainer import train
 
     run_dir = join_uri(join_uri(out, "runs"), member.name)
-    summary = _read_json(join_uri(run_dir, "summary.json"))
+    summary = read_json(join_uri(run_dir, "summary.json"))
     if summary is None:
         say(f"[pipeline] {member.name}: training ({cfg.model.backbone} at {cfg.model.image_size or 'native'} px, "
             f"{cfg.train.workers} workers, {cfg.train.epochs} epochs)")
@@ -128,7 +127,7 @@ def evaluate_stage(bundle: str, archive: str, out: str, say) -> dict:
     from skinray.evaluate import evaluate
 
     where = join_uri(out, "evaluation")
-    report = _read_json(join_uri(where, "report.json"))
+    report = read_json(join_uri(where, "report.json"))
     if report is None:
         say("[pipeline] evaluation of the bundle and its members on the test split")
         report = evaluate(bundle, archive, "test", where)
@@ -151,17 +150,3 @@ def pipeline_from_args(args) -> int:
     report = run_pipeline(args.data, args.out, members, settings, tune=not args.no_tune)
     return 0 if report["num_images"] else 1
 
-
-# === Storage ===
-
-
-def _read_json(uri: str) -> dict | None:
-    text = read_text(uri)
-    return None if text is None else json.loads(text)
-
-
-def _write_json(uri: str, value: dict) -> None:
-    fs, path, _ = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(value, indent=2).encode())

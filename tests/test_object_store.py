@@ -53,7 +53,7 @@ def test_data_check_on_a_bucket(ray_cluster, bucket_uri):
 def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bucket_uri):
     """The cluster path: archive, checkpoints, TensorBoard, summary and the report all in object storage."""
     from skinray.config import load_config
-    from skinray.data.catalog import join_uri, resolve
+    from skinray.storage import join_uri, resolve
     from skinray.evaluate import evaluate
     from skinray.train.trainer import train
 

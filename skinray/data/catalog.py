@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
-from skinray import UserError
+from skinray import UserError, storage
 from skinray.data.decode import is_image_name
 
 SPLIT_ALIASES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
@@ -31,46 +30,6 @@ SCHEMA = pa.schema(
 
 class ArchiveError(UserError, ValueError):
     """The archive cannot be read, or holds no usable class folders."""
-
-
-# === Storage ===
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
-    """Returns (filesystem, path inside it, prefix that turns such a path back into a URI)."""
-    if "://" in uri and not uri.startswith("file://"):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/"), uri.split("://", 1)[0] + "://"
-    local = uri.removeprefix("file://")
-    return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve()), ""
-
-
-def join_uri(base: str, name: str) -> str:
-    """`base`/`name`, keeping a URI's query (s3://bucket/runs?endpoint_override=...) at the end."""
-    location, sep, query = base.partition("?")
-    return f"{location.rstrip('/')}/{name}{sep}{query}"
-
-
-def read_text(uri: str) -> str | None:
-    """The text of the file at `uri` (a path or any pyarrow.fs URI), or None when there is none."""
-    fs, path, _ = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
-def upload_folder(folder: str | Path, uri: str) -> None:
-    """Copies a local folder's files into `uri` (a folder or any pyarrow.fs URI), creating it."""
-    fs, path, _ = resolve(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def read_bytes(fs: pafs.FileSystem, prefix: str, path: str) -> bytes:
-    """Reads one catalogued file (its `path` column) through the archive's filesystem."""
-    with fs.open_input_file(path[len(prefix):]) as f:
-        return f.read()
 
 
 # === Listing ===
@@ -84,7 +43,7 @@ class Catalog:
     classes: list[str]
     table: pa.Table
     skipped: dict[str, int] = field(default_factory=dict)
-    filesystem: pafs.FileSystem | None = None
+    filesystem: object = None  # the archive's pyarrow filesystem (storage.resolve)
     prefix: str = ""
 
     @property
@@ -106,13 +65,10 @@ def list_archive(uri: str) -> Catalog:
         >>> catalog = list_archive("data/dermnet")
         >>> catalog.classes[:1], catalog.split("train").num_rows
     """
-    fs, root, prefix = resolve(uri)
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
+    if storage.kind(uri) != "dir":
         raise ArchiveError(f"archive '{uri}' is not a folder that can be read")
-    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    rel_files = [PurePosixPath(e.path[len(root):].lstrip("/")) for e in entries
-                 if e.type == pafs.FileType.File]
+    fs, root, prefix, files = storage.list_files(uri)
+    rel_files = [PurePosixPath(f) for f in files]
     top_dirs = {p.parts[0].lower() for p in rel_files if len(p.parts) > 1}
     split_layout = "train" in top_dirs
 

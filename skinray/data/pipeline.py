@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from skinray.config import AugmentConfig
 from skinray.data.augment import IDENTITY, image_seed, resize, sample_params, warp
-from skinray.data.catalog import Catalog, read_bytes
+from skinray.data.catalog import Catalog
 from skinray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
+from skinray.storage import read_bytes
 
 BLOCK_ROWS = 64
 
@@ -42,7 +42,7 @@ BLOCK_ROWS = 64
 class ImageSource:
     """How a task reads catalogued files: the archive's filesystem and its URI prefix (picklable)."""
 
-    filesystem: pafs.FileSystem
+    filesystem: object  # a pyarrow filesystem (storage.resolve)
     prefix: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS
 

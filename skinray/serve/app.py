@@ -16,9 +16,6 @@ logits with `Predictor.combine`, so online and bulk scoring give the same probab
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-from pathlib import Path
 
 import numpy as np
 import yaml
@@ -27,7 +24,6 @@ from ray import serve
 from skinray import UserError
 from skinray.config import ServeConfig, load_config_text
 
-KEYS_ENV = "SKINRAY_API_KEYS"
 APP_NAME = "skinray"
 
 
@@ -107,7 +103,9 @@ class Ingress:
 
 def build_app(args: dict) -> serve.Application:
     """The application for `args` = {"model": PATH, "serve": {ServeConfig settings}}."""
-    from skinray.predictor import Predictor, absolute
+    from skinray.predictor import Predictor
+    from skinray.serve.http import key_digests
+    from skinray.storage import absolute
 
     if not args.get("model"):
         raise UserError("no model given: pass model=BUNDLE_OR_RUN (skinray serve --model ...)")
@@ -139,27 +137,3 @@ def _model_deployment(cfg: ServeConfig, name: str):
                             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
         max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         ray_actor_options=cfg.replica_options)
-
-
-# === API keys ===
-
-
-def key_digests(cfg: ServeConfig) -> set[str]:
-    """SHA-256 digests of the API keys in `serve.api_keys_file` and $SKINRAY_API_KEYS.
-
-    Only digests travel to the ingress replicas (and into Serve's deployment state); the keys
-    themselves stay where they were read.
-    """
-    keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",")]
-    if cfg.api_keys_file:
-        path = Path(cfg.api_keys_file).expanduser()
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise UserError(f"cannot read serve.api_keys_file '{path}': {exc.strerror}") from None
-        keys += [line.strip() for line in lines if not line.strip().startswith("#")]
-    return {digest(k) for k in keys if k}
-
-
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()

@@ -17,7 +17,7 @@ import yaml
 
 from skinray import UserError
 from skinray.config import load_config
-from skinray.predictor import absolute
+from skinray.storage import absolute
 from skinray.serve.app import APP_NAME, build_app
 
 

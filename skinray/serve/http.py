@@ -7,13 +7,19 @@ route does not take), 422 (a malformed request), 503 (overloaded, with Retry-Aft
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import os
 import time
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from skinray.serve.app import digest
+from skinray import UserError
+from skinray.config import ServeConfig
+
+KEYS_ENV = "SKINRAY_API_KEYS"
 
 RETRY_AFTER_S = 1
 
@@ -73,6 +79,27 @@ class BodyLimit:
 
 
 # === API keys ===
+
+
+def key_digests(cfg: ServeConfig) -> set[str]:
+    """SHA-256 digests of the API keys in `serve.api_keys_file` and $SKINRAY_API_KEYS.
+
+    Only digests travel to the ingress replicas (and into Serve's deployment state); the keys
+    themselves stay where they were read.
+    """
+    keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",")]
+    if cfg.api_keys_file:
+        path = Path(cfg.api_keys_file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read serve.api_keys_file '{path}': {exc.strerror}") from None
+        keys += [line.strip() for line in lines if not line.strip().startswith("#")]
+    return {digest(k) for k in keys if k}
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Keys:

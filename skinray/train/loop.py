@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from skinray.config import Config, save_config
-from skinray.data.catalog import resolve
 from skinray.data.pipeline import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
 from skinray.metrics import confusion_metrics
+from skinray.storage import join_uri, kind, write_text
 from skinray.train.monitor import Monitor, checkpoint_score
 from skinray.train.step import make_train_step, scaled_learning_rate, scheduled_learning_rate
 from skinray.train.tensorboard import TensorBoard
@@ -428,13 +427,10 @@ class WorkerLoop:
         train = self.cfg.train
         if self.rank != train.kill_rank or global_step != train.kill_at_step:
             return
-        fs, path, _ = resolve(self.inputs.run_uri)
-        marker = f"{path}/fault_injected_rank{self.rank}"
-        if fs.get_file_info(marker).type != pafs.FileType.NotFound:  # done once already
+        marker = join_uri(self.inputs.run_uri, f"fault_injected_rank{self.rank}")
+        if kind(marker) is not None:  # done once already
             return
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(marker) as f:
-            f.write(f"killed at step {global_step}\n".encode())
+        write_text(marker, f"killed at step {global_step}\n")
         self._log(f"fault injection: rank {self.rank} kills itself at step {global_step}", every_rank=True)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 
-import pyarrow.fs as pafs
-
-from skinray.data.catalog import resolve
+from skinray.storage import join_uri, upload_folder
 
 
 class TensorBoard:
@@ -18,8 +17,7 @@ class TensorBoard:
 
         self.local = tempfile.mkdtemp(prefix="skinray-tb-")
         self.writer = tf.summary.create_file_writer(self.local)
-        self.fs, path, _ = resolve(run_uri)
-        self.remote = f"{path}/tensorboard"
+        self.remote = join_uri(run_uri, "tensorboard")
 
     def write(self, metrics: dict) -> None:
         import tensorflow as tf
@@ -29,9 +27,9 @@ class TensorBoard:
                 if isinstance(value, (int, float)) and key != "epoch":
                     tf.summary.scalar(key, value)
         self.writer.flush()
-        self.fs.create_dir(self.remote, recursive=True)
-        pafs.copy_files(self.local, self.remote, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+        upload_folder(self.local, self.remote)
 
     def close(self) -> None:
+        """Ends the run's event files; the local copy goes (everything is in the run directory)."""
         self.writer.close()
+        shutil.rmtree(self.local, ignore_errors=True)

@@ -23,8 +23,9 @@ from skinray import UserError
 from skinray.cluster import connect
 from skinray.config import Config, load_config, save_config
 from skinray.console import train_logging_config, verbose
-from skinray.data.catalog import class_weights, join_uri, list_archive, resolve, splits, upload_folder
+from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.pipeline import ImageSource, steps_per_epoch
+from skinray.storage import absolute, join_uri, upload_folder, write_json
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 
 log = logging.getLogger("skinray")
@@ -58,7 +59,7 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
     inputs = _inputs(cfg)
     _announce_recipe(cfg)
     run_name = name or cfg.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = out if "://" in out else str(Path(out).expanduser().resolve())
+    storage = absolute(out)
     run_uri = join_uri(storage, run_name)
     inputs = replace(inputs, run_uri=run_uri)
     _write_run_files(cfg, inputs, run_uri)
@@ -151,9 +152,7 @@ def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
     history = _history(result.checkpoint or checkpoint)
     summary = {"run_dir": run_uri, "best_checkpoint": checkpoint.path, "best_metrics": metrics,
                "monitor": cfg.train.monitor, "history": history}
-    fs, path, _ = resolve(run_uri)
-    with fs.open_output_stream(f"{path}/summary.json") as f:
-        f.write(json.dumps(summary, indent=2, default=str).encode())
+    write_json(join_uri(run_uri, "summary.json"), summary)
     return TrainResult(run_uri, checkpoint.path, metrics, history)
 
 

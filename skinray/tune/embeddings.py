@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from skinray.config import Config
-from skinray.data.catalog import join_uri, resolve
+from skinray.storage import clear_dir, join_uri, kind, resolve, write_json
 from skinray.data.pipeline import ImageSource, dataset, load_batch
 
 DONE = "_SUCCESS.json"
@@ -60,8 +59,7 @@ def embed(cfg: Config, size: int, train_rows: pa.Table, val_rows: pa.Table, sour
     folders (other searches'); returns (location, reused)."""
     key = embeddings_key(cfg, size, train_rows, val_rows)
     for candidate in (folder, *elsewhere):
-        fs, path, _ = resolve(join_uri(candidate, key))
-        if fs.get_file_info(f"{path}/{DONE}").type != pafs.FileType.NotFound:
+        if kind(join_uri(join_uri(candidate, key), DONE)) is not None:
             return join_uri(candidate, key), True
     target = join_uri(folder, key)
     fs, path, _ = resolve(target)
@@ -70,11 +68,10 @@ def embed(cfg: Config, size: int, train_rows: pa.Table, val_rows: pa.Table, sour
     val = val_rows.select(["path", "label_index"]).append_column(
         "epoch", pa.array(np.zeros(val_rows.num_rows), pa.int32()))
     for split, rows, augment in (("train", views, cfg.augment), ("val", val, None)):
-        fs.delete_dir_contents(f"{path}/{split}", missing_dir_ok=True)  # a killed job's partial files
+        clear_dir(join_uri(target, split))  # a killed job's partial files
         _features(cfg, size, rows, source, augment).write_parquet(f"{path}/{split}", filesystem=fs)
-    with fs.open_output_stream(f"{path}/{DONE}") as f:
-        f.write(json.dumps({"train_images": train_rows.num_rows, "views": cfg.tune.views,
-                            "val_images": val_rows.num_rows}).encode())
+    write_json(join_uri(target, DONE), {"train_images": train_rows.num_rows, "views": cfg.tune.views,
+                                        "val_images": val_rows.num_rows})
     return target, False
 
 

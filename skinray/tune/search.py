@@ -22,12 +22,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from skinray import UserError
 from skinray.config import Config, TuneConfig, load_config, load_config_text, save_config
 from skinray.console import verbose
-from skinray.data.catalog import class_weights, join_uri, list_archive, read_text, resolve, splits
+from skinray.data.catalog import class_weights, list_archive, splits
+from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
 from skinray.data.pipeline import ImageSource
 
 # Where each searched value goes in the config that `skinray train` reads.
@@ -139,13 +139,12 @@ def tune_head(cfg: Config, out: str, name: str = "") -> dict:
     size = input_size(spec, cfg.model.image_size)
     resolve_weights(spec, cfg.model.weights)  # a missing weights file fails here, before anything is written
     catalog, train_rows, val_rows = _inputs(cfg)
-    out = out if "://" in out else str(Path(out).expanduser().resolve())
+    out = absolute(out)
     run_dir = join_uri(out, name or f"tune-{spec.name}")
     _refuse_a_different_search(cfg, run_dir)
-    fs, path, _ = resolve(run_dir)
-    fs.create_dir(path, recursive=True)
+    make_dir(run_dir)
     with tempfile.TemporaryDirectory() as folder:
-        _put(fs, f"{path}/config.yaml", save_config(cfg, folder).read_bytes())
+        write_text(join_uri(run_dir, "config.yaml"), save_config(cfg, folder).read_text())
     weights = class_weights(train_rows["label_index"].to_numpy(), catalog.num_classes)
     if cfg.tune.mode == "cached":
         from skinray.tune.embeddings import embed, load_embeddings
@@ -178,13 +177,7 @@ def _refuse_a_different_search(cfg: Config, run_dir: str) -> None:
 
 def _sibling_embeddings(out: str) -> list[str]:
     """Embedding folders of the other searches under the same --out, for reuse by key."""
-    fs, path, _ = resolve(out)
-    try:
-        runs = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return []
-    return [join_uri(join_uri(out, Path(info.path).name), "embeddings") for info in runs
-            if info.type == pafs.FileType.Directory]
+    return [join_uri(join_uri(out, name), "embeddings") for name in list_dirs(out)]
 
 
 def _inputs(cfg: Config):
@@ -277,17 +270,16 @@ def write_outputs(results, cfg: Config, run_dir: str) -> dict:
     if not finished:
         raise UserError(f"no trial finished an epoch; see the trial errors in {join_uri(run_dir, 'trials')}")
     best = finished[0]
-    fs, path, _ = resolve(run_dir)
     frame = pd.DataFrame(rows)
-    _put(fs, f"{path}/trials.csv", frame.to_csv(index=False).encode())
-    _put(fs, f"{path}/trials.md", _markdown(frame, cfg.tune).encode())
+    write_text(join_uri(run_dir, "trials.csv"), frame.to_csv(index=False))
+    write_text(join_uri(run_dir, "trials.md"), _markdown(frame, cfg.tune))
     best_cfg = with_trial(cfg, {k: best[k] for k in SEARCHED})
     with tempfile.TemporaryDirectory() as folder:
         saved = save_config(best_cfg, folder, "best_config.yaml")
         text = (f"# The best of {len(rows)} trials of `skinray tune` ({cfg.tune.mode} mode): {cfg.tune.metric} "
                 f"{best[cfg.tune.metric]:.4f} at epoch {best['best_epoch']}, trial {best['trial']}.\n"
                 f"#   skinray train --config best_config.yaml --data ARCHIVE --out runs\n") + saved.read_text()
-        _put(fs, f"{path}/best_config.yaml", text.encode())
+        write_text(join_uri(run_dir, "best_config.yaml"), text)
     return {"best": best, "run_dir": run_dir, "best_config": join_uri(run_dir, "best_config.yaml"),
             "trials": len(rows), "stopped_early": sum(bool(r.get("stopped_early")) for r in rows)}
 
@@ -313,11 +305,6 @@ def _searched(config: dict) -> dict:
 
 def _trial_id(result) -> str:
     return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
-
-
-def _put(fs, path: str, data: bytes) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(data)
 
 
 # === Command line ===

@@ -1,0 +1,211 @@
+"""Where skinray reads and writes: local paths and object-store URIs alike, through pyarrow.fs.
+
+The one module that touches the filesystem layer. Every stage names its inputs and outputs as a
+location: a local path or a URI pyarrow.fs understands (`s3://bucket/runs?region=us-east-1`,
+`gs://...`, `hdfs://...`), options in the query. Here they become (filesystem, path) pairs, and
+here every write is made safe to interrupt:
+
+* A file written with `write_bytes` / `write_text` / `write_json` is never seen half-written. On
+  local disk it is written under a temporary name and renamed over the target (a rename is
+  atomic); on an object store the object appears whole when its upload completes (a single PUT,
+  or a completed multipart upload), and there is no rename to make.
+* Credentials in a URI (`s3://KEY:SECRET@bucket/...`, `?secret_key=...`) never leave through
+  `redact`: what is printed, logged or stored goes through it; the real URI only opens files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qsl, urlencode
+
+import pyarrow.fs as pafs
+
+# URI query options that carry a secret (pyarrow's S3 and GCS options, and the usual spellings).
+SECRET_OPTIONS = frozenset({"access_key", "secret_key", "session_token", "access_token", "token",
+                            "password", "secret", "credentials", "key"})
+HIDDEN = "***"
+
+
+# === Locations ===
+
+
+def is_uri(location: str) -> bool:
+    """True for an object-store (or other non-local) URI; local paths and file:// are not."""
+    return "://" in location and not location.startswith("file://")
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str, str]:
+    """Returns (filesystem, path inside it, prefix that turns such a path back into a URI)."""
+    if is_uri(location):
+        fs, path = pafs.FileSystem.from_uri(location)
+        return fs, path.rstrip("/"), location.split("://", 1)[0] + "://"
+    local = location.removeprefix("file://")
+    return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve()), ""
+
+
+def join_uri(base: str, name: str) -> str:
+    """`base`/`name`, keeping a URI's query (s3://bucket/runs?endpoint_override=...) at the end."""
+    location, sep, query = base.partition("?")
+    return f"{location.rstrip('/')}/{name}{sep}{query}"
+
+
+def absolute(location: str) -> str:
+    """A local path made absolute (other processes open it from their own working directories);
+    URIs as they are."""
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def redact(text: str) -> str:
+    """`text` (a URI, or a message holding one) with every credential replaced by ***.
+
+    `s3://KEY:SECRET@bucket/x` -> `s3://***@bucket/x`; `...?region=r&secret_key=S` ->
+    `...?region=r&secret_key=***`. Paths and plain URIs come back unchanged.
+    """
+    return " ".join(_redact_word(word) if "://" in word else word for word in text.split(" "))
+
+
+def _redact_word(word: str) -> str:
+    start = word.index("://")
+    scheme_at = max(word[:start].rfind(c) for c in "'\"(=[<") + 1  # a URI inside quotes or after `key=`
+    lead, scheme, rest = word[:scheme_at], word[scheme_at:start + 3], word[start + 3:]
+    location, sep, query = rest.partition("?")
+    at = location.find("@")
+    # Credentials before the host: `key:secret@` (a secret may hold '/'), or a token with no '/'.
+    if at >= 0 and (":" in location[:at] or "/" not in location[:at]):
+        location = HIDDEN + location[at:]
+    if query:
+        options = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, HIDDEN if k.lower() in SECRET_OPTIONS else v) for k, v in options], safe="*:/")
+    return lead + scheme + location + sep + query
+
+
+# === Reading ===
+
+
+def kind(location: str) -> str | None:
+    """"file", "dir", or None when nothing is there."""
+    fs, path, _ = resolve(location)
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(fs.get_file_info(path).type)
+
+
+def is_empty(location: str) -> bool:
+    """True when nothing is there, or an empty folder."""
+    fs, path, _ = resolve(location)
+    found = fs.get_file_info(path).type
+    return found == pafs.FileType.NotFound or (
+        found == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(path)))
+
+
+def list_files(location: str) -> tuple[pafs.FileSystem, str, str, list[str]]:
+    """Every file below a folder, recursively: (filesystem, root, prefix, paths relative to root)."""
+    fs, root, prefix = resolve(location)
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return fs, root, prefix, [e.path[len(root):].lstrip("/") for e in entries if e.type == pafs.FileType.File]
+
+
+def list_dirs(location: str) -> list[str]:
+    """The names of the folders directly inside `location` (none when it does not exist)."""
+    fs, path, _ = resolve(location)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted(PurePosixPath(e.path).name for e in entries if e.type == pafs.FileType.Directory)
+
+
+def read_bytes(fs: pafs.FileSystem, prefix: str, path: str) -> bytes:
+    """Reads one file named by a full path or URI (a catalog's `path` column) on its filesystem."""
+    with fs.open_input_file(path[len(prefix):]) as f:
+        return f.read()
+
+
+def read_text(location: str) -> str | None:
+    """The text of the file at `location`, or None when there is none."""
+    fs, path, _ = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def read_json(location: str):
+    """The JSON at `location`, or None when there is none."""
+    text = read_text(location)
+    return None if text is None else json.loads(text)
+
+
+# === Writing ===
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Writes a whole file at once, so that no reader ever sees part of it (see the module's doc)."""
+    fs, path, _ = resolve(location)
+    parent = path.rsplit("/", 1)[0]
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(parent, recursive=True)
+        temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with fs.open_output_stream(temporary) as f:
+                f.write(data)
+            fs.move(temporary, path)
+        finally:
+            if fs.get_file_info(temporary).type != pafs.FileType.NotFound:
+                fs.delete_file(temporary)
+        return
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def write_json(location: str, value) -> None:
+    write_bytes(location, json.dumps(value, indent=2, default=str).encode())
+
+
+def make_dir(location: str) -> None:
+    fs, path, _ = resolve(location)
+    fs.create_dir(path, recursive=True)
+
+
+def clear_dir(location: str) -> None:
+    """Removes a folder and everything in it; nothing happens when it does not exist."""
+    fs, path, _ = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def upload_folder(folder: str | Path, location: str) -> None:
+    """Copies a local folder's files into `location`, creating it."""
+    fs, path, _ = resolve(location)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def local_copy(location: str) -> Path:
+    """A local path of `location`: itself when local; a remote file or folder is copied to a new
+    temporary folder. Raises FileNotFoundError when nothing is there."""
+    if not is_uri(location):
+        local = Path(location.removeprefix("file://")).expanduser()
+        if not local.exists():
+            raise FileNotFoundError(location)
+        return local
+    fs, remote, _ = resolve(location)
+    found = fs.get_file_info(remote).type
+    if found == pafs.FileType.NotFound:
+        raise FileNotFoundError(location)
+    target = Path(tempfile.mkdtemp(prefix="skinray-model-"))
+    if found == pafs.FileType.Directory:
+        pafs.copy_files(remote, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return target
+    name = target / PurePosixPath(remote).name
+    with fs.open_input_stream(remote) as src, open(name, "wb") as out:
+        shutil.copyfileobj(src, out)
+    return name

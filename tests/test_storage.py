@@ -1,0 +1,66 @@
+"""storage.py: locations, whole-file writes on disk and on an object store, and URI redaction."""
+
+import json
+
+import pytest
+
+from skinray import storage
+
+
+def test_a_json_file_round_trips_and_no_temporary_file_is_left(tmp_path):
+    target = tmp_path / "deep" / "summary.json"
+    storage.write_json(str(target), {"rows": 3})
+    storage.write_json(str(target), {"rows": 4})  # replaced whole
+    assert storage.read_json(str(target)) == {"rows": 4}
+    assert [p.name for p in target.parent.iterdir()] == ["summary.json"]
+    assert storage.read_json(str(tmp_path / "absent.json")) is None
+
+
+def test_a_failed_write_leaves_what_was_there_and_no_temporary_file(tmp_path):
+    """The rename onto a non-empty folder fails: the folder and its file stay as they were."""
+    target = tmp_path / "report.json"
+    target.mkdir()
+    (target / "keep.txt").write_text("kept")
+    with pytest.raises(OSError):
+        storage.write_text(str(target), "new")
+    assert (target / "keep.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_the_same_calls_on_an_object_store(s3_server):
+    fs, options = s3_server
+    fs.create_dir("storage-bucket")
+    base = f"s3://storage-bucket/out?{options}"
+    assert storage.is_uri(base) and storage.kind(base) is None and storage.is_empty(base)
+    storage.write_json(storage.join_uri(base, "a/check.json"), {"ok": True})
+    assert storage.read_json(storage.join_uri(base, "a/check.json")) == {"ok": True}
+    assert storage.kind(storage.join_uri(base, "a/check.json")) == "file"
+    assert storage.list_dirs(base) == ["a"] and not storage.is_empty(base)
+    local = storage.local_copy(storage.join_uri(base, "a"))
+    assert json.loads((local / "check.json").read_text()) == {"ok": True}
+
+
+def test_locations():
+    assert storage.join_uri("s3://b/runs?region=x", "r1") == "s3://b/runs/r1?region=x"
+    assert not storage.is_uri("/data/x") and not storage.is_uri("file:///data/x")
+    assert storage.absolute("s3://b/x") == "s3://b/x" and storage.absolute("x").startswith("/")
+    with pytest.raises(FileNotFoundError):
+        storage.local_copy("/nowhere/at/all")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("s3://AKIAX:wJalr/XUtnFEMI@bucket/dermnet", "s3://***@bucket/dermnet"),
+    ("s3://bucket/runs?region=eu-west-1&secret_key=S3CRET&access_key=AK",
+     "s3://bucket/runs?region=eu-west-1&secret_key=***&access_key=***"),
+    ("gs://bucket/x?access_token=ya29.tok", "gs://bucket/x?access_token=***"),
+    ("archive 's3://K:S@b/x' is not a folder", "archive 's3://***@b/x' is not a folder"),
+    ("input=s3://K:S@b/x", "input=s3://***@b/x"),
+    ("s3://bucket/plain/path?region=us-east-1", "s3://bucket/plain/path?region=us-east-1"),
+    ("/local/path/with:colon@at", "/local/path/with:colon@at"),
+])
+def test_credentials_in_uris_are_redacted(text, expected):
+    assert storage.redact(text) == expected
+
+
+def test_an_at_sign_in_a_path_is_not_taken_for_credentials():
+    assert storage.redact("s3://bucket/user@clinic/a.jpg") == "s3://bucket/user@clinic/a.jpg"
