@@ -1,7 +1,13 @@
-"""The `skinray` command: parse the arguments, dispatch to a stage, report errors in one line.
+"""The `skinray` command, the only face: parse, build the config, connect to Ray, run a stage, report.
 
-Nothing here does work of its own; each subcommand calls one function of the package, and options
-that configure a run are sugar for `--set section.key=value` overrides of the typed config.
+Every command that runs a model or Ray takes `--config FILE` and `--set section.key=value`; its
+other options are either what it works on (`--model`, `--data`, `--out`, ...) or a config key with a
+flag of its own (`COMMAND_FLAGS`), declared once: the flag's type, default and help are the config
+field's (`skinray.config.describe_key`), so `--help`, the config and the docs cannot disagree. The
+flags win over `--set`, which wins over `--config`, which wins over the defaults. Stages take a
+`Config`, and connect to Ray (`skinray.cluster`) only once their inputs are known good, so a
+mistake fails before any cluster starts; the pipeline, whose stages need different workers, is
+connected here, sized for the largest. A user's mistake is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +17,24 @@ import json
 import sys
 
 from skinray import UserError, __version__
+
+# Each command's flags of its own: flag -> the config key it sets.
+MODEL_FLAGS = {"--backbone": "model.backbone", "--data": "data.archive", "--image-size": "model.image_size",
+               "--weights": "model.weights"}
+COMMAND_FLAGS = {
+    "train": {**MODEL_FLAGS, "--workers": "train.workers", "--gpus-per-worker": "train.gpus_per_worker",
+              "--epochs": "train.epochs"},
+    "tune": {**MODEL_FLAGS, "--trials": "tune.trials", "--max-concurrent": "tune.max_concurrent",
+             "--mode": "tune.mode"},
+    "ensemble": {"--coverage": "ensemble.coverage"},
+    "score": {"--top-k": "score.top_k"},
+    "evaluate": {"--batch-size": "score.batch_size"},
+    "serve": {"--host": "serve.host", "--port": "serve.port"},
+    "explain": {"--top-k": "score.top_k"},
+    "pipeline": {},
+    "check": {"--max-pixels": "data.max_pixels"},
+}
+CHOICES = {"tune.mode": ("cached", "full"), "serve.layout": ("together", "per_member")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,78 +60,56 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser("check", help="counts, imbalance, duplicates and unreadable files")
     check.add_argument("archive", help="archive folder or URI (s3://, gs://)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
+    _config_flags(check, "check", with_files=False)
 
-    train = commands.add_parser("train", help="fine-tune a backbone on Ray Train")
-    _config_options(train)
-    train.add_argument("--backbone", help="registered backbone (resnet50, inception_v3, efficientnetv2s, tiny)")
-    train.add_argument("--data", help="archive folder or URI")
+    train = _command(commands, "train", "fine-tune a backbone on Ray Train")
     train.add_argument("--out", required=True, help="storage folder or URI for runs")
-    train.add_argument("--workers", type=int)
-    train.add_argument("--gpus-per-worker", type=float)
-    train.add_argument("--epochs", type=int, help="total epochs (over both phases of the transfer recipe)")
-    train.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
-    train.add_argument("--weights", help="imagenet, none, or a path to a weights file")
     train.add_argument("--name", help="run name; the same name resumes an interrupted run")
 
-    tune = commands.add_parser("tune", help="search the classification head's hyperparameters with Ray Tune")
-    _config_options(tune)
-    tune.add_argument("--backbone", help="registered backbone (resnet50, inception_v3, efficientnetv2s, tiny)")
-    tune.add_argument("--data", help="archive folder or URI")
+    tune = _command(commands, "tune", "search the classification head's hyperparameters with Ray Tune")
     tune.add_argument("--out", required=True, help="folder or URI for searches")
     tune.add_argument("--name", help="search name (default tune-BACKBONE); the same name continues a search")
-    tune.add_argument("--trials", type=int, help="configurations to try (default 16)")
-    tune.add_argument("--max-concurrent", type=int, help="trials at once (default: as the CPUs allow)")
-    tune.add_argument("--mode", choices=["cached", "full"], help="cached embeddings (default) or full Ray Train runs")
-    tune.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
-    tune.add_argument("--weights", help="imagenet, none, or a path to a weights file")
 
-    ensemble = commands.add_parser("ensemble", help="calibrate members and write one versioned bundle")
-    _config_options(ensemble)
+    ensemble = _command(commands, "ensemble", "calibrate members and write one versioned bundle")
     ensemble.add_argument("--members", nargs="+", required=True, metavar="RUN_OR_CHECKPOINT",
                           help="training run directories or checkpoints (same classes, same validation split)")
     ensemble.add_argument("--data", required=True, help="the archive the members were trained on")
     ensemble.add_argument("--out", required=True, help="new bundle folder or URI (never overwritten)")
-    ensemble.add_argument("--coverage", type=float, help="share of validation images answered (default 0.9)")
 
-    score = commands.add_parser("score", help="bulk-score a folder or manifest of images to Parquet on Ray Data")
-    _config_options(score)
+    score = _command(commands, "score", "bulk-score a folder or manifest of images to Parquet on Ray Data")
     score.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
     score.add_argument("--input", required=True,
                        help="folder tree of images (local or URI), or a .parquet/.csv manifest with a 'path' column")
     score.add_argument("--output", required=True, help="folder or URI; rerun with the same one to resume")
-    score.add_argument("--top-k", type=int, help="classes listed per image (default 3)")
 
-    serve = commands.add_parser("serve", help="the online endpoint (Ray Serve) in the foreground until interrupted")
-    _config_options(serve)
+    serve = _command(commands, "serve", "the online endpoint (Ray Serve) in the foreground until interrupted")
     serve.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--detach", action="store_true",
                        help="deploy onto the running cluster (RAY_ADDRESS) and return, leaving the endpoint up")
     serve.add_argument("--print-config", action="store_true",
                        help="print the Serve config file that deploys the same application, and exit")
 
-    explain = commands.add_parser("explain", help="Grad-CAM explanations of images as PNG files, without a server")
+    explain = _command(commands, "explain", "Grad-CAM explanations of images as PNG files, without a server")
     explain.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
     explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for them")
     explain.add_argument("--out", required=True, help="folder for the PNG files (one per image, named after it)")
 
-    evaluate = commands.add_parser("evaluate", help="per-class report of a bundle or trained model")
+    evaluate = _command(commands, "evaluate", "per-class report of a bundle or trained model")
     evaluate.add_argument("--model", required=True, help="bundle, run directory, checkpoint, or .keras file")
     evaluate.add_argument("--data", required=True, help="archive folder or URI")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", required=True, help="folder for report.json, report.md and the confusion matrix")
-    evaluate.add_argument("--batch-size", type=int, default=32)
 
     pipeline = commands.add_parser("pipeline", help="archive to evaluated bundle: check, tune and train each member, "
                                                     "ensemble, evaluate (resumable)")
+    _config_flags(pipeline, "pipeline", with_files=False)
     pipeline.add_argument("--data", required=True, help="archive folder or URI")
     pipeline.add_argument("--out", required=True,
                           help="storage folder or URI for every stage's output; the same one continues a stopped run")
     pipeline.add_argument("--members", nargs="+", metavar="CONFIG",
                           help="one config file per member (default: configs/resnet50.yaml, inception_v3.yaml, "
                                "efficientnetv2s.yaml)")
+    pipeline.add_argument("--config", help="YAML settings for every member, under each member's own file")
     pipeline.add_argument("--no-tune", action="store_true", help="train with the member configs' heads as they are")
     pipeline.add_argument("--gpu", action="store_true", help="one GPU per Train worker and per model actor")
     pipeline.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -122,10 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.batch_size=64 (repeatable)")
+def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help)
+    _config_flags(parser, name)
+    return parser
+
+
+def _config_flags(parser: argparse.ArgumentParser, command: str, with_files: bool = True) -> None:
+    """--config and --set, then the command's own flags, each described by its config field."""
+    from skinray.config import describe_key
+
+    if with_files:
+        parser.add_argument("--config", help="YAML config file (see configs/)")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value, e.g. --set train.batch_size=64 (repeatable)")
+    for flag, key in COMMAND_FLAGS[command].items():
+        info = describe_key(key)
+        parser.add_argument(flag, dest=key, type=info.type, choices=CHOICES.get(key), default=None,
+                            metavar=None if key in CHOICES else key.split(".")[1].upper(),
+                            help=f"{info.help.rstrip('.')} [{key}; default {info.default!r}]".replace("%", "%%"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     set_verbose(args.verbose)
     setup_driver()
     try:
-        return _dispatch(args)
+        return COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as exc:
         print(f"skinray: error: {exc}", file=sys.stderr)
         return 2
@@ -144,46 +161,107 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "data":
-        return _data(args)
-    if args.command == "train":
-        from skinray.train.trainer import train_from_args
+# === From flags to a config, and to a cluster ===
 
-        return train_from_args(args)
-    if args.command == "tune":
-        from skinray.tune.search import tune_from_args
 
-        return tune_from_args(args)
-    if args.command == "evaluate":
-        from skinray.evaluate import evaluate_from_args
+def config_of(args: argparse.Namespace):
+    """--config, then --set, then the command's own flags (which win)."""
+    from skinray.config import load_config
 
-        return evaluate_from_args(args)
-    if args.command == "ensemble":
-        from skinray.ensemble import ensemble_from_args
+    flags = COMMAND_FLAGS["check" if args.command == "data" else args.command]
+    path, settings = getattr(args, "config", None), list(getattr(args, "set", ()))
+    overrides = [f"{key}={vars(args)[key]}" for key in flags.values() if vars(args).get(key) is not None]
+    epochs = vars(args).get("train.epochs")
+    if epochs is not None and load_config(path, settings).train.head_epochs > epochs:
+        overrides.append(f"train.head_epochs={epochs}")  # fewer epochs than the file's head phase
+    return load_config(path, [*settings, *overrides])
 
-        return ensemble_from_args(args)
-    if args.command == "score":
-        from skinray.score import score_from_args
 
-        return score_from_args(args)
-    if args.command == "serve":
-        from skinray.serve.command import serve_from_args
+# === The commands ===
 
-        return serve_from_args(args)
-    if args.command == "explain":
-        from skinray.explain import explain_from_args
 
-        return explain_from_args(args)
-    if args.command == "pipeline":
-        from skinray.workflow import pipeline_from_args
+def _train(args) -> int:
+    from skinray.train.trainer import train
 
-        return pipeline_from_args(args)
-    if args.command == "demo":
-        from skinray.demo import run_demo
+    cfg = config_of(args)
+    result = train(cfg, args.out, args.name or "")
+    best = result.best_metrics
+    print(f"run directory: {result.run_dir}")
+    print(f"best checkpoint: {result.best_checkpoint} (epoch {best.get('epoch')}, "
+          f"{cfg.train.monitor} {best.get(cfg.train.monitor, float('nan')):.4f})")
+    return 0
 
-        return run_demo(args.out, workers=args.workers, quick=args.quick, port=args.port, exit_when_done=args.exit)
-    raise UserError(f"unknown command {args.command}")
+
+def _tune(args) -> int:
+    from skinray.storage import join_uri
+    from skinray.tune.search import SEARCHED, format_value, tune_head
+
+    cfg = config_of(args)
+    summary = tune_head(cfg, args.out, args.name or "")
+    best, t = summary["best"], cfg.tune
+    searched = ", ".join(f"{k} {format_value(best[k])}" for k in SEARCHED)
+    print(f"\nbest of {summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA): "
+          f"{t.metric} {best[t.metric]:.4f} at epoch {best['best_epoch']}: {searched}")
+    print(f"trial table: {join_uri(summary['run_dir'], 'trials.md')}")
+    print(f"train with it: skinray train --config {summary['best_config']} --data {cfg.data.archive} --out runs")
+    return 0
+
+
+def _ensemble(args) -> int:
+    from skinray.ensemble import build_ensemble, format_manifest
+
+    cfg = config_of(args)
+    manifest = build_ensemble(args.members, args.data, args.out, cfg)
+    print(format_manifest(manifest, args.out))
+    return 0
+
+
+def _score(args) -> int:
+    from skinray.score import format_summary, score
+
+    cfg = config_of(args)
+    print(format_summary(score(cfg, args.model, args.input, args.output)))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from skinray.evaluate import evaluate, format_report
+
+    cfg = config_of(args)
+    report = evaluate(args.model, args.data, args.split, args.out, cfg)
+    print(format_report(report, args.out))
+    return 0
+
+
+def _serve(args) -> int:
+    from skinray.serve.command import serve_command
+
+    return serve_command(config_of(args), args.model, print_config=args.print_config, detach=args.detach)
+
+
+def _explain(args) -> int:
+    from skinray.explain import explain_files
+
+    return explain_files(config_of(args), args.model, args.inputs, args.out)
+
+
+def _pipeline(args) -> int:
+    from skinray.workflow import DEFAULT_MEMBERS, GPU_SETTINGS, Member, member_configs, run_pipeline
+
+    from skinray.cluster import connect, reserved_cpus
+
+    members = [Member.of_file(path) for path in (args.members or DEFAULT_MEMBERS)]
+    settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set]
+    configs = member_configs(args.data, members, settings, args.config)  # bad settings fail here, before Ray
+    connect(reserved_cpus=max(reserved_cpus(cfg, "pipeline") for cfg in configs))
+    report = run_pipeline(args.data, args.out, members, settings, tune=not args.no_tune, base_config=args.config)
+    return 0 if report["num_images"] else 1
+
+
+def _demo(args) -> int:
+    from skinray.demo import run_demo
+
+    return run_demo(args.out, workers=args.workers, quick=args.quick, port=args.port, exit_when_done=args.exit)
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -200,14 +278,16 @@ def _data(args: argparse.Namespace) -> int:
         counts = write_sample(args.dest, per_class=args.per_class, classes=args.classes, seed=args.seed)
         print(f"sample archive written to {args.dest}: {counts}")
         return 0
-    if args.data_command == "check":
-        from skinray.data.check import check_archive, format_report
-        from skinray.data.decode import DEFAULT_MAX_PIXELS
+    from skinray.data.check import check_archive, format_report
 
-        report = check_archive(args.archive, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
-        return 0 if report["ok"] else 1
-    raise UserError(f"unknown data action {args.data_command}")
+    cfg = config_of(args)
+    report = check_archive(args.archive, max_pixels=cfg.data.max_pixels)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+COMMANDS = {"data": _data, "train": _train, "tune": _tune, "ensemble": _ensemble, "score": _score,
+            "evaluate": _evaluate, "serve": _serve, "explain": _explain, "pipeline": _pipeline, "demo": _demo}
 
 
 if __name__ == "__main__":

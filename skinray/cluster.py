@@ -1,7 +1,8 @@
 """Joining the Ray cluster, or starting a local one sized for the work.
 
-Every command that runs on Ray (data check, train, evaluate, the demo) connects through here:
-to the cluster in RAY_ADDRESS or one started with `ray start`, else to a new local cluster.
+Every stage that runs on Ray connects through here once its inputs are known good (so a mistake
+fails before any cluster starts): to the cluster in RAY_ADDRESS or one started with `ray start`,
+else to a new local cluster sized for what the stage reserves (`reserved_cpus`: the one rule).
 """
 
 from __future__ import annotations
@@ -10,6 +11,20 @@ import math
 import os
 
 from skinray import UserError
+
+
+def reserved_cpus(cfg, command: str) -> float:
+    """The CPUs a command's long-lived workers hold for its whole run (what `connect` keeps free of)."""
+    train = cfg.train.workers * cfg.train.cpus_per_worker
+    actors = cfg.score.max_actors * cfg.score.cpus_per_actor
+    return {
+        "train": train,
+        "tune": actors if cfg.tune.mode == "cached" else train,  # the embedding job's model actors
+        "score": actors + 1,  # and the actor of Ray Data's checkpoint filter
+        "evaluate": actors,
+        "ensemble": actors,
+        "pipeline": max(train, actors),
+    }.get(command, 0.0)
 
 
 def connect(reserved_cpus: float = 0.0) -> bool:

@@ -357,6 +357,10 @@ class TuneConfig:
         reduction_factor: ASHA keeps 1 / reduction_factor of the trials at each rung.
         max_epochs: epochs of a trial that is never stopped.
         embed_batch_size: images per call of the frozen backbone in the embedding job.
+        head_units, batch_size: the choices searched for model.head_units and train.batch_size.
+        dropout, head_dropout, label_smoothing: [low, high], searched uniformly (model.dropout,
+            model.head_dropout, train.label_smoothing).
+        head_lr, l2: [low, high], searched log-uniformly (train.head_lr, model.l2).
     """
 
     mode: str = "cached"
@@ -420,8 +424,8 @@ class ServeConfig:
         host, port: where Serve's HTTP proxy listens (127.0.0.1: this machine only).
         layout: `together` (one model deployment holds every member) or `per_member` (one
             deployment per member, composed by the ingress); README, "Online scoring".
-        min_replicas, max_replicas, target_ongoing_requests: autoscaling of each model deployment;
-            upscale_delay_s, downscale_delay_s: how long the load must last before it scales.
+        min_replicas, max_replicas, target_ongoing_requests: autoscaling of each model deployment.
+        upscale_delay_s, downscale_delay_s: how long the load must last before it scales.
         max_ongoing_requests, max_queued_requests: per model replica, and the callers' queue
             beyond which requests get a 503 at once.
         cpus_per_replica, gpus_per_replica: what each model replica reserves.
@@ -473,10 +477,12 @@ class ServeConfig:
         _require(self.min_replicas >= 1, "min_replicas", "must be >= 1")
         _require(self.max_replicas >= self.min_replicas, "max_replicas", "must be >= min_replicas")
         _require(self.target_ongoing_requests > 0, "target_ongoing_requests", "must be positive")
-        _require(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0, "downscale_delay_s", "must be >= 0")
+        _require(self.upscale_delay_s >= 0, "upscale_delay_s", "must be >= 0")
+        _require(self.downscale_delay_s >= 0, "downscale_delay_s", "must be >= 0")
         _require(self.max_ongoing_requests >= 1, "max_ongoing_requests", "must be >= 1")
         _require(self.max_queued_requests >= 1, "max_queued_requests", "must be >= 1 (unlimited queues hide overload)")
-        _require(self.cpus_per_replica >= 0 and self.gpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
+        _require(self.cpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
+        _require(self.gpus_per_replica >= 0, "gpus_per_replica", "must be >= 0")
         _require(self.cpus_per_replica > 0 or self.gpus_per_replica > 0, "cpus_per_replica",
                  "a replica must reserve a CPU or a GPU")
         _require_resources(self.resources, "resources")
@@ -588,20 +594,24 @@ def _replace_section(section: Any, prefix: str, values: dict[str, Any]) -> Any:
 # === Loading ===
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Builds a `Config` from defaults, then a YAML file, then `key.sub=value` overrides.
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: str | Path | None = None) -> Config:
+    """Builds a `Config` from defaults, then a `base` YAML file, then a YAML file, then `key.sub=value`
+    overrides (each key the last one sets wins).
 
     Example:
         >>> load_config(overrides=["data.val_fraction=0.1"]).data.val_fraction
         0.1
     """
     raw: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError("<root>", f"{path} must hold a mapping of sections")
-        raw = loaded
+    for file in (base, path):
+        if file is None:
+            continue
+        loaded = yaml.safe_load(Path(file).read_text()) or {}
+        if not isinstance(loaded, dict) or not all(isinstance(v, dict) or v is None for v in loaded.values()):
+            raise ConfigError("<root>", f"{file} must hold a mapping of sections")
+        for section, values in loaded.items():
+            raw.setdefault(section, {}).update(values or {})
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -675,6 +685,53 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
         return value
     raise ConfigError(key, f"unsupported type {hint}")
+
+
+# === Describing keys: what the CLI's flags and the configuration reference show ===
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key: its Python type, its default, the help its section's docstring gives it."""
+
+    key: str
+    type: type
+    default: Any
+    help: str
+
+
+def describe_key(key: str) -> KeyInfo:
+    """`describe_key("train.epochs")` -> its type, default and help (from the section's `Args:`)."""
+    section_name, _, name = key.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section_name not in sections or "." in name:
+        raise ConfigError(key, "not a config key of the form section.key")
+    section = sections[section_name].default_factory
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise ConfigError(key, f"unknown key (known: {', '.join(fields)})")
+    hint = typing.get_type_hints(section)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    return KeyInfo(key, hint, getattr(section(), name), _docstring_help(section).get(name, ""))
+
+
+def _docstring_help(section: type) -> dict[str, str]:
+    """`Args:` entries of a section's docstring, by key; `a, b: text` gives both keys the text."""
+    helps, current = {}, []
+    lines = (section.__doc__ or "").split("Args:", 1)[-1].splitlines()
+    for line in lines:
+        stripped = line.strip()
+        head, colon, text = stripped.partition(": ")
+        names = [n.strip() for n in head.split(",")]
+        if colon and all(n.isidentifier() for n in names) and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            current = names
+            for n in names:
+                helps[n] = text
+        elif stripped and current:
+            for n in current:
+                helps[n] += " " + stripped
+    return helps
 
 
 # === Writing ===

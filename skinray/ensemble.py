@@ -143,7 +143,7 @@ def fit(member_logits: np.ndarray, labels: np.ndarray, coverage: float) -> dict:
 def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config) -> dict:
     """Fits the calibration of `member_paths` on `archive`'s validation split and writes the bundle."""
     from skinray.bundle import built_before, write_bundle
-    from skinray.cluster import connect
+    from skinray.cluster import connect, reserved_cpus
     from skinray.data.pipeline import ImageSource
     from skinray.storage import absolute
     from skinray.inference import labelled_logits
@@ -154,7 +154,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
         print(f"[skinray] {out} holds the bundle of these members already (version {previous['version'][:16]})")
         return previous
     predictor, catalog, table = load_members(member_paths, archive)
-    connect(reserved_cpus=cfg.score.max_actors * cfg.score.cpus_per_actor)
+    connect(reserved_cpus(cfg, "ensemble"))
     source = ImageSource.of(catalog, predictor.config.data.max_pixels)
     logits, labels, _ = labelled_logits(table, member_paths, predictor.sizes, source, cfg.score, "the validation split")
     fitted = fit(logits, labels, cfg.ensemble.coverage)
@@ -173,22 +173,18 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
                         manifest)
 
 
-def ensemble_from_args(args) -> int:
-    from skinray.config import load_config
-
-    overrides = list(args.set) + ([f"ensemble.coverage={args.coverage}"] if args.coverage is not None else [])
-    cfg = load_config(args.config, overrides)
-    manifest = build_ensemble(args.members, args.data, args.out, cfg)
+def format_manifest(manifest: dict, out: str) -> str:
+    """What `skinray ensemble` prints: the bundle, each member's calibration, the ensemble's scores."""
     v = manifest["validation"]
-    print(f"bundle {manifest['version'][:16]} written to {args.out} ({len(manifest['members'])} members, "
-          f"{v['images']} validation images)")
+    lines = [f"bundle {manifest['version'][:16]} written to {out} ({len(manifest['members'])} members, "
+             f"{v['images']} validation images)"]
     for member in manifest["members"]:
         cal, raw = member["validation"]["calibrated"], member["validation"]["uncalibrated"]
-        print(f"  {member['name']:24s} T {member['temperature']:.3f}  weight {member['weight']:.3f}  "
-              f"acc {cal['accuracy']:.3f}  ECE {raw['ece']:.3f} -> {cal['ece']:.3f}")
+        lines.append(f"  {member['name']:24s} T {member['temperature']:.3f}  weight {member['weight']:.3f}  "
+                     f"acc {cal['accuracy']:.3f}  ECE {raw['ece']:.3f} -> {cal['ece']:.3f}")
     e, eq = v["ensemble"], v["ensemble_equal_weights"]
-    print(f"  ensemble: acc {e['accuracy']:.3f}, macro-F1 {e['macro_f1']:.3f}, log-loss {e['log_loss']:.4f} "
-          f"(equal weights {eq['log_loss']:.4f}), ECE {v['ensemble_uncalibrated']['ece']:.3f} -> {e['ece']:.3f}")
-    print(f"  abstains below {e['threshold']:.3f}: answers {e['coverage']:.1%} of validation images, "
-          f"{e['answered_accuracy']:.3f} of them correctly")
-    return 0
+    lines.append(f"  ensemble: acc {e['accuracy']:.3f}, macro-F1 {e['macro_f1']:.3f}, log-loss {e['log_loss']:.4f} "
+                 f"(equal weights {eq['log_loss']:.4f}), ECE {v['ensemble_uncalibrated']['ece']:.3f} -> {e['ece']:.3f}")
+    lines.append(f"  abstains below {e['threshold']:.3f}: answers {e['coverage']:.1%} of validation images, "
+                 f"{e['answered_accuracy']:.3f} of them correctly")
+    return "\n".join(lines)

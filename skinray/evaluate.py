@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from skinray.storage import is_uri, join_uri
+from skinray.config import Config
 from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
+from skinray.storage import is_uri, join_uri
 
 
 # === Writing ===
@@ -131,16 +132,16 @@ def _plot_reliability(curves: dict[str, list[dict]], path: Path) -> None:
 # === The evaluate command ===
 
 
-def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: int = 32) -> dict:
+def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | None = None) -> dict:
     """Scores one split of an archive with a model and writes the report to `out`.
 
     The validation split is re-derived with the model's own seed and fraction, so `--split val`
     scores exactly the images the run validated on (and a bundle was calibrated on). Archive
     classes are matched to the model's by name; an archive class the model does not know is an error.
+    The engine runs with `cfg.score` (actors, GPUs, batch size: the command's config); without a
+    `cfg`, with the model's own.
     """
-    import dataclasses
-
-    from skinray.cluster import connect
+    from skinray.cluster import connect, reserved_cpus
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.pipeline import ImageSource
     from skinray.predictor import Predictor
@@ -151,10 +152,10 @@ def evaluate(model_path: str, archive: str, split: str, out: str, batch_size: in
     predictor = Predictor.from_path(model_path, load_models=False)  # the actors load the models
     catalog = list_archive(archive)
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
-    score_cfg = dataclasses.replace(predictor.config.score, batch_size=batch_size)
-    connect(reserved_cpus=score_cfg.max_actors * score_cfg.cpus_per_actor)
+    cfg = cfg or predictor.config
+    connect(reserved_cpus(cfg, "evaluate"))
     logits, labels, failed = labelled_logits(table, [model_path], predictor.sizes,
-                                             ImageSource.of(catalog, predictor.config.data.max_pixels), score_cfg,
+                                             ImageSource.of(catalog, predictor.config.data.max_pixels), cfg.score,
                                              f"the {split} split")
     report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels)
     report |= {"model": predictor.source, "model_version": predictor.version, "split": split, "archive": archive,
@@ -201,16 +202,16 @@ def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dic
     return report
 
 
-def evaluate_from_args(args) -> int:
-    report = evaluate(args.model, args.data, args.split, args.out, args.batch_size)
-    print(f"{report['num_images']} images of the {args.split} split: accuracy {report['accuracy']:.4f}, "
-          f"macro-F1 {report['macro_f1']:.4f}; {len(report['failed_files'])} unreadable")
+def format_report(report: dict, out: str) -> str:
+    """What `skinray evaluate` prints: the headline scores, each member's, calibration, abstention."""
+    lines = [f"{report['num_images']} images of the {report['split']} split: accuracy {report['accuracy']:.4f}, "
+             f"macro-F1 {report['macro_f1']:.4f}; {len(report['failed_files'])} unreadable"]
     if len(report["members"]) > 1:
         for name, m in report["members"].items():
-            print(f"  member {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
+            lines.append(f"  member {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
     calibration, abstention = report["calibration"], report["abstention"]
-    print(f"ECE {calibration['ece_before']:.4f} before calibration, {calibration['ece_after']:.4f} after; "
-          f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
-          f"{abstention['answered_accuracy']:.4f} of them correctly")
-    print(f"report: {join_uri(args.out, 'report.md')}")
-    return 0
+    lines.append(f"ECE {calibration['ece_before']:.4f} before calibration, {calibration['ece_after']:.4f} after; "
+                 f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
+                 f"{abstention['answered_accuracy']:.4f} of them correctly")
+    lines.append(f"report: {join_uri(out, 'report.md')}")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ The server's `POST /v1/explain` and the upload page draw the same overlay (`rend
 
 from __future__ import annotations
 
-import argparse
+
 import io
 import sys
 from pathlib import Path
@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from skinray import UserError
+from skinray.data.decode import is_image_name
 
 COLOUR_MAP = "turbo"  # matplotlib's: dark blue (no evidence) -> green -> yellow -> dark red (strongest)
 DISPLAY_SIDE = 512  # the longer side of a drawn explanation, in pixels
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 class Explainer:
@@ -155,18 +155,19 @@ def caption_lines(answer: dict, version: str) -> list[str]:
 # === skinray explain ===
 
 
-def explain_from_args(args: argparse.Namespace) -> int:
-    """Writes one PNG per readable input image; prints an error line for each one that is not."""
+def explain_files(cfg, model: str, names: list[str], out: str) -> int:
+    """Writes one PNG per readable input image into `out` (its caption lists `score.top_k` classes);
+    prints an error line for each one that is not. Returns the exit code: 1 when any failed."""
     from skinray.console import load_tensorflow
     from skinray.data.decode import DecodeError
     from skinray.data.pipeline import decode_photo
     from skinray.predictor import Predictor
 
-    inputs = _inputs(args.inputs)
+    inputs = _inputs(names)
     load_tensorflow(expect_gpu=False)
-    predictor = Predictor.from_path(args.model)
+    predictor = Predictor.from_path(model)
     explainer, weights = Explainer(predictor.members), [m.weight for m in predictor.members]
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path, name in inputs:
@@ -179,7 +180,7 @@ def explain_from_args(args: argparse.Namespace) -> int:
         views = {size: view[None] for size, view in views.items()}
         prediction = predictor.predict(views)
         cams = [c[0] for c in explainer.cams(views, prediction.labels)]
-        (answer,) = prediction.answers(predictor.classes, 3)
+        (answer,) = prediction.answers(predictor.classes, cfg.score.top_k)
         caption = caption_lines(answer, predictor.version)
         target = out / f"{name}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,7 @@ def _inputs(names: list[str]) -> list[tuple[Path, str]]:
     for name in names:
         path = Path(name).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in files]
         elif path.exists():
             found.append((path, path.stem))

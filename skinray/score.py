@@ -116,7 +116,7 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
-    from skinray.cluster import connect
+    from skinray.cluster import connect, reserved_cpus
     from skinray.predictor import Predictor
     from skinray.storage import absolute
 
@@ -125,8 +125,7 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     source, paths = list_inputs(input_uri)
     source = ImageSource(source.filesystem, source.prefix, cfg.data.max_pixels)
     score_cfg = cfg.score
-    # The actors, the checkpoint filter's actor and at least one decode task must fit together.
-    connect(reserved_cpus=score_cfg.max_actors * score_cfg.cpus_per_actor + 1)
+    connect(reserved_cpus(cfg, "score"))
     fs, root, _ = resolve(output)
     make_dir(output)
     listing, parts = _write_listing(paths, output, score_cfg.rows_per_file)
@@ -194,13 +193,3 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  failed: {count} {reason}")
     lines.append(f"predictions: {summary['predictions']}")
     return "\n".join(lines)
-
-
-def score_from_args(args) -> int:
-    from skinray.config import load_config
-
-    overrides = list(args.set) + ([f"score.top_k={args.top_k}"] if args.top_k else [])
-    cfg = load_config(args.config, overrides)
-    summary = score(cfg, args.model, args.input, args.output)
-    print(format_summary(summary))
-    return 0

@@ -1,6 +1,7 @@
 """Archive -> bundle: every stage in order (`skinray pipeline`, jobs/pipeline.py, the demo).
 
-    skinray pipeline --data ARCHIVE --out STORAGE [--members CONFIG ...] [--no-tune] [--gpu] [--set K=V ...]
+    skinray pipeline --data ARCHIVE --out STORAGE [--members CONFIG ...] [--config FILE] [--no-tune] [--gpu]
+                     [--set K=V ...]
 
 Check the archive -> per member: search its head (Ray Tune), train it (Ray Train) -> calibrate the
 members into one bundle -> evaluate the bundle beside its members on the test split. Everything lands
@@ -40,25 +41,32 @@ class Member:
         return cls(Path(path).stem, path)
 
 
-def run_pipeline(archive: str, out: str, members: list[Member], settings: list[str] = (), tune: bool = True,
-                 say=print) -> dict:
-    """Runs (or continues) every stage; returns the test-split report of the bundle."""
+def member_configs(archive: str, members: list[Member], settings: list[str] = (),
+                   base_config: str | None = None) -> list[Config]:
+    """Each member's config: `base_config`, then its own file, then its settings, then `settings`."""
     if len({m.name for m in members}) != len(members):
         raise UserError("two members share a name: give each member config its own file name")
+    return [load_config(m.config, [*m.settings, *settings, f"data.archive={archive}"], base=base_config)
+            for m in members]
+
+
+def run_pipeline(archive: str, out: str, members: list[Member], settings: list[str] = (), tune: bool = True,
+                 say=print, base_config: str | None = None) -> dict:
+    """Runs (or continues) every stage; returns the test-split report of the bundle."""
+    configs = member_configs(archive, members, settings, base_config)  # bad settings fail here
     out = absolute(out)
     shared = [*settings, f"data.archive={archive}"]
-    configs = [load_config(m.config, [*m.settings, *shared]) for m in members]  # bad settings fail here
-    check_stage(archive, out, say)
+    check_stage(archive, out, configs[0].data.max_pixels, say)
     runs = []
     for member, cfg in zip(members, configs):
         if tune and member.tune:
             cfg = tune_stage(member, cfg, [*member.settings, *shared], out, say)
         runs.append(train_stage(member, cfg, out, say))
     bundle = ensemble_stage(runs, archive, out, configs[0], say)
-    return evaluate_stage(bundle, archive, out, say)
+    return evaluate_stage(bundle, archive, out, configs[0], say)
 
 
-def check_stage(archive: str, out: str, say) -> dict:
+def check_stage(archive: str, out: str, max_pixels: int, say) -> dict:
     from skinray.data.check import check_archive, format_report
 
     done = read_json(join_uri(out, "check.json"))
@@ -66,7 +74,7 @@ def check_stage(archive: str, out: str, say) -> dict:
         say(f"[pipeline] data check: done before ({join_uri(out, 'check.json')})")
         return done
     say(f"[pipeline] data check of {archive}")
-    report = check_archive(archive)
+    report = check_archive(archive, max_pixels)
     say(format_report(report))
     if not report["ok"]:
         raise UserError("the archive has unreadable files or images in two splits (report above): "
@@ -122,7 +130,7 @@ def ensemble_stage(runs: list[str], archive: str, out: str, cfg: Config, say) ->
     return bundle
 
 
-def evaluate_stage(bundle: str, archive: str, out: str, say) -> dict:
+def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config, say) -> dict:
     """The bundle's report on the test split (its members beside it), in OUT/evaluation."""
     from skinray.evaluate import evaluate
 
@@ -130,7 +138,7 @@ def evaluate_stage(bundle: str, archive: str, out: str, say) -> dict:
     report = read_json(join_uri(where, "report.json"))
     if report is None:
         say("[pipeline] evaluation of the bundle and its members on the test split")
-        report = evaluate(bundle, archive, "test", where)
+        report = evaluate(bundle, archive, "test", where, cfg)
     lines = [f"[pipeline] test split, {report['num_images']} images: ensemble accuracy {report['accuracy']:.3f}, "
              f"macro-F1 {report['macro_f1']:.3f}"]
     lines += [f"[pipeline]   member {name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
@@ -139,14 +147,5 @@ def evaluate_stage(bundle: str, archive: str, out: str, say) -> dict:
     return report
 
 
-# === Command line ===
-
+# `skinray pipeline --gpu`: one GPU per Train worker and per model actor.
 GPU_SETTINGS = ("train.gpus_per_worker=1", "score.gpus_per_actor=1")
-
-
-def pipeline_from_args(args) -> int:
-    members = [Member.of_file(path) for path in (args.members or DEFAULT_MEMBERS)]
-    settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set]
-    report = run_pipeline(args.data, args.out, members, settings, tune=not args.no_tune)
-    return 0 if report["num_images"] else 1
-

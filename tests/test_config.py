@@ -159,3 +159,35 @@ def test_a_trials_values_land_where_train_reads_them():
                                      "head_lr": 3e-3, "label_smoothing": 0.05, "batch_size": 16})
     assert (cfg.model.head_units, cfg.model.dropout, cfg.model.head_dropout, cfg.model.l2) == (64, 0.1, 0.2, 1e-5)
     assert (cfg.train.head_lr, cfg.train.label_smoothing, cfg.train.batch_size) == (3e-3, 0.05, 16)
+
+
+def test_every_key_is_described_for_the_reference():
+    import dataclasses
+
+    from skinray.config import Config, describe_key
+
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(section.default_factory):
+            info = describe_key(f"{section.name}.{field.name}")
+            assert len(info.help) > 10, info.key
+            assert info.default == getattr(section.default_factory(), field.name)
+
+
+def test_a_base_file_sits_under_the_config_file(tmp_path):
+    from skinray.config import load_config
+
+    base, member = tmp_path / "base.yaml", tmp_path / "member.yaml"
+    base.write_text("train:\n  workers: 8\n  epochs: 3\nscore:\n  gpus_per_actor: 1\n")
+    member.write_text("train:\n  epochs: 5\n")
+    cfg = load_config(member, ["train.workers=6"], base=base)
+    assert (cfg.train.workers, cfg.train.epochs, cfg.score.gpus_per_actor) == (6, 5, 1.0)
+
+
+@pytest.mark.parametrize("key", ["serve.upscale_delay_s", "serve.downscale_delay_s", "serve.cpus_per_replica",
+                                 "serve.gpus_per_replica"])
+def test_a_negative_setting_is_named_by_its_own_key(key):
+    from skinray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"{key}=-1"])
+    assert err.value.key == key

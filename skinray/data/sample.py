@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from skinray import UserError
+
 DERMNET_CLASSES = (
     "Acne and Rosacea Photos",
     "Actinic Keratosis Basal Cell Carcinoma and other Malignant Lesions",
@@ -107,9 +109,9 @@ def write_sample(dest: str | Path, per_class: int = 40, classes: int = 23, seed:
         {'train': 80, 'test': 20}
     """
     if not 1 <= classes <= len(DERMNET_CLASSES):
-        raise ValueError(f"--classes must be between 1 and {len(DERMNET_CLASSES)}")
+        raise UserError(f"--classes must be between 1 and {len(DERMNET_CLASSES)}, got {classes}")
     if per_class < 1:
-        raise ValueError("--per-class must be at least 1")
+        raise UserError(f"--per-class must be at least 1, got {per_class}")
     dest = Path(dest)
     counts = {"train": per_class, "test": max(1, round(per_class * test_fraction))}
     for split_id, (split, n) in enumerate(counts.items()):

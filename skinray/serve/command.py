@@ -16,7 +16,6 @@ import time
 import yaml
 
 from skinray import UserError
-from skinray.config import load_config
 from skinray.storage import absolute
 from skinray.serve.app import APP_NAME, build_app
 
@@ -38,11 +37,11 @@ def serve_config(args: dict) -> str:
             "# application is built (the cluster), never written here.\n" + yaml.safe_dump(document, sort_keys=False))
 
 
-def serve_from_args(args) -> int:
-    overrides = list(args.set) + [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
-    cfg = load_config(args.config, overrides)
-    arguments = app_args(args.model, cfg)
-    if args.print_config:
+def serve_command(cfg, model: str, print_config: bool = False, detach: bool = False) -> int:
+    """`skinray serve`: prints the Serve config, deploys and returns (`detach`), or serves in the
+    foreground until SIGINT or SIGTERM. Connects to Ray itself, once the application is built."""
+    arguments = app_args(model, cfg)
+    if print_config:
         print(serve_config(arguments), end="")
         return 0
     application = build_app(arguments)  # a bad model path or keys file fails here, before Ray starts
@@ -51,7 +50,7 @@ def serve_from_args(args) -> int:
     from skinray.cluster import connect
 
     started = connect()
-    if args.detach:
+    if detach:
         return _deploy(application, cfg, arguments, started)
     # After Ray's start-up, which installs its own SIGTERM handler (one that aborts). SIGINT too: a
     # background job starts with it ignored.

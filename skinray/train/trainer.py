@@ -12,7 +12,6 @@ resumes an interrupted run from its latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -20,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from skinray import UserError
-from skinray.cluster import connect
-from skinray.config import Config, load_config, save_config
+from skinray.cluster import connect, reserved_cpus
+from skinray.config import Config, save_config
 from skinray.console import train_logging_config, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.pipeline import ImageSource, steps_per_epoch
@@ -65,7 +64,7 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
     _write_run_files(cfg, inputs, run_uri)
 
     train_cfg = cfg.train
-    connect(train_cfg.workers * train_cfg.cpus_per_worker)
+    connect(reserved_cpus(cfg, "train"))  # once the inputs are known good: a mistake fails before Ray starts
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
@@ -159,29 +158,3 @@ def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
 def _history(checkpoint) -> list:
     with checkpoint.as_directory() as folder:
         return json.loads(Path(folder, "state.json").read_text())["history"]
-
-
-# === Command line ===
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """--config, then --set, then the dedicated flags (which win)."""
-    flags = {
-        "model.backbone": args.backbone, "data.archive": args.data, "train.workers": args.workers,
-        "train.gpus_per_worker": args.gpus_per_worker, "train.epochs": args.epochs,
-        "model.image_size": args.image_size, "model.weights": args.weights,
-    }
-    overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.epochs is not None and load_config(args.config, args.set).train.head_epochs > args.epochs:
-        overrides.append(f"train.head_epochs={args.epochs}")  # fewer epochs than the file's head phase
-    return load_config(args.config, overrides)
-
-
-def train_from_args(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    result = train(cfg, args.out, args.name or "")
-    best = result.best_metrics
-    print(f"run directory: {result.run_dir}")
-    print(f"best checkpoint: {result.best_checkpoint} (epoch {best.get('epoch')}, "
-          f"{cfg.train.monitor} {best.get(cfg.train.monitor, float('nan')):.4f})")
-    return 0

@@ -14,7 +14,6 @@ finished trials are not rerun.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from skinray import UserError
-from skinray.config import Config, TuneConfig, load_config, load_config_text, save_config
+from skinray.cluster import connect, reserved_cpus
+from skinray.config import Config, TuneConfig, load_config_text, save_config
 from skinray.console import verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
@@ -132,7 +132,6 @@ def full_trial(trial: dict, *, cfg: Config, out: str) -> None:
 
 def tune_head(cfg: Config, out: str, name: str = "") -> dict:
     """Runs (or continues) the search; returns the best trial's row and where the outputs are."""
-    from skinray.cluster import connect
     from skinray.models.backbones import get_backbone, input_size, resolve_weights
 
     spec = get_backbone(cfg.model.backbone)
@@ -149,13 +148,13 @@ def tune_head(cfg: Config, out: str, name: str = "") -> dict:
     if cfg.tune.mode == "cached":
         from skinray.tune.embeddings import embed, load_embeddings
 
-        connect(reserved_cpus=cfg.score.max_actors * cfg.score.cpus_per_actor)
+        connect(reserved_cpus(cfg, "tune"))
         location, reused = embed(cfg, size, train_rows, val_rows, ImageSource.of(catalog, cfg.data.max_pixels),
                                  join_uri(run_dir, "embeddings"), elsewhere=_sibling_embeddings(out))
         print(f"[skinray] embeddings {'reused' if reused else 'written'}: {location}", flush=True)
         trainable = _cached_trainable(cfg, load_embeddings(location), weights)
     else:
-        connect(reserved_cpus=cfg.train.workers * cfg.train.cpus_per_worker)
+        connect(reserved_cpus(cfg, "tune"))
         trainable = _full_trainable(cfg, join_uri(run_dir, "full"))
     results = _run(cfg, trainable, run_dir)
     return write_outputs(results, cfg, run_dir)
@@ -289,11 +288,12 @@ def _markdown(frame, t: TuneConfig) -> str:
     lines = [f"# Head search: {len(frame)} trials, ranked by {t.metric}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(format_value(row[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value) -> str:
+def format_value(value) -> str:
+    """A trial table's cell: floats to 4 significant digits, NaN as blank."""
     if isinstance(value, float):
         return "" if np.isnan(value) else f"{value:.4g}"
     return str(value)
@@ -305,21 +305,3 @@ def _searched(config: dict) -> dict:
 
 def _trial_id(result) -> str:
     return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
-
-
-# === Command line ===
-
-
-def tune_from_args(args: argparse.Namespace) -> int:
-    flags = {"model.backbone": args.backbone, "data.archive": args.data, "model.image_size": args.image_size,
-             "model.weights": args.weights, "tune.trials": args.trials, "tune.max_concurrent": args.max_concurrent,
-             "tune.mode": args.mode}
-    cfg = load_config(args.config, list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None])
-    summary = tune_head(cfg, args.out, args.name or "")
-    best, t = summary["best"], cfg.tune
-    searched = ", ".join(f"{k} {_cell(best[k])}" for k in SEARCHED)
-    print(f"\nbest of {summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA): "
-          f"{t.metric} {best[t.metric]:.4f} at epoch {best['best_epoch']}: {searched}")
-    print(f"trial table: {join_uri(summary['run_dir'], 'trials.md')}")
-    print(f"train with it: skinray train --config {summary['best_config']} --data {cfg.data.archive} --out runs")
-    return 0
