@@ -196,7 +196,6 @@ class TrainConfig:
         keep_checkpoints: best checkpoints kept, ranked by `monitor`.
         max_failures: worker-group failures survived by restarting from the latest checkpoint.
         run_name: name of the run directory under --out; empty picks backbone and time.
-        kill_rank, kill_at_step: fault injection: that worker kills itself once, at that step.
     """
 
     recipe: str = "auto"
@@ -227,8 +226,6 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = 2
     run_name: str = ""
-    kill_rank: int = -1
-    kill_at_step: int = -1
 
     def __post_init__(self):
         _require(self.recipe in RECIPE_NAMES, "recipe", f"must be one of {RECIPE_NAMES}")
@@ -616,6 +613,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(item, "an override must look like section.key=value")
+        if key.strip() in RETIRED_KEYS:
+            raise ConfigError(key.strip(), "no longer a setting: fault injection is SKINRAY_KILL_WORKER=RANK:STEP")
         _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value != "" else "")
     return from_dict(Config, raw)
 
@@ -637,12 +636,18 @@ def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
     tree[parts[-1]] = value
 
 
+# Keys that configs written by earlier versions hold and this one no longer has: read and ignored,
+# so that older runs and bundles still load. (Fault injection is SKINRAY_KILL_WORKER now.)
+RETIRED_KEYS = frozenset({"train.kill_rank", "train.kill_at_step"})
+
+
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Builds dataclass `cls` from a plain mapping, checking keys and types recursively."""
     if not isinstance(raw, dict):
         raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    raw = {k: v for k, v in raw.items() if f"{prefix}{k}" not in RETIRED_KEYS}
     for key in raw:
         if key not in names:
             raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(names)})")

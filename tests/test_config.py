@@ -191,3 +191,12 @@ def test_a_negative_setting_is_named_by_its_own_key(key):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[f"{key}=-1"])
     assert err.value.key == key
+
+
+def test_configs_written_before_fault_injection_left_the_schema_still_load():
+    from skinray.config import load_config_text
+
+    old = "train:\n  kill_rank: -1\n  kill_at_step: -1\n  epochs: 4\n"
+    assert load_config_text(old).train.epochs == 4
+    with pytest.raises(ConfigError, match="SKINRAY_KILL_WORKER"):
+        load_config(overrides=["train.kill_rank=1"])

@@ -6,6 +6,7 @@ command again.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from skinray.config import load_config
 from skinray.train.monitor import Monitor, checkpoint_score
 from skinray.train.recipe import contradictions, describe
 from skinray.train.step import scaled_learning_rate, scheduled_learning_rate
+from skinray.train.trainer import KILL_ENV
 
 EPOCHS, HEAD_EPOCHS, KILL_STEP = 12, 2, 20
 # The transfer recipe on a random backbone, for its two phases and plateau rule (and its warnings).
@@ -43,9 +45,12 @@ def run(ray_cluster, archive, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(overrides=TINY + [f"data.archive={archive}", f"train.epochs={EPOCHS}",
-                                        f"train.head_epochs={HEAD_EPOCHS}", "train.max_failures=1",
-                                        "train.kill_rank=1", f"train.kill_at_step={KILL_STEP}"])
-    result = train(cfg, str(out), "faulty")
+                                        f"train.head_epochs={HEAD_EPOCHS}", "train.max_failures=1"])
+    os.environ[KILL_ENV] = f"1:{KILL_STEP}"  # read by the driver, handed to the workers
+    try:
+        result = train(cfg, str(out), "faulty")
+    finally:
+        del os.environ[KILL_ENV]
     final = sorted((out / "faulty").glob("checkpoint_epoch_*"))[-1]
     return {"result": result, "dir": out / "faulty", "state": json.loads((final / "state.json").read_text()),
             "cfg": cfg, "archive": archive}
@@ -212,10 +217,10 @@ def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_env, archi
     command = [sys.executable, "-m", "skinray", "train", "--backbone", "tiny", "--data", str(archive),
                "--out", str(tmp_path), "--name", "again", "--epochs", "3", "--workers", "2",
                "--image-size", "32", "--weights", "none"]
-    for item in ["train.batch_size=8", "train.max_failures=0", "train.kill_rank=1",
-                 "train.kill_at_step=20"]:  # 8 steps an epoch: in the third epoch
+    for item in ["train.batch_size=8", "train.max_failures=0"]:
         command += ["--set", item]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ray_env)
+    killed = {**ray_env, KILL_ENV: "1:20"}  # 8 steps an epoch: in the third epoch
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=killed)
     assert first.returncode != 0
     assert "run the same command again" in first.stderr
     # The console: the recipe and skinray's lines; Ray's per-report dicts went to its log files.

@@ -47,6 +47,7 @@ class LoopInputs:
     source: ImageSource
     run_uri: str
     verbose: bool = False  # the driver's --verbose: Ray's INFO logs on the console
+    kill: tuple[int, int] | None = None  # fault injection: (rank, global step), from SKINRAY_KILL_WORKER
 
 
 @dataclass
@@ -424,8 +425,7 @@ class WorkerLoop:
 
     def _maybe_inject_fault(self, global_step: int) -> None:
         """Fault injection for tests: the chosen worker SIGKILLs itself once, at the chosen step."""
-        train = self.cfg.train
-        if self.rank != train.kill_rank or global_step != train.kill_at_step:
+        if self.inputs.kill != (self.rank, global_step):
             return
         marker = join_uri(self.inputs.run_uri, f"fault_injected_rank{self.rank}")
         if kind(marker) is not None:  # done once already

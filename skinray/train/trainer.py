@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,7 +119,23 @@ def _inputs(cfg: Config) -> LoopInputs:
         source=ImageSource.of(catalog, cfg.data.max_pixels),
         run_uri="",
         verbose=verbose(),
+        kill=_fault_injection(),
     )
+
+
+KILL_ENV = "SKINRAY_KILL_WORKER"
+
+
+def _fault_injection() -> tuple[int, int] | None:
+    """SKINRAY_KILL_WORKER=RANK:STEP makes that worker SIGKILL itself once, at that global step (the
+    tests of recovery use it; not a setting of the config, which users read)."""
+    value = os.environ.get(KILL_ENV, "")
+    if not value:
+        return None
+    rank, sep, step = value.partition(":")
+    if not (sep and rank.isdigit() and step.isdigit()):
+        raise UserError(f"{KILL_ENV} must look like RANK:STEP, e.g. 1:20 (got {value!r})")
+    return int(rank), int(step)
 
 
 def _announce_recipe(cfg: Config) -> None:
