@@ -92,7 +92,7 @@ def ray_rate(paths, size, repeats) -> float:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from skinray.data.pipeline import ImageSource, epochs_of_rows, iter_stream, stream
+    from skinray.data.ingest import ImageSource, epochs_of_rows, iter_stream, stream
 
     table = pa.table({"path": paths, "label": ["x"] * len(paths),
                       "label_index": pa.array(np.zeros(len(paths)), pa.int32())})

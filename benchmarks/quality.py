@@ -74,12 +74,12 @@ def keras_run(args, archive: Path, seed: int) -> dict:
 
     from skinray.config import load_config
     from skinray.data.catalog import class_weights, list_archive, splits
-    from skinray.data.pipeline import ImageSource, load_batch
+    from skinray.data.ingest import ImageSource, load_batch
     from skinray.metrics import confusion, confusion_metrics
     from skinray.models.backbones import get_backbone
     from skinray.models.classifier import build_classifier
     from skinray.train.monitor import Monitor
-    from skinray.train.step import scaled_learning_rate, scheduled_learning_rate
+    from skinray.train.schedule import scaled_learning_rate, scheduled_learning_rate
 
     cfg = load_config(overrides=settings(args, archive, seed))
     train_cfg = cfg.train

@@ -122,7 +122,7 @@ def skinray_rates(bundle: Path, full: Path, quarter: Path, out: Path, overrides:
 
 
 def batched_rate(predictor, paths: list[str], batch: int = 32) -> float:
-    from skinray.data.pipeline import decode_views
+    from skinray.data.ingest import decode_views
 
     start = time.perf_counter()
     for i in range(0, len(paths), batch):

@@ -92,7 +92,7 @@ def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> dic
 
 
 def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
-    from skinray.data.pipeline import decode_views
+    from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
 
     predictor = Predictor.from_path(str(bundle))

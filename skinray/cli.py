@@ -246,11 +246,11 @@ def _explain(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from skinray.workflow import DEFAULT_MEMBERS, GPU_SETTINGS, Member, member_configs, run_pipeline
+    from skinray.pipeline import DEFAULT_MEMBERS, GPU_SETTINGS, MemberSpec, member_configs, run_pipeline
 
     from skinray.cluster import connect, reserved_cpus
 
-    members = [Member.of_file(path) for path in (args.members or DEFAULT_MEMBERS)]
+    members = [MemberSpec.of_file(path) for path in (args.members or DEFAULT_MEMBERS)]
     settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set]
     configs = member_configs(args.data, members, settings, args.config)  # bad settings fail here, before Ray
     connect(reserved_cpus=max(reserved_cpus(cfg, "pipeline") for cfg in configs))

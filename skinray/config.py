@@ -31,6 +31,14 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def ray_options(cpus: float, gpus: float = 0.0, resources: dict[str, float] | None = None,
+                memory_mb: float = 0.0) -> dict[str, Any]:
+    """Ray's options of a task or actor (a decode task, a model actor, a Serve replica): its CPUs, and
+    GPUs, custom resources and memory where it reserves any."""
+    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {}), **({"resources": dict(resources)} if resources else {}),
+            **({"memory": int(memory_mb * 2**20)} if memory_mb else {})}
+
+
 def _require_resources(resources: dict[str, float], key: str) -> None:
     """Custom Ray resources (node-type markers of cluster.yaml): named, not CPU or GPU, >= 0."""
     for name, amount in resources.items():
@@ -76,7 +84,7 @@ class DataConfig:
     @property
     def task_options(self) -> dict[str, Any]:
         """Ray options of each decode task."""
-        return {"num_cpus": self.cpus_per_task, **({"resources": self.resources} if self.resources else {})}
+        return ray_options(self.cpus_per_task, resources=self.resources)
 
 
 @dataclass(frozen=True)
@@ -324,8 +332,7 @@ class ScoreConfig:
     @property
     def actor_options(self) -> dict[str, Any]:
         """Ray options of each model actor (scoring, and the tune stage's embedding actors)."""
-        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor or None,
-                **({"resources": self.resources} if self.resources else {})}
+        return ray_options(self.cpus_per_actor, self.gpus_per_actor, self.resources)
 
 
 TUNE_MODES = ("cached", "full")
@@ -505,13 +512,12 @@ class ServeConfig:
     @property
     def ingress_options(self) -> dict[str, Any]:
         """Ray actor options of each ingress replica: its CPUs and the memory its decodes are sized to."""
-        return {"num_cpus": self.ingress_cpus, "memory": int(self.ingress_memory_mb * 2**20)}
+        return ray_options(self.ingress_cpus, memory_mb=self.ingress_memory_mb)
 
     @property
     def replica_options(self) -> dict[str, Any]:
         """Ray actor options of each model replica."""
-        return {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica,
-                **({"resources": self.resources} if self.resources else {})}
+        return ray_options(self.cpus_per_replica, self.gpus_per_replica, self.resources)
 
 
 def _decode_mb(pixels: int) -> float:

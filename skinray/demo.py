@@ -19,22 +19,22 @@ import time
 import urllib.request
 from pathlib import Path
 
-from skinray.workflow import Member
+from skinray.pipeline import MemberSpec
 
 CLASSES, PER_CLASS = 6, 40
 # Every member: from random weights (the scratch recipe), 2 workers, a small search.
 SHARED = ["model.weights=none", "train.workers=2", "train.max_failures=1", "tune.trials=4", "tune.views=1",
           "tune.max_epochs=4", "tune.grace_period=1", "score.max_actors=1"]
 MEMBERS = [
-    Member("resnet50", settings=("model.backbone=resnet50", "model.image_size=64", "train.batch_size=16",
+    MemberSpec("resnet50", settings=("model.backbone=resnet50", "model.image_size=64", "train.batch_size=16",
                                  "train.epochs=4")),
-    Member("inception_v3", settings=("model.backbone=inception_v3", "model.image_size=75",
+    MemberSpec("inception_v3", settings=("model.backbone=inception_v3", "model.image_size=75",
                                      "train.batch_size=16", "train.epochs=4"), tune=False),
-    Member("efficientnetv2s", settings=("model.backbone=efficientnetv2s", "model.image_size=64",
+    MemberSpec("efficientnetv2s", settings=("model.backbone=efficientnetv2s", "model.image_size=64",
                                         "train.batch_size=16", "train.epochs=4"), tune=False),
 ]
 # Two tiny CNNs at two sizes: the same stages in a few minutes.
-QUICK = [Member(f"tiny{size}", settings=("model.backbone=tiny", f"model.image_size={size}", "train.batch_size=8",
+QUICK = [MemberSpec(f"tiny{size}", settings=("model.backbone=tiny", f"model.image_size={size}", "train.batch_size=8",
                                           "train.epochs=5", "train.finetune_lr=0.004"), tune=size == 48)
          for size in (48, 64)]
 QUICK_SEARCH = ["tune.trials=2", "tune.max_epochs=3"]
@@ -44,7 +44,7 @@ QUICK_PER_CLASS = 24
 def run_demo(out: str, workers: int = 2, quick: bool = False, port: int = 8000, exit_when_done: bool = False) -> int:
     from skinray.cluster import connect
     from skinray.data.sample import write_sample
-    from skinray.workflow import run_pipeline
+    from skinray.pipeline import run_pipeline
 
     out_dir = Path(out).resolve()
     archive = out_dir / "archive"

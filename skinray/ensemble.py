@@ -144,7 +144,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     """Fits the calibration of `member_paths` on `archive`'s validation split and writes the bundle."""
     from skinray.bundle import built_before, write_bundle
     from skinray.cluster import connect, reserved_cpus
-    from skinray.data.pipeline import ImageSource
+    from skinray.data.ingest import ImageSource
     from skinray.storage import absolute
     from skinray.inference import labelled_logits
 

@@ -143,7 +143,7 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
     """
     from skinray.cluster import connect, reserved_cpus
     from skinray.data.catalog import list_archive, model_split
-    from skinray.data.pipeline import ImageSource
+    from skinray.data.ingest import ImageSource
     from skinray.predictor import Predictor
     from skinray.storage import absolute
     from skinray.inference import labelled_logits

@@ -160,7 +160,7 @@ def explain_files(cfg, model: str, names: list[str], out: str) -> int:
     prints an error line for each one that is not. Returns the exit code: 1 when any failed."""
     from skinray.console import load_tensorflow
     from skinray.data.decode import DecodeError
-    from skinray.data.pipeline import decode_photo
+    from skinray.data.ingest import decode_photo
     from skinray.predictor import Predictor
 
     inputs = _inputs(names)

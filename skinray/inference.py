@@ -6,7 +6,7 @@
 
 Every batch consumer runs through it: `skinray score` (which adds the listing, checkpointed writes
 and the summary), `skinray evaluate`, the ensemble's fitting, and tune's embeddings (its task
-memory). Each file is decoded once, in a task of its own (`skinray.data.pipeline.load_views`: one
+memory). Each file is decoded once, in a task of its own (`skinray.data.ingest.load_views`: one
 view per member input size), and an autoscaling pool of actors each holding the `Predictor` turns
 the views into rows: a row per input, with nulls and the error where the file could not be used.
 Evaluating on a cluster therefore uses the cluster, exactly as scoring does.
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from skinray import UserError
 from skinray.config import ScoreConfig
-from skinray.data.pipeline import ImageSource, load_views, view_column
+from skinray.data.ingest import ImageSource, load_views, view_column
 
 
 # === The model actor ===
@@ -123,7 +123,7 @@ def predict_table(table: pa.Table, model: list[str], sizes: tuple[int, ...], sou
     The path for evaluation and ensemble fitting: the same tasks and actors as `score`, without
     the files and the checkpoint.
     """
-    from skinray.data.pipeline import dataset
+    from skinray.data.ingest import dataset
 
     rows_per_block = max(cfg.batch_size, math.ceil(table.num_rows / 16))
     ds = predict_rows(dataset(table.select(["path", "label_index"]), rows_per_block), model, sizes,

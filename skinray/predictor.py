@@ -6,7 +6,7 @@ local disk or any pyarrow.fs URI. A run or checkpoint is a one-member ensemble w
 (temperature 1, weight 1, no abstention), so every consumer handles both the same way.
 
 Members may take different input sizes (224, 299, 384): the caller decodes each image once and
-warps it once to each size in `Predictor.sizes` (`skinray.data.pipeline.decode_views`), and
+warps it once to each size in `Predictor.sizes` (`skinray.data.ingest.decode_views`), and
 `predict` takes those views keyed by size. Each model's first layer applies its backbone's own
 preprocessing, so evaluation, bulk scoring and serving feed the same uint8 pixels and get the
 same probabilities for the same file.

@@ -3,7 +3,7 @@
     skinray score --model BUNDLE_OR_RUN --input PATH_OR_URI --output DIR_OR_URI
 
 The plan: a listing of the input (written once as Parquet parts, `OUTPUT/_listing/`) -> read ->
-decode-and-warp tasks (`skinray.data.pipeline.load_views`: each file decoded once, one view per
+decode-and-warp tasks (`skinray.data.ingest.load_views`: each file decoded once, one view per
 member input size) -> an autoscaling pool of actors each holding the `Predictor` -> streaming
 Parquet writes to `OUTPUT/predictions/`. Memory stays bounded by Ray Data's backpressure whatever
 the archive's size.
@@ -28,7 +28,8 @@ import pyarrow as pa
 
 from skinray import UserError
 from skinray.config import Config
-from skinray.data.pipeline import ImageSource
+from skinray.data.catalog import is_hidden
+from skinray.data.ingest import ImageSource
 from skinray.inference import predict_rows
 from skinray.storage import clear_dir, join_uri, kind, list_files, make_dir, resolve, write_json
 
@@ -49,8 +50,7 @@ def list_inputs(uri: str) -> tuple[ImageSource, list[str]]:
         raise UserError(f"input '{uri}' does not exist")
     if found == "dir":
         fs, root, prefix, files = list_files(uri)
-        paths = sorted(f"{prefix}{root}/{f}" for f in files if not any(
-            part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(f).parts))
+        paths = sorted(f"{prefix}{root}/{f}" for f in files if not is_hidden(f))
         if not paths:
             raise UserError(f"input folder '{uri}' holds no files")
         return ImageSource(fs, prefix), paths

@@ -93,7 +93,7 @@ def test_draws_stay_in_the_configured_ranges():
 
 def test_augmentation_inside_a_ray_dataset_equals_the_eager_call(ray_cluster, tmp_path):
     """The same function, eagerly and inside a 4-row Ray Dataset, gives the same pixels."""
-    from skinray.data.pipeline import ImageSource, iter_stream, load_batch, stream
+    from skinray.data.ingest import ImageSource, iter_stream, load_batch, stream
     import pyarrow.fs as pafs
 
     paths = []

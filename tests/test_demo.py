@@ -42,7 +42,7 @@ def test_the_quick_demo_runs_every_stage(demo):
 def test_running_the_pipeline_again_recomputes_nothing(demo, ray_cluster, capsys):
     """A resubmitted pipeline job: every stage's output is found and read back, nothing is redone."""
     from skinray.demo import QUICK, QUICK_SEARCH, SHARED
-    from skinray.workflow import run_pipeline
+    from skinray.pipeline import run_pipeline
 
     out, _, proc = demo
     assert proc.returncode == 0

@@ -110,16 +110,16 @@ def test_the_rayjob_runs_the_pipeline_job():
 
 def test_the_serve_configs_are_what_skinray_serve_prints():
     from skinray.config import load_config
-    from skinray.serve.app import serve_config as section
-    from skinray.serve.command import app_args, serve_config
+    from skinray.serve.app import serve_section
+    from skinray.serve.command import app_args, serve_config_file
 
-    printed = yaml.safe_load(serve_config(app_args("s3://BUCKET/skinray/v1/bundle", load_config(overrides=SERVE_SETTINGS))))
+    printed = yaml.safe_load(serve_config_file(app_args("s3://BUCKET/skinray/v1/bundle", load_config(overrides=SERVE_SETTINGS))))
     checked_in = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     service = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
     assert checked_in == printed
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == printed
     settings = printed["applications"][0]["args"]["serve"]
-    assert section(settings).resources == {"gpu_node": 0.001}  # what build_app validates on the cluster
+    assert serve_section(settings).resources == {"gpu_node": 0.001}  # what build_app validates on the cluster
 
 
 @pytest.mark.parametrize("job", JOBS)

@@ -88,7 +88,7 @@ def test_calibration_does_not_worsen_validation_ece_or_log_loss(bundle):
 def test_threshold_keeps_the_asked_coverage_on_validation(bundle, members):
     """Recomputes the coverage from scratch: the bundle's predictions on the validation split."""
     from skinray.data.catalog import list_archive, model_split
-    from skinray.data.pipeline import decode_views
+    from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
 
     predictor = Predictor.from_path(str(bundle))

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from skinray.data.catalog import list_archive
-from skinray.data.pipeline import ImageSource, iter_stream, stream
+from skinray.data.ingest import ImageSource, iter_stream, stream
 
 @pytest.fixture(scope="module")
 def bucket_uri(sample_archive, s3_server):

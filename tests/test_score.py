@@ -75,7 +75,7 @@ def test_one_row_per_file_with_errors_as_rows(scored, mixed_folder, bundle):
 def test_scoring_equals_the_predictor_on_the_same_files(scored, bundle):
     """Parity: the Ray Data path and a direct Predictor call give the same probabilities (up to
     float32 rounding of batches of another composition)."""
-    from skinray.data.pipeline import decode_views
+    from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
 
     predictor = Predictor.from_path(str(bundle))

@@ -93,7 +93,7 @@ def test_same_probabilities_as_the_predictor_and_bulk_scoring(endpoint, bundle, 
     """HTTP (OIP, full vectors), an in-process Predictor and `skinray score` agree on the same files
     (to float32 rounding: oneDNN's results depend on the batch composition)."""
     from skinray.config import load_config
-    from skinray.data.pipeline import decode_views
+    from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
     from skinray.score import read_predictions, score
 

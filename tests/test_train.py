@@ -17,7 +17,7 @@ from corpus import dds_without_pixel_format
 from skinray.config import load_config
 from skinray.train.monitor import Monitor, checkpoint_score
 from skinray.train.recipe import contradictions, describe
-from skinray.train.step import scaled_learning_rate, scheduled_learning_rate
+from skinray.train.schedule import scaled_learning_rate, scheduled_learning_rate
 from skinray.train.trainer import KILL_ENV
 
 EPOCHS, HEAD_EPOCHS, KILL_STEP = 12, 2, 20

@@ -88,7 +88,7 @@ def test_a_search_with_other_settings_under_the_same_name_is_refused(search, ray
 def test_another_search_under_the_same_out_finds_the_embeddings(search, tmp_path):
     """The lookup by key across searches: a new search name reuses the first one's features."""
     from skinray.data.catalog import list_archive
-    from skinray.data.pipeline import ImageSource
+    from skinray.data.ingest import ImageSource
     from skinray.tune.embeddings import embed
     from skinray.tune.search import _inputs, _sibling_embeddings
 

@@ -58,6 +58,11 @@ class Catalog:
         return sorted(set(self.table["split"].to_pylist()))
 
 
+def is_hidden(relative: str | PurePosixPath) -> bool:
+    """A file no one meant as an input: a dot-file or one inside a dot-folder or macOS's __MACOSX."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(relative).parts)
+
+
 def list_archive(uri: str) -> Catalog:
     """Lists a folder-per-class archive.
 
@@ -75,7 +80,7 @@ def list_archive(uri: str) -> Catalog:
     rows, skipped = [], Counter()
     for rel in rel_files:
         parts = rel.parts
-        if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+        if is_hidden(rel):
             skipped["hidden"] += 1
             continue
         if split_layout:

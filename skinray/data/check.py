@@ -15,7 +15,7 @@ import numpy as np
 
 from skinray.data.catalog import list_archive
 from skinray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, format_matches, open_image
-from skinray.data.pipeline import ImageSource, dataset
+from skinray.data.ingest import ImageSource, dataset
 from skinray.storage import read_bytes
 
 # Enough pixels to prove the whole file decodes (a reduced JPEG decode still reads every byte).

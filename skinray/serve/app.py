@@ -42,7 +42,7 @@ class Model:
         load_tensorflow(expect_gpu=gpus > 0)
         from skinray.explain import Explainer
         from skinray.predictor import Predictor, load_model
-        from skinray.serve.http import batch_size_histogram
+        from skinray.serve.guards import batch_size_histogram
 
         predictor = Predictor.from_path(model, load_models=False)
         self.members = [predictor.members[i] for i in members]
@@ -88,15 +88,15 @@ class Ingress:
     def __init__(self, model: str, handles: list, groups: list[list[int]], key_digests: list[str], cfg: dict):
         from skinray.console import quiet_process
         from skinray.predictor import Predictor
-        from skinray.serve.service import Service
+        from skinray.serve.ingress import Service
 
         quiet_process()
-        serve_cfg = serve_config(cfg)
+        serve_cfg = serve_section(cfg)
         predictor = Predictor.from_path(model, load_models=False)
         self.service = Service(predictor, list(zip(handles, groups)), serve_cfg, set(key_digests))
 
     def __serve_build_asgi_app__(self):
-        from skinray.serve.api import make_app
+        from skinray.serve.routes_v1 import make_app
 
         return make_app(self.service)
 
@@ -104,14 +104,14 @@ class Ingress:
 def build_app(args: dict) -> serve.Application:
     """The application for `args` = {"model": PATH, "serve": {ServeConfig settings}}."""
     from skinray.predictor import Predictor
-    from skinray.serve.http import key_digests
+    from skinray.serve.guards import key_digests
     from skinray.storage import absolute
 
     if not args.get("model"):
         raise UserError("no model given: pass model=BUNDLE_OR_RUN (skinray serve --model ...)")
     model = absolute(str(args["model"]))
     settings = dict(args.get("serve") or {})
-    cfg = serve_config(settings)
+    cfg = serve_section(settings)
     predictor = Predictor.from_path(model, load_models=False)  # a bad path fails here, before deploying
     groups = ([[i] for i in range(len(predictor.members))] if cfg.layout == "per_member"
               else [list(range(len(predictor.members)))])
@@ -124,7 +124,7 @@ def build_app(args: dict) -> serve.Application:
     return ingress.bind(model, handles, groups, sorted(key_digests(cfg)), settings)
 
 
-def serve_config(settings: dict) -> ServeConfig:
+def serve_section(settings: dict) -> ServeConfig:
     """The `serve` section from a mapping of its settings, validated like a config file's."""
     return load_config_text(yaml.safe_dump({"serve": settings})).serve
 

@@ -24,7 +24,7 @@ def app_args(model: str, cfg) -> dict:
     return {"model": absolute(model), "serve": dataclasses.asdict(cfg.serve)}
 
 
-def serve_config(args: dict) -> str:
+def serve_config_file(args: dict) -> str:
     """A Serve config file (for `serve deploy` or a RayService's serveConfigV2) of this application."""
     s = args["serve"]
     document = {"proxy_location": "EveryNode", "http_options": {"host": s["host"], "port": s["port"]},
@@ -42,7 +42,7 @@ def serve_command(cfg, model: str, print_config: bool = False, detach: bool = Fa
     foreground until SIGINT or SIGTERM. Connects to Ray itself, once the application is built."""
     arguments = app_args(model, cfg)
     if print_config:
-        print(serve_config(arguments), end="")
+        print(serve_config_file(arguments), end="")
         return 0
     application = build_app(arguments)  # a bad model path or keys file fails here, before Ray starts
     from ray import serve

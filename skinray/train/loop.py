@@ -1,7 +1,7 @@
 """What runs inside each Ray Train worker: the epochs of a recipe (transfer: two phases; scratch: one).
 
 The step itself is in `step.py`, the early-stopping and plateau decisions in `monitor.py`, the
-TensorBoard writer in `tensorboard.py`. Each worker streams its own equal shard of the training set (skinray.data.pipeline), so every
+TensorBoard writer in `tensorboard.py`. Each worker streams its own equal shard of the training set (skinray.data.ingest), so every
 worker takes the same number of steps; validation metrics are all-reduced so that every worker
 makes the same early-stopping and learning-rate decisions. Every epoch ends with a checkpoint
 reported together with its metrics (Train V2 keeps only those), and a restarted worker group
@@ -23,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 
 from skinray.config import Config, save_config
-from skinray.data.pipeline import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
+from skinray.data.ingest import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
 from skinray.metrics import confusion_metrics
 from skinray.storage import join_uri, kind, write_text
 from skinray.train.monitor import Monitor, checkpoint_score
-from skinray.train.step import make_train_step, scaled_learning_rate, scheduled_learning_rate
+from skinray.train.schedule import scaled_learning_rate, scheduled_learning_rate
+from skinray.train.step import make_train_step
 from skinray.train.tensorboard import TensorBoard
 
 # Through Ray Train's own logging: a print() in a worker is teed and shows up twice on the driver.

@@ -8,8 +8,8 @@ decay). The driver prints `describe()` and every `contradictions()` line before 
 
 from __future__ import annotations
 
-from skinray.config import Config
-from skinray.train.step import scaled_learning_rate
+from skinray.config import Config, recipe_for
+from skinray.train.schedule import scaled_learning_rate
 
 FINETUNE_RATE = 3e-4  # below this, a rate nudges pretrained weights; it does not train random ones
 
@@ -17,7 +17,7 @@ FINETUNE_RATE = 3e-4  # below this, a rate nudges pretrained weights; it does no
 def describe(cfg: Config, global_batch: int) -> str:
     """One paragraph: the recipe, why it was chosen, and the values that shape it."""
     model, train = cfg.model, cfg.train
-    why = "named by train.recipe" if train.recipe != _auto(cfg) else f"model.weights is '{model.weights}'"
+    why = "named by train.recipe" if train.recipe != recipe_for(model.weights) else f"model.weights is '{model.weights}'"
 
     def rate(lr: float) -> str:
         scaled = scaled_learning_rate(lr, global_batch, train.base_batch, train.lr_scaling)
@@ -56,6 +56,3 @@ def contradictions(cfg: Config) -> list[str]:
                      "weights hold. The transfer recipe (the default for pretrained weights) keeps it.")
     return found
 
-
-def _auto(cfg: Config) -> str:
-    return "scratch" if cfg.model.weights == "none" else "transfer"

@@ -24,7 +24,7 @@ from skinray.cluster import connect, reserved_cpus
 from skinray.config import Config, save_config
 from skinray.console import train_logging_config, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
-from skinray.data.pipeline import ImageSource, steps_per_epoch
+from skinray.data.ingest import ImageSource, steps_per_epoch
 from skinray.storage import absolute, join_uri, upload_folder, write_json
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from skinray.config import Config
 from skinray.storage import clear_dir, join_uri, kind, resolve, write_json
-from skinray.data.pipeline import ImageSource, dataset, load_batch
+from skinray.data.ingest import ImageSource, dataset, load_batch
 
 DONE = "_SUCCESS.json"
 

@@ -28,7 +28,7 @@ from skinray.config import Config, TuneConfig, load_config_text, save_config
 from skinray.console import verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
-from skinray.data.pipeline import ImageSource
+from skinray.data.ingest import ImageSource
 
 # Where each searched value goes in the config that `skinray train` reads.
 SEARCHED = {"head_units": "model", "dropout": "model", "head_dropout": "model", "l2": "model",
@@ -79,7 +79,7 @@ def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> Non
 
     from skinray.metrics import confusion, confusion_metrics
     from skinray.models.classifier import build_head
-    from skinray.train.step import scaled_learning_rate
+    from skinray.train.schedule import scaled_learning_rate
 
     trial_cfg = with_trial(cfg, trial)
     k = len(weights)

@@ -5,7 +5,7 @@ import pytest
 from corpus import CASES
 from skinray.config import AugmentConfig
 from skinray.data.catalog import list_archive
-from skinray.data.pipeline import (FailureLog, ImageSource, epochs_of_rows, iter_stream, shard,
+from skinray.data.ingest import (FailureLog, ImageSource, epochs_of_rows, iter_stream, shard,
                                    steps_per_epoch, stream)
 
 

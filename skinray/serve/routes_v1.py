@@ -7,7 +7,7 @@
     GET  /                   the upload page (page/: plain HTML, CSS and JavaScript)
     GET  /v1/model           classes, version, members, validation metrics
     GET  /healthz, /readyz   alive; ready once every model is loaded and answered its warm-up
-    /v2/...                  the Open Inference Protocol (oip.py)
+    /v2/...                  the Open Inference Protocol (routes_oip.py)
     GET  /docs               OpenAPI
 """
 
@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from skinray.data.decode import DecodeError
-from skinray.serve.http import ApiError, BodyLimit, error_response, timed
-from skinray.serve.service import Service, since_ms
+from skinray.serve.guards import ApiError, BodyLimit, error_response, not_ready, timed
+from skinray.serve.ingress import Service, since_ms
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class BatchAnswer(BaseModel):
 
 
 def make_app(service: Service) -> FastAPI:
-    from skinray.serve.oip import oip_router
+    from skinray.serve.routes_oip import oip_router
 
     app = FastAPI(title="skinray", version="1", description="Skin-disease image classification: an ensemble "
                   "of calibrated CNNs. Send an image, get the label, its confidence and the top classes.")
@@ -155,7 +155,7 @@ def make_app(service: Service) -> FastAPI:
     async def readyz():
         if await service.ready():
             return {"ready": True}
-        return error_response(503, "the models are not loaded yet", {"Retry-After": "5"})
+        return not_ready()
 
     _page_routes(app)
     app.include_router(oip_router(service, authorized))

@@ -28,8 +28,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from skinray.data.decode import DecodeError
-from skinray.serve.http import ApiError, error_response
-from skinray.serve.service import Service
+from skinray.serve.guards import ApiError, not_ready
+from skinray.serve.ingress import Service
 
 MODEL = "skinray"
 HEADER = "Inference-Header-Content-Length"
@@ -55,7 +55,7 @@ def oip_router(service: Service, authorized) -> APIRouter:
     async def ready():
         if await service.ready():
             return {"ready": True}
-        return error_response(503, "the models are not loaded yet", {"Retry-After": "5"})
+        return not_ready()
 
     @router.get(f"/models/{MODEL}", dependencies=[authorized])
     async def metadata():

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from skinray.data.decode import DecodeError
-from skinray.data.pipeline import decode_photo, decode_views, views_of
+from skinray.data.ingest import decode_photo, decode_views, views_of
 from skinray.predictor import Prediction, Predictor
-from skinray.serve.http import Keys, RequestMetrics, overloaded
+from skinray.serve.guards import Keys, RequestMetrics, overloaded
 
 READY_TIMEOUT_S = 2.0
 

@@ -25,7 +25,7 @@ DEFAULT_MEMBERS = ("configs/resnet50.yaml", "configs/inception_v3.yaml", "config
 
 
 @dataclass(frozen=True)
-class Member:
+class MemberSpec:
     """One backbone of the ensemble: a config file and/or overrides; `name` names its folders;
     `tune`: search its head before training it."""
 
@@ -35,13 +35,13 @@ class Member:
     tune: bool = True
 
     @classmethod
-    def of_file(cls, path: str) -> "Member":
+    def of_file(cls, path: str) -> "MemberSpec":
         if not Path(path).is_file():
             raise UserError(f"member config '{path}' not found (see configs/)")
         return cls(Path(path).stem, path)
 
 
-def member_configs(archive: str, members: list[Member], settings: list[str] = (),
+def member_configs(archive: str, members: list[MemberSpec], settings: list[str] = (),
                    base_config: str | None = None) -> list[Config]:
     """Each member's config: `base_config`, then its own file, then its settings, then `settings`."""
     if len({m.name for m in members}) != len(members):
@@ -50,7 +50,7 @@ def member_configs(archive: str, members: list[Member], settings: list[str] = ()
             for m in members]
 
 
-def run_pipeline(archive: str, out: str, members: list[Member], settings: list[str] = (), tune: bool = True,
+def run_pipeline(archive: str, out: str, members: list[MemberSpec], settings: list[str] = (), tune: bool = True,
                  say=print, base_config: str | None = None) -> dict:
     """Runs (or continues) every stage; returns the test-split report of the bundle."""
     configs = member_configs(archive, members, settings, base_config)  # bad settings fail here
@@ -83,7 +83,7 @@ def check_stage(archive: str, out: str, max_pixels: int, say) -> dict:
     return report
 
 
-def tune_stage(member: Member, cfg: Config, settings: list[str], out: str, say) -> Config:
+def tune_stage(member: MemberSpec, cfg: Config, settings: list[str], out: str, say) -> Config:
     """The member's config with the best head the search found (searched once, continued if cut off)."""
     from skinray.tune.search import tune_head
 
@@ -102,7 +102,7 @@ def tune_stage(member: Member, cfg: Config, settings: list[str], out: str, say) 
         return load_config(local, settings)
 
 
-def train_stage(member: Member, cfg: Config, out: str, say) -> str:
+def train_stage(member: MemberSpec, cfg: Config, out: str, say) -> str:
     """The member's run directory, trained (or resumed) unless its summary says it finished."""
     from skinray.train.trainer import train
 

@@ -21,7 +21,8 @@ from skinray.config import ServeConfig
 
 KEYS_ENV = "SKINRAY_API_KEYS"
 
-RETRY_AFTER_S = 1
+RETRY_AFTER_S = 1  # overloaded: a replica frees up within a batch or two
+LOADING_RETRY_AFTER_S = 5  # not ready: models take seconds to load
 
 
 class ApiError(Exception):
@@ -38,6 +39,11 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 def overloaded(what: str) -> ApiError:
     return ApiError(503, f"{what} is at capacity: retry shortly", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def not_ready() -> JSONResponse:
+    """The readiness probes' answer while the model replicas load."""
+    return error_response(503, "the models are not loaded yet", {"Retry-After": str(LOADING_RETRY_AFTER_S)})
 
 
 # === The body limit ===
