@@ -250,6 +250,16 @@ MALFORMED_OIP = {
     "unknown output": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
                                               "data": [0] * 12}], "outputs": [{"name": "secret"}]}), 422,
                        "requested outputs"),
+    # Each of these answered a plain-text 500 before (tests/test_oip.py holds the parser to it).
+    "nested JSON": (dict(data=b"[" * 50_000 + b"]" * 50_000), 400, "nested too deeply"),
+    "parameters as a list": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
+                                                    "data": [0] * 12, "parameters": [1]}]}), 422, "JSON object"),
+    "a pixel past 255": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
+                                                "data": [0] * 11 + [256]}]}), 422, "[0, 255]"),
+    "a zero-size image": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 0, 2, 3],
+                                                 "data": []}]}), 422, "height and a width"),
+    "a header length in other digits": (dict(data=b'{"inputs": []}', headers={
+        "Inference-Header-Content-Length": "\u00b2"}), 400, "does not fit"),  # sent as latin-1: "²".isdigit()
 }
 
 

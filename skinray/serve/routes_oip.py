@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 
 import numpy as np
@@ -113,15 +114,19 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict, dict]:
     """The request's JSON and its one input tensor by name: a list of bytes (`image`) or a uint8 array."""
     json_part, binary = body, b""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # ASCII digits only: "²".isdigit() is True, and int() refuses it.
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise ApiError(400, f"{HEADER} {header_length!r} does not fit a body of {len(body)} bytes")
         json_part, binary = body[:int(header_length)], body[int(header_length):]
     try:
         request = json.loads(json_part)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the inference request is not JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the inference request is JSON nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise ApiError(422, "an inference request is a JSON object with an 'inputs' list")
+    _parameters(request, "the request")
     tensors, offset = {}, 0
     for entry in request["inputs"]:
         name, tensor, offset = _input(entry, binary, offset)
@@ -133,18 +138,33 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict, dict]:
     return request, tensors
 
 
+def _parameters(entry: dict, what: str) -> dict:
+    """An entry's `parameters`: an object, or absent."""
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise ApiError(422, f"'parameters' of {what} must be a JSON object, not {type(parameters).__name__}")
+    return parameters
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _input(entry, binary: bytes, offset: int):
-    if not isinstance(entry, dict) or entry.get("name") not in INPUTS:
-        raise ApiError(422, f"unknown input {entry.get('name') if isinstance(entry, dict) else entry!r}: "
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or name not in INPUTS:
+        raise ApiError(422, f"unknown input {name if isinstance(entry, dict) else entry!r:.100}: "
                             "send 'image' (BYTES) or 'pixels' (UINT8)")
-    name, datatype, shape = entry["name"], entry.get("datatype"), entry.get("shape")
+    datatype, shape = entry.get("datatype"), entry.get("shape")
     if datatype != INPUTS[name]:
-        raise ApiError(422, f"input '{name}' must have datatype {INPUTS[name]}, not {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ApiError(422, f"input '{name}' must have datatype {INPUTS[name]}, not {datatype!r:.40}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise ApiError(422, f"input '{name}' needs a shape: a list of non-negative integers")
-    size = (entry.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(entry, f"input '{name}'").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not _is_count(size) or offset + size > len(binary):
             raise ApiError(400, f"input '{name}' declares {size!r} binary bytes; the body has {len(binary) - offset}")
         raw, offset = binary[offset:offset + size], offset + size
         return name, (_bytes_elements(raw, shape) if name == "image" else _pixels(np.frombuffer(raw, np.uint8), shape)), offset
@@ -152,19 +172,28 @@ def _input(entry, binary: bytes, offset: int):
         raise ApiError(422, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
     if name == "image":
         return name, _base64_elements(entry["data"], shape), offset
+    _pixel_shape(shape)
     try:
-        values = np.asarray(entry["data"], dtype=np.int64).reshape(-1)
-    except (ValueError, TypeError):
-        raise ApiError(422, "input 'pixels' data must be integers") from None
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise ApiError(422, "input 'pixels' values must be in [0, 255]")
+        values = np.asarray(entry["data"], dtype=object).reshape(-1)
+    except (ValueError, TypeError, RecursionError):
+        values = None
+    # Each one an integer, checked as JSON gave it: NumPy would turn floats, booleans and numeric
+    # strings into pixels silently, and wrap integers past 255.
+    if values is None or not all(type(v) is int and 0 <= v <= 255 for v in values):
+        raise ApiError(422, "input 'pixels' data must be integers in [0, 255]")
     return name, _pixels(values.astype(np.uint8), shape), offset
 
 
-def _pixels(values: np.ndarray, shape: list[int]) -> np.ndarray:
+def _pixel_shape(shape: list[int]) -> None:
     if len(shape) != 4 or shape[3] != 3:
         raise ApiError(422, f"input 'pixels' has shape {shape}: expected [N, height, width, 3]")
-    if values.size != int(np.prod(shape)):
+    if shape[0] and (shape[1] == 0 or shape[2] == 0):
+        raise ApiError(422, f"input 'pixels' has shape {shape}: an image needs a height and a width")
+
+
+def _pixels(values: np.ndarray, shape: list[int]) -> np.ndarray:
+    _pixel_shape(shape)
+    if values.size != math.prod(shape):  # Python's integers: a product of huge sides cannot wrap around
         raise ApiError(400, f"input 'pixels' has {values.size} values for shape {shape}")
     return values.reshape(shape)
 
@@ -209,16 +238,17 @@ def encode_response(request: dict, outputs: dict, version: str) -> tuple[bytes, 
     """The response body and, when any output is binary, the length of its JSON header."""
     wanted = request.get("outputs")
     if wanted is None:
-        binary_all = bool((request.get("parameters") or {}).get("binary_data_output", False))
+        binary_all = bool(_parameters(request, "the request").get("binary_data_output", False))
         wanted = [{"name": name, "parameters": {"binary_data": binary_all}} for name in OUTPUTS]
-    if not isinstance(wanted, list) or not all(isinstance(w, dict) and w.get("name") in outputs for w in wanted):
+    if not isinstance(wanted, list) or not all(
+            isinstance(w, dict) and isinstance(w.get("name"), str) and w["name"] in outputs for w in wanted):
         raise ApiError(422, f"requested outputs must be among {', '.join(OUTPUTS)}")
     entries, chunks = [], []
     for w in wanted:
         datatype, value = outputs[w["name"]]
         entry = {"name": w["name"], "datatype": datatype, "shape": list(np.shape(value)) if datatype != "BYTES"
                  else [len(value)]}
-        if (w.get("parameters") or {}).get("binary_data", False):
+        if _parameters(w, f"output '{w['name']}'").get("binary_data", False):
             raw = (b"".join(struct.pack("<I", len(v)) + v for v in value) if datatype == "BYTES"
                    else np.ascontiguousarray(value, NUMERIC[datatype]).tobytes())
             entry["parameters"] = {"binary_data_size": len(raw)}
