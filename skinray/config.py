@@ -445,8 +445,10 @@ class ServeConfig:
         max_request_mb: request bodies above this get 413 before they are read whole.
         max_images: images one batch request may carry.
         top_k: classes listed in each answer.
-        api_keys_file: a file of API keys, one per line; the env var SKINRAY_API_KEYS (comma
-            separated) adds more. With none, the endpoint is open.
+        api_keys_file: a file of API keys, one per line, each at least 32 characters; the env var
+            SKINRAY_API_KEYS (comma separated) adds more. A file without a key is refused.
+        allow_unauthenticated: serve a host other machines reach without any API key (behind a
+            gateway that authenticates); without it, that is refused. On 127.0.0.1 no key is needed.
     """
 
     host: str = "127.0.0.1"
@@ -473,6 +475,7 @@ class ServeConfig:
     max_images: int = 32
     top_k: int = 3
     api_keys_file: str = ""
+    allow_unauthenticated: bool = False
 
     def __post_init__(self):
         _require(bool(self.host), "host", "must not be empty")

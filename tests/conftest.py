@@ -135,10 +135,10 @@ def endpoint(serve_url, bundle):
 @pytest.fixture(scope="module")
 def keyed(serve_url, bundle, tmp_path_factory):
     """The bundle served with API keys from a file at /keyed, one deployment per member."""
-    from serving import KEY, deploy
+    from serving import ANOTHER_KEY, KEY, deploy
 
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text(f"# one key per line\nanother-key-0000\n{KEY}\n")
+    keys.write_text(f"# one key per line\n{ANOTHER_KEY}\n{KEY}\n")
     deploy(bundle, "keyed", "/keyed", api_keys_file=str(keys), layout="per_member")
     return serve_url + "/keyed"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-KEY = "skinray-test-key-8f2c41d7"
+KEY = "skinray-test-key-8f2c41d7-5e0b9a63c1d24f7e"
+ANOTHER_KEY = "skinray-another-key-0000-1111-2222-3333"
 SMALL = {"cpus_per_replica": 0.5, "ingress_cpus": 0.25, "min_replicas": 1, "max_replicas": 1,
          "max_request_mb": 1, "max_images": 4}
 

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 from corpus import bomb_png, dds_without_pixel_format
-from serving import KEY, deploy, free_port, jpeg
+from serving import ANOTHER_KEY, KEY, deploy, free_port, jpeg
 
 def triton(url: str, **kw):
     import tritonclient.http as http
@@ -289,7 +289,7 @@ def test_api_keys_guard_the_model_routes_but_not_health(keyed, photos):
         assert response.headers["WWW-Authenticate"] == "Bearer"
     assert requests.get(f"{keyed}/v1/model").status_code == 401
     assert _post(keyed, "/v2/models/skinray/infer", json={"inputs": []}).status_code == 401
-    for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}, {"X-API-Key": "another-key-0000"}):
+    for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}, {"X-API-Key": ANOTHER_KEY}):
         assert _post(keyed, "/v1/predict", data=data, headers={**jpg, **headers}).status_code == 200
     for route in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
         assert requests.get(f"{keyed}{route}").status_code == 200
@@ -388,6 +388,31 @@ def test_bad_serve_arguments_are_one_line(bundle, args, message):
                *args]
     out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_keys_fail_closed(bundle, tmp_path, monkeypatch, caplog):
+    """A keys file without a key, a short key, or an address others reach without any key: each is
+    refused before anything starts (it served every route openly before)."""
+    from skinray.serve.app import serve_section
+    from skinray.serve.guards import key_digests
+
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("# keys, one per line\n\n")
+    short.write_text("short-key-1234\n")
+    for settings, message in (([f"serve.api_keys_file={empty}"], "holds no key"),
+                              ([f"serve.api_keys_file={short}"], "shorter than 32 characters"),
+                              (["serve.host=0.0.0.0"], "reachable from other machines")):
+        command = [sys.executable, "-m", "skinray", "serve", "--model", str(bundle)]
+        out = subprocess.run(command + [a for s in settings for a in ("--set", s)], capture_output=True, text=True,
+                             timeout=120, env={k: v for k, v in os.environ.items() if k != "SKINRAY_API_KEYS"})
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    monkeypatch.delenv("SKINRAY_API_KEYS", raising=False)
+    assert key_digests(serve_section({"host": "127.0.0.1"})) == set()
+    with caplog.at_level("WARNING"):
+        assert key_digests(serve_section({"host": "0.0.0.0", "allow_unauthenticated": True})) == set()
+    assert "without API keys" in caplog.text
+    monkeypatch.setenv("SKINRAY_API_KEYS", f" {KEY} ,")
+    assert len(key_digests(serve_section({"host": "0.0.0.0"}))) == 1
 
 
 def test_skinray_serve_stops_cleanly_on_sigterm(bundle, photos, tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from skinray import UserError
 from skinray.config import ServeConfig
 
 KEYS_ENV = "SKINRAY_API_KEYS"
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # overloaded: a replica frees up within a batch or two
 LOADING_RETRY_AFTER_S = 5  # not ready: models take seconds to load
@@ -87,21 +90,50 @@ class BodyLimit:
 # === API keys ===
 
 
+MIN_KEY_LENGTH = 32  # a key a client cannot guess: `python -c "import secrets; print(secrets.token_urlsafe(32))"`
+
+
 def key_digests(cfg: ServeConfig) -> set[str]:
     """SHA-256 digests of the API keys in `serve.api_keys_file` and $SKINRAY_API_KEYS.
 
     Only digests travel to the ingress replicas (and into Serve's deployment state); the keys
-    themselves stay where they were read.
+    themselves stay where they were read. Fails closed: a keys file with no key in it, a key
+    shorter than `MIN_KEY_LENGTH`, or no key at all on an address other machines reach (unless
+    `serve.allow_unauthenticated`) is refused rather than served open.
     """
-    keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",")]
+    keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     if cfg.api_keys_file:
         path = Path(cfg.api_keys_file).expanduser()
         try:
             lines = path.read_text().splitlines()
         except OSError as exc:
             raise UserError(f"cannot read serve.api_keys_file '{path}': {exc.strerror}") from None
-        keys += [line.strip() for line in lines if not line.strip().startswith("#")]
-    return {digest(k) for k in keys if k}
+        in_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not in_file:
+            raise UserError(f"serve.api_keys_file '{path}' holds no key: refusing to serve every route openly "
+                            "(put one key per line, or leave serve.api_keys_file empty)")
+        keys += in_file
+    short = sum(len(k) < MIN_KEY_LENGTH for k in keys)
+    if short:
+        raise UserError(f"{short} API key(s) shorter than {MIN_KEY_LENGTH} characters: make each with "
+                        "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`")
+    if not keys and not is_loopback(cfg.host):
+        if not cfg.allow_unauthenticated:
+            raise UserError(f"serve.host {cfg.host} is reachable from other machines and no API key is set: "
+                            f"set serve.api_keys_file or {KEYS_ENV}, or serve.allow_unauthenticated: true "
+                            "behind a gateway that authenticates")
+        log.warning("serving on %s without API keys (serve.allow_unauthenticated): every route is open", cfg.host)
+    return {digest(k) for k in keys}
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def digest(key: str) -> str:
