@@ -449,6 +449,7 @@ class ServeConfig:
             SKINRAY_API_KEYS (comma separated) adds more. A file without a key is refused.
         allow_unauthenticated: serve a host other machines reach without any API key (behind a
             gateway that authenticates); without it, that is refused. On 127.0.0.1 no key is needed.
+        docs: serve /docs, /redoc and /openapi.json (Swagger's page loads scripts from a CDN).
     """
 
     host: str = "127.0.0.1"
@@ -476,6 +477,7 @@ class ServeConfig:
     top_k: int = 3
     api_keys_file: str = ""
     allow_unauthenticated: bool = False
+    docs: bool = False
 
     def __post_init__(self):
         _require(bool(self.host), "host", "must not be empty")

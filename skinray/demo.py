@@ -117,7 +117,7 @@ def _where(out_dir: Path, scores: str, url: str) -> None:
     rows = [("archive", out_dir / "archive"), ("data check", out_dir / "check.json"),
             ("head search", out_dir / "tune"), ("training runs", out_dir / "runs"),
             ("bundle", out_dir / "bundle"), ("evaluation", out_dir / "evaluation" / "report.md"),
-            ("scores (Parquet)", Path(scores) / "predictions"), ("endpoint", f"{url}/docs"),
+            ("scores (Parquet)", Path(scores) / "predictions"), ("endpoint", f"{url}/v1/predict"),
             ("upload page", f"{url}/"), ("Ray dashboard", f"{_dashboard()} (while this runs)"),
             ("TensorBoard", f"tensorboard --logdir {out_dir / 'runs'}"),
             ("serve it again", f"skinray serve --model {out_dir / 'bundle'}")]

@@ -139,7 +139,7 @@ def keyed(serve_url, bundle, tmp_path_factory):
 
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# one key per line\n{ANOTHER_KEY}\n{KEY}\n")
-    deploy(bundle, "keyed", "/keyed", api_keys_file=str(keys), layout="per_member")
+    deploy(bundle, "keyed", "/keyed", api_keys_file=str(keys), layout="per_member", docs=True)
     return serve_url + "/keyed"
 
 

@@ -37,3 +37,26 @@ def jpeg(size=(64, 48), colour=(200, 80, 60)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "JPEG")
     return buffer.getvalue()
+
+
+async def asgi_request(app, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One request straight into an ASGI application (no server, no HTTP client): (status, headers, body)."""
+    sent, pending = [], [{"type": "http.request", "body": body, "more_body": False}]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000)}
+
+    async def receive():
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    try:
+        await app(scope, receive, send)
+    except Exception:  # Starlette re-raises an unexpected error after sending its answer, for the server's log
+        pass
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return (start["status"], {k.decode(): v.decode() for k, v in start["headers"]},
+            b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))

@@ -8,6 +8,7 @@ one and a batch that waits) for the overload test. Clients are real: `requests` 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -27,7 +28,7 @@ import yaml
 from PIL import Image
 
 from corpus import bomb_png, dds_without_pixel_format
-from serving import ANOTHER_KEY, KEY, deploy, free_port, jpeg
+from serving import ANOTHER_KEY, KEY, asgi_request, deploy, free_port, jpeg
 
 def triton(url: str, **kw):
     import tritonclient.http as http
@@ -83,7 +84,20 @@ def test_model_and_health_routes(endpoint, bundle):
     assert "ensemble" in info["validation"]
     assert requests.get(f"{endpoint}/healthz").json() == {"status": "ok"}
     assert requests.get(f"{endpoint}/readyz").json() == {"ready": True}
-    assert "/v1/predict" in requests.get(f"{endpoint}/openapi.json").json()["paths"]
+    for route in ("/docs", "/redoc", "/openapi.json"):  # off unless serve.docs: Swagger loads a CDN's scripts
+        assert requests.get(f"{endpoint}{route}").status_code == 404
+
+
+def test_docs_when_asked_for(keyed):
+    assert "/v1/predict" in requests.get(f"{keyed}/openapi.json").json()["paths"]
+    assert requests.get(f"{keyed}/docs").status_code == 200
+
+
+def test_an_open_endpoint_on_loopback_answers_only_its_own_host_names(endpoint, keyed):
+    """DNS rebinding: a page on another site whose name resolves to 127.0.0.1 sends its own Host."""
+    assert requests.get(f"{endpoint}/healthz", headers={"Host": "rebound.example"}).status_code == 400
+    assert requests.get(f"{endpoint}/healthz", headers={"Host": "localhost"}).status_code == 200
+    assert requests.get(f"{keyed}/healthz", headers={"Host": "rebound.example"}).status_code == 200  # keys guard it
 
 
 # === Parity ===
@@ -361,6 +375,70 @@ def test_a_flood_of_small_files_claiming_many_pixels_stays_within_the_ingress_me
     peak = _peak_rss_mb("ServeReplica:open:Ingress")
     assert peak < FLOOD["ingress_memory_mb"], f"ingress peak RSS {peak:.0f} MB"
     assert one(photos[0].read_bytes()).status_code == 200
+
+
+# === What the ingress answers when a model deployment fails (driven in-process, with stand-in handles) ===
+
+
+class StandIn:
+    """A model deployment's handle that fails as told, and counts readiness checks."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error, self.ready_calls = error, 0
+        stand_in = self
+
+        class Ready:
+            def remote(self):
+                stand_in.ready_calls += 1
+
+                async def answer():
+                    await asyncio.sleep(0.05)
+                    return True
+                return answer()
+        self.ready = Ready()
+
+    def remote(self, views):
+        async def fail():
+            raise self.error
+        return fail()
+
+
+def _ingress_app(bundle, handle):
+    from skinray.predictor import Predictor
+    from skinray.serve.app import serve_section
+    from skinray.serve.ingress import Service
+    from skinray.serve.routes_v1 import make_app
+
+    predictor = Predictor.from_path(str(bundle), load_models=False)
+    return make_app(Service(predictor, [(handle, [0, 1])], serve_section({}), set()))
+
+
+def test_an_unexpected_error_is_a_json_500_without_its_details(bundle, ray_cluster):
+    status, headers, body = asyncio.run(asgi_request(
+        _ingress_app(bundle, StandIn(RuntimeError("internal detail 0xdeadbeef"))), "POST", "/v1/predict",
+        jpeg(), {"content-type": "image/jpeg"}))
+    assert status == 500 and headers["content-type"] == "application/json"
+    assert "log" in json.loads(body)["error"] and b"deadbeef" not in body and b"Traceback" not in body
+
+
+def test_a_dead_model_replica_is_a_json_503_with_retry_after(bundle, ray_cluster):
+    from ray.exceptions import ActorDiedError
+
+    status, headers, body = asyncio.run(asgi_request(
+        _ingress_app(bundle, StandIn(ActorDiedError())), "POST", "/v1/predict", jpeg(), {"content-type": "image/jpeg"}))
+    assert status == 503 and headers["retry-after"] == "5" and "unavailable" in json.loads(body)["error"]
+
+
+def test_a_flood_of_readiness_probes_asks_the_models_once_a_second(bundle, ray_cluster):
+    handle = StandIn()
+    app = _ingress_app(bundle, handle)
+
+    async def flood():
+        answers = await asyncio.gather(*(asgi_request(app, "GET", path) for path in ["/readyz", "/v2/health/ready"] * 25))
+        return answers, handle.ready_calls
+
+    answers, calls = asyncio.run(flood())
+    assert all(status == 200 for status, _, _ in answers) and calls == 1
 
 
 # === The command ===

@@ -60,8 +60,8 @@ def serve_command(cfg, model: str, print_config: bool = False, detach: bool = Fa
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run(application, name=APP_NAME, route_prefix="/")
         url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-        print(f"skinray serve: {arguments['model']} at {url} (page {url}/, API {url}/docs); "
-              "Ctrl-C stops it", flush=True)
+        api = f"{url}/docs" if cfg.serve.docs else f"{url}/v1"
+        print(f"skinray serve: {arguments['model']} at {url} (page {url}/, API {api}); Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -44,6 +44,11 @@ def overloaded(what: str) -> ApiError:
     return ApiError(503, f"{what} is at capacity: retry shortly", {"Retry-After": str(RETRY_AFTER_S)})
 
 
+def unavailable(what: str) -> ApiError:
+    return ApiError(503, f"{what} is unavailable (a replica is starting or being replaced): retry shortly",
+                    {"Retry-After": str(LOADING_RETRY_AFTER_S)})
+
+
 def not_ready() -> JSONResponse:
     """The readiness probes' answer while the model replicas load."""
     return error_response(503, "the models are not loaded yet", {"Retry-After": str(LOADING_RETRY_AFTER_S)})

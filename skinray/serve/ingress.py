@@ -18,9 +18,10 @@ from PIL import Image
 from skinray.data.decode import DecodeError
 from skinray.data.ingest import decode_photo, decode_views, views_of
 from skinray.predictor import Prediction, Predictor
-from skinray.serve.guards import Keys, RequestMetrics, overloaded
+from skinray.serve.guards import Keys, RequestMetrics, overloaded, unavailable
 
 READY_TIMEOUT_S = 2.0
+READY_CACHE_S = 1.0  # a flood of readiness probes asks the model replicas at most once a second
 
 
 class Service:
@@ -30,6 +31,7 @@ class Service:
         self.metrics = RequestMetrics()
         self.sizes = predictor.sizes
         self.decode_slots = asyncio.Semaphore(cfg.decode_slots)
+        self._readiness: tuple[float, asyncio.Task] | None = None
 
     # === Inputs ===
 
@@ -91,7 +93,16 @@ class Service:
         return {self.predictor.members[i].image_size for i in group}
 
     async def ready(self) -> bool:
-        """Every model deployment has a replica that loaded its members and answered a warm-up."""
+        """Every model deployment has a replica that loaded its members and answered a warm-up.
+
+        One check serves every probe for `READY_CACHE_S`: probes that arrive while it runs, or just
+        after, share its answer."""
+        now = time.monotonic()
+        if self._readiness is None or now - self._readiness[0] > READY_CACHE_S:
+            self._readiness = (now, asyncio.ensure_future(self._ask_ready()))
+        return await asyncio.shield(self._readiness[1])
+
+    async def _ask_ready(self) -> bool:
         try:
             await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h, _ in self.models)), READY_TIMEOUT_S)
             return True
@@ -121,9 +132,14 @@ def since_ms(started: float) -> float:
 
 
 def _unavailable(exc: Exception) -> Exception:
-    """The handle's overload and unavailability errors as 503s; anything else as it is."""
+    """A model deployment that cannot answer now, as a 503 with Retry-After: overloaded (its queue is
+    full), or unavailable (no replica, or the replica died and Serve is replacing it). Anything else
+    as it is (the catch-all answers it as a JSON 500)."""
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+    if isinstance(exc, BackPressureError):
         return overloaded("the model")
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return unavailable("the model")
     return exc

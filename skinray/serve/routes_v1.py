@@ -8,7 +8,7 @@
     GET  /v1/model           classes, version, members, validation metrics
     GET  /healthz, /readyz   alive; ready once every model is loaded and answered its warm-up
     /v2/...                  the Open Inference Protocol (routes_oip.py)
-    GET  /docs               OpenAPI
+    GET  /docs, /openapi.json   OpenAPI (with serve.docs: true)
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from skinray.data.decode import DecodeError
-from skinray.serve.guards import ApiError, BodyLimit, error_response, not_ready, timed
+from skinray.serve.guards import ApiError, BodyLimit, error_response, is_loopback, not_ready, timed
 from skinray.serve.ingress import Service, since_ms
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -82,9 +84,12 @@ class BatchAnswer(BaseModel):
 def make_app(service: Service) -> FastAPI:
     from skinray.serve.routes_oip import oip_router
 
-    app = FastAPI(title="skinray", version="1", description="Skin-disease image classification: an ensemble "
-                  "of calibrated CNNs. Send an image, get the label, its confidence and the top classes.")
     cfg = service.cfg
+    # The interactive docs load scripts from a CDN, so they are off unless serve.docs asks for them.
+    docs = {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"} if cfg.docs else \
+        {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="skinray", version="1", description="Skin-disease image classification: an ensemble "
+                  "of calibrated CNNs. Send an image, get the label, its confidence and the top classes.", **docs)
 
     def check_key(request: Request) -> None:
         service.keys.check(request)
@@ -204,6 +209,15 @@ def _wants_png(request: Request) -> bool:
 def _install_guards(app: FastAPI, service: Service) -> None:
     app.add_middleware(BodyLimit, limit=int(service.cfg.max_request_mb * 2**20))
     app.middleware("http")(timed(service.metrics))
+    if is_loopback(service.cfg.host) and not service.keys.enabled:
+        # Open on this machine only: a page elsewhere could still reach it through DNS rebinding
+        # (its own name resolved to 127.0.0.1) unless the Host header must name this machine.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_NAMES)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "the server could not answer this request; the error is in its log")
 
     @app.exception_handler(ApiError)
     async def api_error(_, exc: ApiError):
