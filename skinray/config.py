@@ -450,6 +450,9 @@ class ServeConfig:
         allow_unauthenticated: serve a host other machines reach without any API key (behind a
             gateway that authenticates); without it, that is refused. On 127.0.0.1 no key is needed.
         docs: serve /docs, /redoc and /openapi.json (Swagger's page loads scripts from a CDN).
+        request_timeout_s: Serve's proxy answers 408 to a request not answered in this time, from its
+            first byte: a slow upload cannot hold a connection and an ingress slot for longer.
+        keep_alive_timeout_s: how long the proxy keeps an idle client connection open.
     """
 
     host: str = "127.0.0.1"
@@ -478,6 +481,8 @@ class ServeConfig:
     api_keys_file: str = ""
     allow_unauthenticated: bool = False
     docs: bool = False
+    request_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 15.0
 
     def __post_init__(self):
         _require(bool(self.host), "host", "must not be empty")
@@ -508,6 +513,8 @@ class ServeConfig:
         _require(self.max_request_mb > 0, "max_request_mb", "must be positive")
         _require(self.max_images >= 1, "max_images", "must be >= 1")
         _require(self.top_k >= 1, "top_k", "must be >= 1")
+        _require(self.request_timeout_s > 0, "request_timeout_s", "must be positive")
+        _require(self.keep_alive_timeout_s >= 0, "keep_alive_timeout_s", "must be >= 0")
 
     @property
     def decode_slots(self) -> int:
@@ -518,6 +525,12 @@ class ServeConfig:
     def ingress_options(self) -> dict[str, Any]:
         """Ray actor options of each ingress replica: its CPUs and the memory its decodes are sized to."""
         return ray_options(self.ingress_cpus, memory_mb=self.ingress_memory_mb)
+
+    @property
+    def http_options(self) -> dict[str, Any]:
+        """Serve's HTTP proxy: where it listens, and how long a request and an idle connection may last."""
+        return {"host": self.host, "port": self.port, "request_timeout_s": self.request_timeout_s,
+                "keep_alive_timeout_s": int(self.keep_alive_timeout_s)}
 
     @property
     def replica_options(self) -> dict[str, Any]:

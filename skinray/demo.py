@@ -99,7 +99,7 @@ def _serve(out_dir: Path, archive: Path, port: int) -> str:
     from skinray.serve.command import app_args
 
     cfg = load_config(overrides=[f"serve.port={port}", "serve.max_replicas=1"])
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options=cfg.serve.http_options)
     serve.run(build_app(app_args(str(out_dir / "bundle"), cfg)), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     photo = sorted((archive / "test").rglob("*.jpg"))[0]

@@ -117,7 +117,10 @@ def serve_url(ray_cluster):
     from serving import free_port
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from skinray.serve.app import serve_section
+
+    # A short request timeout, so that the slow-upload test ends soon (the slowest request here takes seconds).
+    serve.start(http_options=serve_section({"port": port, "request_timeout_s": 15}).http_options)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 

@@ -292,6 +292,27 @@ def test_the_endpoint_still_answers_after_bad_requests(endpoint, photos):
     assert response.status_code == 200 and response.json()["label"]
 
 
+def test_a_slow_upload_is_cut_off_with_a_408(endpoint):
+    """A client that declares 1 MB and trickles a byte a second holds its connection, and an
+    ingress slot, only until serve.request_timeout_s (15 s here)."""
+    import socket
+
+    host, port = endpoint.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as slow:
+        slow.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+                     f"Content-Length: 1000000\r\n\r\n".encode() + b"\xff" * 10)
+        started, answer = time.monotonic(), b""
+        while not answer and time.monotonic() - started < 60:
+            try:
+                slow.sendall(b"\xff")
+                answer = slow.recv(256)
+            except socket.timeout:
+                continue
+            except OSError:  # closed after the answer
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
 # === API keys ===
 
 
@@ -454,6 +475,7 @@ def test_print_config_is_a_valid_serve_config(bundle):
     app = config.applications[0]
     assert app.import_path == "skinray.serve.app:build_app" and app.args["model"] == str(bundle.resolve())
     assert app.args["serve"]["max_batch_size"] == 4 and config.http_options.host == "127.0.0.1"
+    assert (config.http_options.request_timeout_s, config.http_options.keep_alive_timeout_s) == (60, 15)
 
 
 @pytest.mark.parametrize("args, message", [

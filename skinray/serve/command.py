@@ -17,7 +17,7 @@ import yaml
 
 from skinray import UserError
 from skinray.storage import absolute
-from skinray.serve.app import APP_NAME, build_app
+from skinray.serve.app import APP_NAME, build_app, serve_section
 
 
 def app_args(model: str, cfg) -> dict:
@@ -27,7 +27,7 @@ def app_args(model: str, cfg) -> dict:
 def serve_config_file(args: dict) -> str:
     """A Serve config file (for `serve deploy` or a RayService's serveConfigV2) of this application."""
     s = args["serve"]
-    document = {"proxy_location": "EveryNode", "http_options": {"host": s["host"], "port": s["port"]},
+    document = {"proxy_location": "EveryNode", "http_options": serve_section(s).http_options,
                 "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "skinray.serve.app:build_app",
                                   "args": args}]}
     return ("# skinray's online endpoint as a Ray Serve application.\n"
@@ -57,7 +57,7 @@ def serve_command(cfg, model: str, print_config: bool = False, detach: bool = Fa
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _interrupt)
     try:
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.start(http_options=cfg.serve.http_options)
         serve.run(application, name=APP_NAME, route_prefix="/")
         url = f"http://{cfg.serve.host}:{cfg.serve.port}"
         api = f"{url}/docs" if cfg.serve.docs else f"{url}/v1"
@@ -80,7 +80,7 @@ def _deploy(application, cfg, arguments: dict, started_cluster: bool) -> int:
         ray.shutdown()
         raise UserError("--detach deploys onto a running cluster, and none was found: set RAY_ADDRESS "
                         "(or run `ray start --head`), or leave --detach out to serve in the foreground")
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options=cfg.serve.http_options)
     serve.run(application, name=APP_NAME, route_prefix="/")  # returns once every replica is up
     print(f"skinray serve: {arguments['model']} deployed as Serve application '{APP_NAME}' "
           f"on port {cfg.serve.port} of every node ({cfg.serve.host}); `serve status` shows it", flush=True)
