@@ -453,6 +453,9 @@ class ServeConfig:
         request_timeout_s: Serve's proxy answers 408 to a request not answered in this time, from its
             first byte: a slow upload cannot hold a connection and an ingress slot for longer.
         keep_alive_timeout_s: how long the proxy keeps an idle client connection open.
+        max_drain_mb: a body over max_request_mb is read and discarded up to this size before
+            the 413 (so that clients which send everything before reading, like Python's urllib,
+            see the 413); past it, the connection is closed with the 413.
     """
 
     host: str = "127.0.0.1"
@@ -482,6 +485,7 @@ class ServeConfig:
     allow_unauthenticated: bool = False
     docs: bool = False
     request_timeout_s: float = 60.0
+    max_drain_mb: float = 100.0
     keep_alive_timeout_s: float = 15.0
 
     def __post_init__(self):
@@ -515,6 +519,7 @@ class ServeConfig:
         _require(self.top_k >= 1, "top_k", "must be >= 1")
         _require(self.request_timeout_s > 0, "request_timeout_s", "must be positive")
         _require(self.keep_alive_timeout_s >= 0, "keep_alive_timeout_s", "must be >= 0")
+        _require(self.max_drain_mb >= 0, "max_drain_mb", "must be >= 0")
 
     @property
     def decode_slots(self) -> int:

@@ -58,20 +58,26 @@ def not_ready() -> JSONResponse:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes gets 413 before it is read whole.
+    """ASGI middleware: a body over `limit` bytes gets 413, and is never held whole.
 
-    A declared Content-Length over the limit is refused at once; a body without one (chunked) is
-    counted as it arrives and refused at the chunk that crosses the limit.
+    A declared Content-Length over the limit is refused before the route runs; a body without one
+    (chunked) is counted as it arrives and refused at the chunk that crosses the limit. Before the
+    413, the rest of the body is read and discarded, up to `drain` bytes in all (nginx's lingering
+    close): a client that sends its whole body before it reads the answer, as Python's urllib
+    does, then gets the 413 instead of a connection reset mid-upload. A body past `drain` is cut
+    off with the 413 and the connection closed.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, drain: int = 0):
+        self.app, self.limit, self.drain = app, limit, drain
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            if int(declared) <= self.drain:
+                await self._discard(receive, 0)
             return await self._refuse(scope, receive, send)
         received = 0
 
@@ -80,10 +86,23 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
+                if message.get("more_body", False):
+                    await self._discard(receive, received)
                 raise ApiError(413, self._message())
             return message
 
         await self.app(scope, counted, send)
+
+    async def _discard(self, receive, already: int) -> None:
+        """Reads and drops the rest of the body, `drain` bytes in all at the most."""
+        total = already
+        while total <= self.drain:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     def _message(self) -> str:
         return f"request body over the limit of {self.limit / 2**20:g} MB (serve.max_request_mb)"

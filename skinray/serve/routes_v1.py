@@ -207,7 +207,8 @@ def _wants_png(request: Request) -> bool:
 
 
 def _install_guards(app: FastAPI, service: Service) -> None:
-    app.add_middleware(BodyLimit, limit=int(service.cfg.max_request_mb * 2**20))
+    app.add_middleware(BodyLimit, limit=int(service.cfg.max_request_mb * 2**20),
+                       drain=int(service.cfg.max_drain_mb * 2**20))
     app.middleware("http")(timed(service.metrics))
     if is_loopback(service.cfg.host) and not service.keys.enabled:
         # Open on this machine only: a page elsewhere could still reach it through DNS rebinding
