@@ -343,11 +343,44 @@ def test_api_keys_guard_the_model_routes_but_not_health(keyed, photos):
         assert requests.get(f"{keyed}{route}").status_code == 200
 
 
+def test_rotating_keys_is_a_redeploy(serve_url, bundle, tmp_path):
+    """Keys are read when the application is built: after the file changes, deploying the same
+    application again (what `skinray serve --detach` or a RayService update does) swaps them."""
+    from ray import serve
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{KEY}\n")
+    deploy(bundle, "rotate", "/rotate", api_keys_file=str(keys))
+    url, jpg = f"{serve_url}/rotate", {"Content-Type": "image/jpeg"}
+    try:
+        assert _post(url, "/v1/predict", data=jpeg(), headers={**jpg, "X-API-Key": KEY}).status_code == 200
+        keys.write_text(f"{ANOTHER_KEY}\n")
+        deploy(bundle, "rotate", "/rotate", api_keys_file=str(keys))
+        assert _post(url, "/v1/predict", data=jpeg(), headers={**jpg, "X-API-Key": KEY}).status_code == 401
+        assert _post(url, "/v1/predict", data=jpeg(), headers={**jpg, "X-API-Key": ANOTHER_KEY}).status_code == 200
+    finally:
+        serve.delete("rotate")
+
+
 def test_the_key_is_not_in_the_logs(keyed, ray_cluster, photos):
-    _post(keyed, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg", "X-API-Key": KEY})
+    """Positive control first: the request's own id (Serve logs it) is found in the log folder, so
+    the search for the key reads the lines that request wrote."""
+    import uuid
+
+    marker = f"keylog-{uuid.uuid4().hex}"
+    response = _post(keyed, "/v1/predict", data=photos[0].read_bytes(),
+                     headers={"Content-Type": "image/jpeg", "X-API-Key": KEY, "X-Request-Id": marker})
+    assert response.status_code == 200
     logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
-    leaked = [p.name for p in logs.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
-    assert leaked == []
+
+    def files_with(text: str) -> list[str]:
+        return [p.name for p in logs.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+    deadline = time.monotonic() + 30
+    while not files_with(marker) and time.monotonic() < deadline:  # log lines are flushed asynchronously
+        time.sleep(1)
+    assert files_with(marker), "the request's log lines were not found"
+    assert files_with(KEY) == []
 
 
 # === Overload ===
