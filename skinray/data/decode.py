@@ -19,6 +19,7 @@ what the endpoint's memory budget is sized by.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -79,8 +80,7 @@ def decode(data: bytes, min_size: int | None = None, max_pixels: int = DEFAULT_M
     """
     image = open_image(data, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _quiet():
             if min_size and image.format in ("JPEG", "MPO"):
                 image.draft(None, (min_size, min_size))
             image.load()
@@ -97,9 +97,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if not data:
         raise DecodeError("empty file")
     try:
-        with warnings.catch_warnings():
-            # Our own limit below decides; Pillow's warning would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _quiet():
             image = Image.open(io.BytesIO(data), formats=OPENERS)
     except UnidentifiedImageError:
         raise DecodeError(f"not an image skinray reads: not {FORMAT_NAMES}") from None
@@ -116,6 +114,16 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             f"of {max_pixels:,} (data.max_pixels; the endpoint's is serve.max_pixels)"
         )
     return image
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Pillow's warnings while decoding one file: its bomb warning (our own limit decides) and its
+    per-file complaints (corrupt EXIF, ...), which a bulk job would print once per file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+        yield
 
 
 def _reduce(image: Image.Image, min_size: int) -> Image.Image:
