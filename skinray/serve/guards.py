@@ -2,7 +2,8 @@
 
 Errors are JSON `{"error": "what was wrong"}` with the status that says whose fault it was:
 400 (unreadable input), 401 (no or a wrong API key), 404, 413 (too large), 415 (a body type the
-route does not take), 422 (a malformed request), 503 (overloaded, with Retry-After).
+route does not take), 422 (a malformed request), 503 with Retry-After (overloaded, a replica
+unavailable or still loading), and 500 without details for anything unexpected (routes_v1).
 """
 
 from __future__ import annotations
