@@ -82,16 +82,16 @@ def built_before(out: str, sources: list[str], archive: str) -> dict | None:
     """The manifest of the bundle at `out` when the same members on the same archive made it (a
     resubmitted job), None when nothing is there; anything else there is refused: a version is
     never silently replaced."""
-    from skinray.storage import is_empty, join_uri, read_json
+    from skinray.storage import is_empty, join_uri, read_json, redact
 
     if is_empty(out):
         return None
     manifest = read_json(join_uri(out, MANIFEST))
-    if manifest and [m["source"] for m in manifest["members"]] == list(sources) \
-            and manifest["validation"]["archive"] == archive:
+    if manifest and [m["source"] for m in manifest["members"]] == [redact(s) for s in sources] \
+            and manifest["validation"]["archive"] == redact(archive):
         return manifest
     what = "a bundle of other members or data" if manifest else f"not a complete bundle (no {MANIFEST})"
-    raise BundleError(f"'{join_uri(out, '')[:-1]}' already exists and is {what}: give the new bundle another "
+    raise BundleError(f"'{redact(join_uri(out, '')[:-1])}' already exists and is {what}: give the new bundle another "
                       "--out (bundles are never overwritten)")
 
 

@@ -782,8 +782,16 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
-    """Writes the resolved config next to a run's outputs; `load_config` reads it back unchanged."""
+    """Writes the resolved config next to a run's outputs; `load_config` reads it back unchanged
+    (but for credentials in the archive's URI, which are never stored: see `redacted`)."""
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    path.write_text(yaml.safe_dump(config_to_dict(redacted(cfg)), sort_keys=False))
     return path
+
+
+def redacted(cfg: Config) -> Config:
+    """The config as it may be stored and shown: the archive's URI without credentials."""
+    from skinray.storage import redact
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, archive=redact(cfg.data.archive)))

@@ -27,8 +27,28 @@ def set_verbose(on: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
 
 
+class Redacting:
+    """A text stream that writes everything through `storage.redact`: no credential a URI carried
+    reaches the console, whichever line (skinray's, Ray's, a traceback) holds it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from skinray.storage import redact
+
+        self.stream.write(redact(text) if "://" in text else text)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def setup_driver() -> None:
-    """The command line's process: skinray's warnings on stderr; Ray and TensorFlow quiet."""
+    """The command line's process: its console redacted; skinray's warnings on stderr; Ray and
+    TensorFlow quiet."""
+    if not isinstance(sys.stdout, Redacting):
+        sys.stdout, sys.stderr = Redacting(sys.stdout), Redacting(sys.stderr)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_SkinrayFormatter())

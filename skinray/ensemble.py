@@ -145,7 +145,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     from skinray.bundle import built_before, write_bundle
     from skinray.cluster import connect, reserved_cpus
     from skinray.data.ingest import ImageSource
-    from skinray.storage import absolute
+    from skinray.storage import absolute, redact
     from skinray.inference import labelled_logits
 
     member_paths = [absolute(p) for p in member_paths]  # the actors open them from their own folders
@@ -159,14 +159,14 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     logits, labels, _ = labelled_logits(table, member_paths, predictor.sizes, source, cfg.score, "the validation split")
     fitted = fit(logits, labels, cfg.ensemble.coverage)
     entries = [{"name": m.name, "backbone": m.backbone, "image_size": m.image_size, "temperature": t,
-                "weight": w, "source": path, "validation": metrics}
+                "weight": w, "source": redact(path), "validation": metrics}
                for m, t, w, path, metrics in zip(predictor.members, fitted["temperatures"], fitted["weights"],
                                                   member_paths, fitted["metrics"]["members"])]
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "classes": predictor.classes, "threshold": fitted["threshold"], "coverage": cfg.ensemble.coverage,
         "equal_weights": fitted["equal_weights"],
-        "validation": {"archive": archive, "val_fraction": predictor.config.data.val_fraction,
+        "validation": {"archive": redact(archive), "val_fraction": predictor.config.data.val_fraction,
                        "seed": predictor.config.data.seed, **fitted["metrics"]},
     }
     return write_bundle(out, entries, [m.file for m in predictor.members], [m.config for m in predictor.members],

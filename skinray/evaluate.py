@@ -17,7 +17,7 @@ import numpy as np
 
 from skinray.config import Config
 from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
-from skinray.storage import is_uri, join_uri
+from skinray.storage import is_uri, join_uri, redact
 
 
 # === Writing ===
@@ -158,7 +158,7 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
                                              ImageSource.of(catalog, predictor.config.data.max_pixels), cfg.score,
                                              f"the {split} split")
     report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels)
-    report |= {"model": predictor.source, "model_version": predictor.version, "split": split, "archive": archive,
+    report |= {"model": predictor.source, "model_version": predictor.version, "split": split, "archive": redact(archive),
                "failed_files": [{"path": p, "reason": r} for p, r in
                                 zip(failed["path"].to_pylist(), failed["error"].to_pylist())]}
     _store(report, predictor.config, out)

@@ -23,7 +23,7 @@ import numpy as np
 from skinray import UserError
 from skinray.bundle import MANIFEST, verify
 from skinray.config import Config, load_config
-from skinray.storage import local_copy
+from skinray.storage import local_copy, redact
 
 
 @dataclass
@@ -136,9 +136,10 @@ class Predictor:
         TensorFlow and seconds per model to load): what a driver needs to plan the work its actors do.
         """
         local = _local_copy(path)
+        shown = redact(path)  # the source and a run's version are printed, stored and served
         if (local / MANIFEST).is_file():
-            return cls.from_bundle(local, source=path, load_models=load_models)
-        return cls.from_checkpoint(local, source=path, load_models=load_models)
+            return cls.from_bundle(local, source=shown, load_models=load_models)
+        return cls.from_checkpoint(local, source=shown, load_models=load_models)
 
     @classmethod
     def from_bundle(cls, folder: Path, source: str = "", load_models: bool = True) -> "Predictor":

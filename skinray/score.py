@@ -31,7 +31,8 @@ from skinray.config import Config
 from skinray.data.catalog import is_hidden
 from skinray.data.ingest import ImageSource
 from skinray.inference import predict_rows
-from skinray.storage import clear_dir, join_uri, kind, list_files, make_dir, resolve, write_json
+from skinray.storage import (clear_dir, join_uri, kind, list_files, make_dir, redact, resolve,
+                             without_credentials, write_json)
 
 PREDICTIONS, LISTING, CHECKPOINT = "predictions", "_listing", "_checkpoint"
 
@@ -80,8 +81,8 @@ def _manifest_paths(fs, root: str, prefix: str, uri: str) -> list[str]:
     for path in table["path"].to_pylist():
         if not path:
             raise UserError(f"manifest '{uri}' has an empty path")
-        if "://" in path:  # a URI on the manifest's own store
-            path = prefix + path.split("://", 1)[1] if prefix else path.split("://", 1)[1]
+        if "://" in path:  # a URI on the manifest's own store (whose filesystem holds its credentials)
+            path = prefix + without_credentials(path.split("://", 1)[1])
         elif not path.startswith("/"):
             path = prefix + f"{folder}/{path}"
         else:
@@ -180,7 +181,7 @@ def summarise(output: str, listed: int, predictor, seconds: float) -> dict:
         "abstained": int(sum(1 for a in table["abstained"].to_pylist() if a)),
         "per_class": dict(sorted(Counter(labels).items())),
         "failure_reasons": dict(Counter(e.split(":")[0] for e in errors).most_common()),
-        "seconds": round(seconds, 2), "predictions": join_uri(output, PREDICTIONS),
+        "seconds": round(seconds, 2), "predictions": redact(join_uri(output, PREDICTIONS)),
     }
 
 

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
-from urllib.parse import parse_qsl, urlencode
 
 import pyarrow.fs as pafs
 
-# URI query options that carry a secret (pyarrow's S3 and GCS options, and the usual spellings).
-SECRET_OPTIONS = frozenset({"access_key", "secret_key", "session_token", "access_token", "token",
-                            "password", "secret", "credentials", "key"})
 HIDDEN = "***"
+# `scheme://key:secret@` (the secret may hold '/') or `scheme://token@` (no '/' or ':'), before a host.
+USERINFO = re.compile(r"""(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s'"@/]*:[^\s'"@]*|[^\s'"@/:]+)@""")
+# URI query options that carry a secret (pyarrow's S3 and GCS options, and the usual spellings).
+SECRET_QUERY = re.compile(r"""(?i)([?&](?:access_key|secret_key|session_token|access_token|token|password|"""
+                          r"""secret|credentials|key)=)[^&\s'"#]*""")
 
 
 # === Locations ===
@@ -61,27 +63,27 @@ def absolute(location: str) -> str:
 
 
 def redact(text: str) -> str:
-    """`text` (a URI, or a message holding one) with every credential replaced by ***.
+    """`text` (a URI, or a message holding URIs) with every credential replaced by ***.
 
-    `s3://KEY:SECRET@bucket/x` -> `s3://***@bucket/x`; `...?region=r&secret_key=S` ->
-    `...?region=r&secret_key=***`. Paths and plain URIs come back unchanged.
+    `s3://KEY:SECRET@bucket/x` -> `s3://***@bucket/x` (a secret may hold '/'); `...?region=r&secret_key=S`
+    -> `...?region=r&secret_key=***`. Everything else, the text around a URI included, is left as it is.
     """
-    return " ".join(_redact_word(word) if "://" in word else word for word in text.split(" "))
+    if "://" not in text:
+        return text
+    text = USERINFO.sub(lambda m: m.group("scheme") + HIDDEN + "@", text)
+    return SECRET_QUERY.sub(lambda m: m.group(1) + HIDDEN, text)
 
 
-def _redact_word(word: str) -> str:
-    start = word.index("://")
-    scheme_at = max(word[:start].rfind(c) for c in "'\"(=[<") + 1  # a URI inside quotes or after `key=`
-    lead, scheme, rest = word[:scheme_at], word[scheme_at:start + 3], word[start + 3:]
-    location, sep, query = rest.partition("?")
+def _credentials_end(location: str) -> int:
+    """Where `key:secret@` (a secret may hold '/') or a token@ with no '/' ends before the host; -1: none."""
     at = location.find("@")
-    # Credentials before the host: `key:secret@` (a secret may hold '/'), or a token with no '/'.
-    if at >= 0 and (":" in location[:at] or "/" not in location[:at]):
-        location = HIDDEN + location[at:]
-    if query:
-        options = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, HIDDEN if k.lower() in SECRET_OPTIONS else v) for k, v in options], safe="*:/")
-    return lead + scheme + location + sep + query
+    return at if at >= 0 and (":" in location[:at] or "/" not in location[:at]) else -1
+
+
+def without_credentials(path: str) -> str:
+    """`bucket/key` from `KEY:SECRET@bucket/key` (a path after a URI's scheme), as it is opened on
+    a filesystem that already holds the credentials."""
+    return path[_credentials_end(path) + 1:]
 
 
 # === Reading ===

@@ -72,3 +72,60 @@ def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bu
     assert report["num_images"] == 24
     assert {"report.md", "report.json", "confusion_matrix.png", "reliability.png", "config.yaml"} <= {
         info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
+
+
+# === Credentials in URIs are used to open files, and never printed, stored or served ===
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYz3cr3t"  # the shape of an AWS secret key (it holds '/')
+
+
+def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env, ray_cluster):
+    """Every kind of URI the commands take carries credentials (moto takes any): the commands work,
+    and the secret is in no console line, no file they wrote, and none of Ray's logs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from urllib.parse import quote
+
+    import pyarrow.parquet as pq
+
+    fs, options = s3_server
+    pafs.copy_files(str(bundle), "skin-bucket/bundles/v1", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+    def uri(path):
+        return f"s3://AKIAEXAMPLE:{quote(SECRET, safe='')}@skin-bucket/{path}?{options}"
+
+    def skinray(*args, expect=0):
+        out = subprocess.run([sys.executable, "-m", "skinray", *args], capture_output=True, text=True,
+                             timeout=600, env=ray_env)
+        assert out.returncode == expect, out.stderr[-3000:]
+        assert SECRET not in out.stdout + out.stderr and quote(SECRET, safe="") not in out.stdout + out.stderr
+        return out
+
+    check = json.loads(skinray("data", "check", uri("dermnet"), "--json").stdout)
+    assert check["ok"] and check["archive"].startswith("s3://***@skin-bucket/dermnet")
+    scored = skinray("score", "--model", uri("bundles/v1"), "--input", uri("dermnet/test"),
+                     "--output", uri("scored"), "--set", "score.max_actors=1")
+    assert "24 scored" in scored.stdout
+    skinray("evaluate", "--model", uri("bundles/v1"), "--data", uri("dermnet"), "--out", uri("evaluation-keys"))
+    missing = skinray("evaluate", "--model", uri("bundles/v1"), "--data", uri("nowhere"), "--out", uri("x"),
+                      expect=2)
+    assert "s3://***@skin-bucket/nowhere" in missing.stderr  # the error names the archive, not its secret
+
+    written = fs.get_file_info(pafs.FileSelector("skin-bucket", recursive=True))
+    texts = []
+    for info in written:
+        if info.type != pafs.FileType.File or "/dermnet/" in info.path or "/bundles/" in info.path:
+            continue
+        if info.path.endswith(".parquet"):
+            with fs.open_input_file(info.path) as f:
+                texts.append(pq.read_table(f).to_pandas().to_json())
+        else:
+            with fs.open_input_stream(info.path) as f:
+                texts.append(f.read().decode(errors="replace"))
+    assert len(texts) >= 6 and any("model_version" in t for t in texts)  # summary, report, predictions, ...
+    assert not [t[:200] for t in texts if SECRET in t or quote(SECRET, safe="") in t]
+    logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
+    assert not [p.name for p in logs.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

@@ -64,3 +64,14 @@ def test_credentials_in_uris_are_redacted(text, expected):
 
 def test_an_at_sign_in_a_path_is_not_taken_for_credentials():
     assert storage.redact("s3://bucket/user@clinic/a.jpg") == "s3://bucket/user@clinic/a.jpg"
+
+
+def test_a_path_is_opened_without_the_credentials_its_uri_carried():
+    assert storage.without_credentials("AKIA:se/cret@bucket/a/b.jpg") == "bucket/a/b.jpg"
+    assert storage.without_credentials("bucket/user@clinic/b.jpg") == "bucket/user@clinic/b.jpg"
+
+
+def test_redaction_leaves_the_text_around_a_uri_alone():
+    line = '{"archive": "s3://K:S/x@b/dermnet?endpoint_override=http://127.0.0.1:9000&secret_key=Z", "n": 1}'
+    assert storage.redact(line) == (
+        '{"archive": "s3://***@b/dermnet?endpoint_override=http://127.0.0.1:9000&secret_key=***", "n": 1}')

@@ -16,7 +16,7 @@ import numpy as np
 from skinray.data.catalog import list_archive
 from skinray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, format_matches, open_image
 from skinray.data.ingest import ImageSource, dataset
-from skinray.storage import read_bytes
+from skinray.storage import read_bytes, redact
 
 # Enough pixels to prove the whole file decodes (a reduced JPEG decode still reads every byte).
 CHECK_SIZE = 64
@@ -77,7 +77,7 @@ def check_archive(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     ]
     across = sum(1 for d in duplicates if len(d["splits"]) > 1)
     return {
-        "archive": uri,
+        "archive": redact(uri),
         "classes": catalog.classes,
         "counts": {split: dict(c) for split, c in sorted(counts.items())},
         "imbalance": {split: _imbalance(c) for split, c in sorted(counts.items())},

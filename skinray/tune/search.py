@@ -24,7 +24,7 @@ import numpy as np
 
 from skinray import UserError
 from skinray.cluster import connect, reserved_cpus
-from skinray.config import Config, TuneConfig, load_config_text, save_config
+from skinray.config import Config, TuneConfig, load_config_text, redacted, save_config
 from skinray.console import verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
@@ -165,7 +165,7 @@ def _refuse_a_different_search(cfg: Config, run_dir: str) -> None:
     text = read_text(join_uri(run_dir, "config.yaml"))
     if text is None:
         return
-    saved = load_config_text(text)
+    saved, cfg = load_config_text(text), redacted(cfg)  # as saved: no credentials in the archive's URI
     changed = [f"{section}.{key}" for section in ("data", "augment", "model", "tune")
                for key, value in dataclasses.asdict(getattr(cfg, section)).items()
                if dataclasses.asdict(getattr(saved, section))[key] != value]
