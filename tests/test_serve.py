@@ -386,7 +386,7 @@ def test_the_key_is_not_in_the_logs(keyed, ray_cluster, photos):
 # === Overload ===
 
 
-def test_overload_gets_a_quick_503_with_retry_after(serve_url, bundle):
+def test_overload_gets_a_503_with_retry_after(serve_url, bundle):
     """One request at a time in the model, a queue of one, and a batch that waits 3 s for company:
     the third concurrent request has nowhere to go and is refused at once."""
     from ray import serve
@@ -395,16 +395,16 @@ def test_overload_gets_a_quick_503_with_retry_after(serve_url, bundle):
            batch_wait_s=3.0)
     try:
         def one(_):
-            started = time.monotonic()
             r = _post(f"{serve_url}/busy", "/v1/predict", data=jpeg(), headers={"Content-Type": "image/jpeg"})
-            return r.status_code, r.headers.get("Retry-After"), r.text, time.monotonic() - started
+            return r.status_code, r.headers.get("Retry-After"), r.text
 
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             results = list(pool.map(one, range(6)))
         refused = [r for r in results if r[0] == 503]
         assert refused and any(r[0] == 200 for r in results), results
+        # "at capacity" is Serve's BackPressureError: refused when the queue was full, not after waiting
+        # in it (no time is asserted in a test; benchmarks/serve.py measures latencies).
         assert all(r[1] == "1" and "at capacity" in json.loads(r[2])["error"] for r in refused), refused
-        assert min(r[3] for r in refused) < 2.5  # refused, not queued behind the 3 s batches
     finally:
         serve.delete("busy")
 

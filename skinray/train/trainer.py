@@ -25,7 +25,7 @@ from skinray.config import Config, save_config
 from skinray.console import train_logging_config, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource, steps_per_epoch
-from skinray.storage import absolute, join_uri, upload_folder, write_json
+from skinray.storage import absolute, join_uri, redact, upload_folder, write_json
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 
 log = logging.getLogger("skinray")
@@ -166,7 +166,7 @@ def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
     pick = min if cfg.train.monitor_mode == "min" else max
     checkpoint, metrics = pick(ranked, key=lambda cm: cm[1]["checkpoint_score"])
     history = _history(result.checkpoint or checkpoint)
-    summary = {"run_dir": run_uri, "best_checkpoint": checkpoint.path, "best_metrics": metrics,
+    summary = {"run_dir": redact(run_uri), "best_checkpoint": checkpoint.path, "best_metrics": metrics,
                "monitor": cfg.train.monitor, "history": history}
     write_json(join_uri(run_uri, "summary.json"), summary)
     return TrainResult(run_uri, checkpoint.path, metrics, history)
