@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = _command(commands, "explain", "Grad-CAM explanations of images as PNG files, without a server")
     explain.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
-    explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for them")
+    explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                         help="image files, or folders searched for them")
     explain.add_argument("--out", required=True, help="folder for the PNG files (one per image, named after it)")
 
     evaluate = _command(commands, "evaluate", "per-class report of a bundle or trained model")

@@ -35,7 +35,8 @@ def ray_options(cpus: float, gpus: float = 0.0, resources: dict[str, float] | No
                 memory_mb: float = 0.0) -> dict[str, Any]:
     """Ray's options of a task or actor (a decode task, a model actor, a Serve replica): its CPUs, and
     GPUs, custom resources and memory where it reserves any."""
-    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {}), **({"resources": dict(resources)} if resources else {}),
+    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {}),
+            **({"resources": dict(resources)} if resources else {}),
             **({"memory": int(memory_mb * 2**20)} if memory_mb else {})}
 
 

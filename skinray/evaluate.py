@@ -158,7 +158,8 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
                                              ImageSource.of(catalog, predictor.config.data.max_pixels), cfg.score,
                                              f"the {split} split")
     report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels)
-    report |= {"model": predictor.source, "model_version": predictor.version, "split": split, "archive": redact(archive),
+    report |= {"model": predictor.source, "model_version": predictor.version, "split": split,
+               "archive": redact(archive),
                "failed_files": [{"path": p, "reason": r} for p, r in
                                 zip(failed["path"].to_pylist(), failed["error"].to_pylist())]}
     _store(report, predictor.config, out)

@@ -9,17 +9,20 @@ here every write is made safe to interrupt:
   local disk it is written under a temporary name and renamed over the target (a rename is
   atomic); on an object store the object appears whole when its upload completes (a single PUT,
   or a completed multipart upload), and there is no rename to make.
+* A remote model is copied once per node into a bounded cache (`local_copy`), not once per
+  process into temporary folders that nobody removes.
 * Credentials in a URI (`s3://KEY:SECRET@bucket/...`, `?secret_key=...`) never leave through
   `redact`: what is printed, logged or stored goes through it; the real URI only opens files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -191,23 +194,84 @@ def upload_folder(folder: str | Path, location: str) -> None:
     pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+# === Local copies of remote models: one cache per node ===
+
+CACHE_ENV, CACHE_LIMIT_ENV = "SKINRAY_MODEL_CACHE", "SKINRAY_MODEL_CACHE_GB"
+CACHE_LIMIT_GB = 20.0
+CACHE_GRACE_S = 3600  # an entry used within the hour is kept: a process may be loading from it
+COMPLETE = ".complete"
+
+
 def local_copy(location: str) -> Path:
-    """A local path of `location`: itself when local; a remote file or folder is copied to a new
-    temporary folder. Raises FileNotFoundError when nothing is there."""
+    """A local path of `location`: itself when local. A remote file or folder is copied once into
+    the node's model cache ($SKINRAY_MODEL_CACHE, default ~/.cache/skinray/models), keyed by its
+    path and its files' sizes and modification times, so every replica, actor and restart on the
+    node reuses one copy, and a changed model is copied anew. Raises FileNotFoundError."""
     if not is_uri(location):
         local = Path(location.removeprefix("file://")).expanduser()
         if not local.exists():
             raise FileNotFoundError(location)
         return local
     fs, remote, _ = resolve(location)
-    found = fs.get_file_info(remote).type
-    if found == pafs.FileType.NotFound:
+    found = fs.get_file_info(remote)
+    if found.type == pafs.FileType.NotFound:
         raise FileNotFoundError(location)
-    target = Path(tempfile.mkdtemp(prefix="skinray-model-"))
-    if found == pafs.FileType.Directory:
-        pafs.copy_files(remote, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        return target
-    name = target / PurePosixPath(remote).name
-    with fs.open_input_stream(remote) as src, open(name, "wb") as out:
-        shutil.copyfileobj(src, out)
-    return name
+    files = (fs.get_file_info(pafs.FileSelector(remote, recursive=True)) if found.type == pafs.FileType.Directory
+             else [found])
+    signature = [fs.type_name, remote] + sorted(
+        (f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
+    key = hashlib.sha256(json.dumps(signature, default=str).encode()).hexdigest()[:24]
+    cache = model_cache()
+    entry = cache / key
+    name = "content" if found.type == pafs.FileType.Directory else PurePosixPath(remote).name
+    if (entry / COMPLETE).is_file():
+        os.utime(entry / COMPLETE)  # the mark's time is when it was last used
+        return entry / name
+    partial = cache / f".partial-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial.mkdir(parents=True)
+    try:
+        if found.type == pafs.FileType.Directory:
+            (partial / name).mkdir()
+            pafs.copy_files(remote, str(partial / name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        else:
+            with fs.open_input_stream(remote) as src, open(partial / name, "wb") as out:
+                shutil.copyfileobj(src, out)
+        (partial / COMPLETE).write_text(redact(location))
+        try:
+            os.rename(partial, entry)  # whole, or not at all; another process may have won the race
+        except OSError:
+            if not (entry / COMPLETE).is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    evict(cache, keep=entry)
+    return entry / name
+
+
+def model_cache() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "skinray" / "models").expanduser()
+
+
+def evict(cache: Path, keep: Path | None = None) -> None:
+    """Bounds the cache to $SKINRAY_MODEL_CACHE_GB (20): removes least recently used entries, and
+    partial copies that dying processes left behind, but nothing used within `CACHE_GRACE_S`."""
+    limit = float(os.environ.get(CACHE_LIMIT_ENV) or CACHE_LIMIT_GB) * 2**30
+    now = time.time()
+    entries = []
+    for path in cache.iterdir():
+        mark = path / COMPLETE
+        used = mark.stat().st_mtime if mark.is_file() else path.stat().st_mtime
+        if path.name.startswith(".partial-"):
+            if now - used > CACHE_GRACE_S:
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        entries.append((used, size, path))
+    total = sum(size for _, size, _ in entries)
+    for used, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if path != keep and now - used > CACHE_GRACE_S:
+            shutil.rmtree(path, ignore_errors=True)
+            total -= size

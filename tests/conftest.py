@@ -1,6 +1,7 @@
 """Shared fixtures: one Ray cluster for the whole session, and generated archives."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -12,6 +13,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 for key, value in {"AWS_ACCESS_KEY_ID": "skinray-test", "AWS_SECRET_ACCESS_KEY": "skinray-test",
                    "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ[key] = value
+# Remote models are cached per node: the tests' cache is their own (also for Ray's workers).
+os.environ["SKINRAY_MODEL_CACHE"] = tempfile.mkdtemp(prefix="skinray-test-models-")
 
 
 @pytest.fixture(scope="session")

@@ -75,3 +75,46 @@ def test_redaction_leaves_the_text_around_a_uri_alone():
     line = '{"archive": "s3://K:S/x@b/dermnet?endpoint_override=http://127.0.0.1:9000&secret_key=Z", "n": 1}'
     assert storage.redact(line) == (
         '{"archive": "s3://***@b/dermnet?endpoint_override=http://127.0.0.1:9000&secret_key=***", "n": 1}')
+
+
+def test_a_remote_model_is_copied_once_per_node_and_anew_when_it_changes(s3_server, tmp_path, monkeypatch):
+    fs, options = s3_server
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    fs.create_dir("cache-bucket/run")
+    with fs.open_output_stream("cache-bucket/run/model.keras") as f:
+        f.write(b"weights")
+    run = f"s3://cache-bucket/run?{options}"
+    first = storage.local_copy(run)
+    inode = (first / "model.keras").stat().st_ino
+    again = storage.local_copy(run)
+    assert again == first and (again / "model.keras").stat().st_ino == inode  # not copied again
+    with fs.open_output_stream("cache-bucket/run/model.keras") as f:
+        f.write(b"weights, trained further")
+    changed = storage.local_copy(run)
+    assert changed != first and (changed / "model.keras").read_bytes() == b"weights, trained further"
+    single = storage.local_copy(f"s3://cache-bucket/run/model.keras?{options}")
+    assert single.name == "model.keras" and single.read_bytes() == b"weights, trained further"
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial-")]
+
+
+def test_the_cache_evicts_the_least_recently_used_past_its_bound(tmp_path, monkeypatch):
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    hours_ago = time.time() - 3 * 3600
+    for name, age in (("oldest", 3), ("older", 2), ("recent", 0)):
+        entry = cache / name
+        (entry / "content").mkdir(parents=True)
+        (entry / "content" / "model.keras").write_bytes(b"x" * 2**20)
+        (entry / storage.COMPLETE).write_text("s3://b/m")
+        os.utime(entry / storage.COMPLETE, (time.time() - age * 3600,) * 2)
+    stale = cache / ".partial-abc-1-deadbeef"  # a copy whose process died
+    stale.mkdir()
+    os.utime(stale, (hours_ago, hours_ago))
+    monkeypatch.setenv(storage.CACHE_LIMIT_ENV, str(1.5 / 1024))  # 1.5 MB: room for one entry
+    storage.evict(cache, keep=cache / "recent")
+    assert sorted(p.name for p in cache.iterdir()) == ["recent"]
+    monkeypatch.setenv(storage.CACHE_LIMIT_ENV, "0")
+    storage.evict(cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["recent"]  # used within the hour: kept over the bound

@@ -17,7 +17,8 @@ FINETUNE_RATE = 3e-4  # below this, a rate nudges pretrained weights; it does no
 def describe(cfg: Config, global_batch: int) -> str:
     """One paragraph: the recipe, why it was chosen, and the values that shape it."""
     model, train = cfg.model, cfg.train
-    why = "named by train.recipe" if train.recipe != recipe_for(model.weights) else f"model.weights is '{model.weights}'"
+    chosen = train.recipe != recipe_for(model.weights)
+    why = "named by train.recipe" if chosen else f"model.weights is '{model.weights}'"
 
     def rate(lr: float) -> str:
         scaled = scaled_learning_rate(lr, global_batch, train.base_batch, train.lr_scaling)
