@@ -73,6 +73,11 @@ def verify(folder: Path) -> dict:
                  if expected[name] != found[name]]
     if not problems and manifest_version(manifest) != manifest.get("version"):
         problems.append(f"{MANIFEST} was edited after the bundle was sealed")
+    # A version is a hash, not a signature: anyone can reseal an edited manifest. What it may never
+    # do is point a member outside the files it lists (and so outside the bundle).
+    problems += [f"member {entry.get('name')!r}: {what} {entry.get(what)!r} is not one of the bundle's files"
+                 for entry in manifest.get("members", []) for what in ("file", "config")
+                 if entry.get(what) not in expected]
     if problems:
         raise BundleError(f"bundle at '{folder}' fails verification, refusing to load it: " + "; ".join(problems))
     return manifest

@@ -234,7 +234,10 @@ def describe_difference(a: list[str], b: list[str]) -> str:
 
 
 def load_model(path: Path):
-    """A skinray `.keras` model, loaded with Keras' safe mode (no arbitrary code from the file)."""
+    """A skinray `.keras` model, loaded with Keras' safe mode (no arbitrary code from the file).
+    Only the `.keras` format: safe mode does not guard the legacy HDF5 one."""
+    if Path(path).suffix != ".keras":
+        raise UserError(f"'{path}' is not a .keras model file: only the .keras format loads (safe mode)")
     import keras
 
     import skinray.models.classifier  # noqa: F401  registers the custom layers for loading

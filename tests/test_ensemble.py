@@ -118,6 +118,35 @@ def test_a_tampered_bundle_is_refused(bundle, tmp_path):
     assert Predictor.from_path(str(bundle)).version == json.loads((bundle / "bundle.json").read_text())["version"]
 
 
+def test_a_resealed_bundle_pointing_outside_itself_is_refused(bundle, tmp_path):
+    """The version is a hash anyone can recompute: a manifest edited to load a model from outside
+    the bundle, then resealed, still loads nothing."""
+    from skinray.bundle import BundleError, manifest_version
+    from skinray.predictor import Predictor
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(copy / "members/00-tiny/model.keras", outside / "model.keras")
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["members"][0]["file"] = "../outside/model.keras"
+    manifest["version"] = manifest_version(manifest)
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="'../outside/model.keras' is not one of the bundle's files"):
+        Predictor.from_path(str(copy))
+
+
+def test_only_keras_files_load(tmp_path):
+    from skinray import UserError
+    from skinray.predictor import load_model
+
+    legacy = tmp_path / "model.h5"
+    legacy.write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(UserError, match="only the .keras format"):
+        load_model(legacy)
+
+
 def _flip_a_byte(path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
