@@ -31,10 +31,10 @@ from skinray.config import Config
 from skinray.data.catalog import is_hidden
 from skinray.data.ingest import ImageSource
 from skinray.inference import predict_rows
-from skinray.storage import (clear_dir, join_uri, kind, list_files, make_dir, redact, resolve,
-                             without_credentials, write_json)
+from skinray.storage import (absolute, clear_dir, join_uri, kind, list_files, lock, make_dir, read_json, redact,
+                             resolve, without_credentials, write_json)
 
-PREDICTIONS, LISTING, CHECKPOINT = "predictions", "_listing", "_checkpoint"
+PREDICTIONS, LISTING, CHECKPOINT, RUN, LOCK = "predictions", "_listing", "_checkpoint", "run.json", ".lock"
 
 
 # === Listing the input ===
@@ -114,21 +114,41 @@ def _write_listing(paths: list[str], output: str, rows_per_file: int) -> tuple[s
 
 def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     """Scores every file under `input_uri` with `model`; writes Parquet rows and summary.json."""
-    import ray.data
-    from ray.data.checkpoint import CheckpointConfig
-
     from skinray.cluster import connect, reserved_cpus
     from skinray.predictor import Predictor
-    from skinray.storage import absolute
 
     model = absolute(model)  # the actors open it from their own working directories
     predictor = Predictor.from_path(model, load_models=False)  # a bad model fails here, before any work
     source, paths = list_inputs(input_uri)
     source = ImageSource(source.filesystem, source.prefix, cfg.data.max_pixels)
-    score_cfg = cfg.score
     connect(reserved_cpus(cfg, "score"))
-    fs, root, _ = resolve(output)
     make_dir(output)
+    with lock(join_uri(output, LOCK), f"output '{redact(output)}'"):
+        _claim(output, predictor, input_uri)
+        return _score(cfg, model, predictor, source, paths, output)
+
+
+def _claim(output: str, predictor, input_uri: str) -> None:
+    """OUTPUT/run.json names the model version and input whose rows the output holds; another model
+    or input is refused, naming both, so that rows of two models never mix in one output."""
+    run = {"model_version": predictor.version, "model": predictor.source, "input": redact(absolute(input_uri))}
+    previous = read_json(join_uri(output, RUN))
+    if previous is None:
+        write_json(join_uri(output, RUN), run)
+        return
+    if (previous.get("model_version"), previous.get("input")) != (run["model_version"], run["input"]):
+        raise UserError(f"{redact(output)} holds the rows of model {previous.get('model_version')} on "
+                        f"{previous.get('input')}; this run is model {run['model_version']} on {run['input']}: "
+                        "give it another --output (rows of two models or inputs never mix in one)")
+
+
+def _score(cfg: Config, model: str, predictor, source: ImageSource, paths: list[str], output: str) -> dict:
+    """The scoring itself, under the output's lock: listing, the engine, checkpointed writes, summary."""
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
+    score_cfg = cfg.score
+    fs, _, _ = resolve(output)
     listing, parts = _write_listing(paths, output, score_cfg.rows_per_file)
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config, context.use_datasource_v2

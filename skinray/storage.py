@@ -17,16 +17,20 @@ here every write is made safe to interrupt:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
+
+from skinray import UserError
 
 HIDDEN = "***"
 # `scheme://key:secret@` (the secret may hold '/') or `scheme://token@` (no '/' or ':'), before a host.
@@ -192,6 +196,78 @@ def upload_folder(folder: str | Path, location: str) -> None:
     fs, path, _ = resolve(location)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+# === Locks: one writer per output ===
+
+LOCK_TTL_S = 6 * 3600  # an object-store lock older than this is taken as abandoned
+
+
+@contextlib.contextmanager
+def lock(location: str, what: str):
+    """Holds the lock file at `location` while the block runs; another holder is refused naming it.
+
+    On local disk the file is created exclusively (O_EXCL), and a lock whose process died on this
+    host is taken over. Object stores have no exclusive create: there the lock is best effort, an
+    object with its owner, taken over after `LOCK_TTL_S`.
+    """
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    fs, path, _ = resolve(location)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    for _ in range(2):
+        held = _live_owner(location, local)
+        if held:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("since", 0)))
+            raise UserError(f"{what} is being written by another run (pid {held.get('pid')} on {held.get('host')}, "
+                            f"since {since}): wait for it, or remove {redact(location)} if that run is gone")
+        if not local:
+            write_json(location, owner)
+            break
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:  # taken between our look and our create, or an abandoned lock we remove
+            if _live_owner(location, local) is None:
+                os.unlink(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        break
+    else:
+        raise UserError(f"{what}: could not take the lock {redact(location)}")
+    try:
+        yield
+    finally:
+        if _owner(location) == owner:
+            fs.delete_file(path)
+
+
+def _owner(location: str) -> dict | None:
+    """The lock's owner; None when there is no lock, or one cut short (its writer died mid-write)."""
+    try:
+        held = read_json(location)
+    except ValueError:
+        return None
+    return held if isinstance(held, dict) else None
+
+
+def _live_owner(location: str, local: bool) -> dict | None:
+    held = _owner(location)
+    if held is None or _stale(held) or (not local and time.time() - held.get("since", 0) > LOCK_TTL_S):
+        return None
+    return held
+
+
+def _stale(held: dict) -> bool:
+    """A lock whose process is gone: on this host, no process with its pid."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
 
 
 # === Local copies of remote models: one cache per node ===

@@ -188,3 +188,21 @@ def test_scoring_reads_and_writes_an_object_store(bundle, mixed_folder, s3_serve
     assert all(p.startswith("s3://score-bucket/photos/") for p in table["path"].to_pylist())
     with fs.open_input_stream("score-bucket/predictions-v1/summary.json") as f:
         assert json.loads(f.read())["rows"] == 11
+
+
+def test_another_model_or_input_is_refused_into_the_same_output(bundle, members, mixed_folder, ray_cluster, tmp_path):
+    """Rows of two model versions (or of two inputs) silently mixed in one output before."""
+    from skinray import UserError
+    from skinray.score import score
+
+    out = tmp_path / "out"
+    score(load_config(overrides=SMALL), str(bundle), str(mixed_folder / "a"), str(out))
+    run = json.loads((out / "run.json").read_text())
+    assert run["input"] == str(mixed_folder / "a") and run["model_version"] == read_predictions(
+        str(out))["model_version"][0].as_py()
+    with pytest.raises(UserError, match="give it another --output") as other_model:
+        score(load_config(overrides=SMALL), members["runs"][0], str(mixed_folder / "a"), str(out))
+    assert run["model_version"] in str(other_model.value) and members["runs"][0] in str(other_model.value)
+    with pytest.raises(UserError, match=f"on {mixed_folder / 'b'}"):
+        score(load_config(overrides=SMALL), str(bundle), str(mixed_folder / "b"), str(out))
+    assert not (out / ".lock").exists() and json.loads((out / "run.json").read_text()) == run

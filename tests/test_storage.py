@@ -118,3 +118,33 @@ def test_the_cache_evicts_the_least_recently_used_past_its_bound(tmp_path, monke
     monkeypatch.setenv(storage.CACHE_LIMIT_ENV, "0")
     storage.evict(cache)
     assert sorted(p.name for p in cache.iterdir()) == ["recent"]  # used within the hour: kept over the bound
+
+
+def test_a_lock_has_one_holder_and_a_dead_holder_is_replaced(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from skinray import UserError
+
+    lock = str(tmp_path / ".lock")
+    with storage.lock(lock, "output 'x'"):
+        with pytest.raises(UserError, match=r"output 'x' is being written by another run \(pid \d+"):
+            with storage.lock(lock, "output 'x'"):
+                pass
+    assert not (tmp_path / ".lock").exists()  # released
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "since": 0}))
+        with pytest.raises(UserError, match=f"pid {alive.pid}"):
+            with storage.lock(lock, "output 'x'"):
+                pass
+        for left in (json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": 0}), ""):
+            (tmp_path / ".lock").write_text(left)  # a killed run's lock; one cut short while written
+            with storage.lock(lock, "output 'x'"):
+                assert json.loads((tmp_path / ".lock").read_text())["pid"] != dead.pid
+    finally:
+        alive.kill()
