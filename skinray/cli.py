@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                          help="image files, or folders searched for them")
     explain.add_argument("--out", required=True, help="folder for the PNG files (one per image, named after it)")
+    explain.add_argument("--overwrite", action="store_true", help="replace PNGs already in --out (refused otherwise)")
 
     evaluate = _command(commands, "evaluate", "per-class report of a bundle or trained model")
     evaluate.add_argument("--model", required=True, help="bundle, run directory, checkpoint, or .keras file")
@@ -243,7 +244,7 @@ def _serve(args) -> int:
 def _explain(args) -> int:
     from skinray.explain import explain_files
 
-    return explain_files(config_of(args), args.model, args.inputs, args.out)
+    return explain_files(config_of(args), args.model, args.inputs, args.out, overwrite=args.overwrite)
 
 
 def _pipeline(args) -> int:

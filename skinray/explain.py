@@ -155,15 +155,20 @@ def caption_lines(answer: dict, version: str) -> list[str]:
 # === skinray explain ===
 
 
-def explain_files(cfg, model: str, names: list[str], out: str) -> int:
+def explain_files(cfg, model: str, names: list[str], out: str, overwrite: bool = False) -> int:
     """Writes one PNG per readable input image into `out` (its caption lists `score.top_k` classes);
-    prints an error line for each one that is not. Returns the exit code: 1 when any failed."""
+    prints an error line for each one that is not. Returns the exit code: 1 when any failed.
+    PNGs already there are replaced only with `overwrite`; without it, nothing is done."""
     from skinray.console import load_tensorflow
     from skinray.data.decode import DecodeError
     from skinray.data.ingest import decode_photo
     from skinray.predictor import Predictor
 
     inputs = _inputs(names)
+    there = [name for _, name in inputs if (Path(out) / f"{name}.png").exists()]
+    if there and not overwrite:
+        raise UserError(f"{len(there)} explanation(s) are in {out} already (e.g. {there[0]}.png): pass "
+                        "--overwrite to replace them, or give another --out")
     load_tensorflow(expect_gpu=False)
     predictor = Predictor.from_path(model)
     explainer, weights = Explainer(predictor.members), [m.weight for m in predictor.members]

@@ -84,6 +84,13 @@ def test_skinray_explain_writes_one_png_per_image_and_an_error_line_per_broken_o
     # The caption area under the picture holds text (dark pixels on white).
     caption = np.asarray(picture.convert("L"))[-50:]
     assert (caption < 100).any() and (caption > 250).mean() > 0.5
+    # Run again into the same folder: refused, nothing replaced, unless --overwrite says so.
+    written = (out / f"{photos[0].stem}.png").stat().st_mtime_ns
+    assert main(["explain", "--model", str(bundle), str(folder), "--out", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (out / f"{photos[0].stem}.png").stat().st_mtime_ns == written
+    assert main(["explain", "--model", str(bundle), str(photos[0]), "--out", str(out), "--overwrite"]) == 0
+    assert (out / f"{photos[0].stem}.png").stat().st_mtime_ns != written
 
 
 def test_skinray_explain_refuses_a_missing_input(bundle, tmp_path, capsys):
