@@ -2,6 +2,7 @@
 container image, the KubeRay manifests (KubeRay's own CRD schemas), the Serve config and the jobs."""
 
 import functools
+import json
 import gzip
 import re
 import subprocess
@@ -52,6 +53,44 @@ def test_cluster_yaml_keeps_the_jobs_api_private_and_requires_the_token(cluster)
     sources = list(cluster["file_mounts"].values())
     assert sources == ["~/.ray/auth_token"]
     assert not any(Path(ROOT, s).exists() for s in sources if not s.startswith("~"))
+
+
+def test_cluster_yaml_gives_each_node_least_privilege_and_ssh_only_to_admins(cluster):
+    """Ray's default head role holds EC2 and S3 full access, and workers get none (s3:// reads there
+    fail); SSH was open to the world by default."""
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Arn"] for name, t in cluster["available_node_types"].items()}
+    assert profiles["head"].endswith("/skinray-head") and profiles["cpu"] == profiles["gpu"]
+    assert profiles["gpu"].endswith("/skinray-worker")
+    policies = {who: json.loads((ROOT / "deploy" / "aws" / f"skinray-{who}-policy.json").read_text())
+                for who in ("head", "worker")}
+    for who, policy in policies.items():
+        for statement in policy["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert "*" not in actions and not any(a.endswith(":*") for a in actions), (who, actions)
+            if any(a.startswith("s3:") for a in actions):
+                assert all("BUCKET" in r for r in statement["Resource"]), (who, statement)  # two buckets only
+    worker_actions = {a for s in policies["worker"]["Statement"] for a in s["Action"]}
+    assert all(a.startswith("s3:") for a in worker_actions)  # workers launch nothing
+    passed = [s for s in policies["head"]["Statement"] if s["Action"] == "iam:PassRole"]
+    assert [s["Resource"] for s in passed] == ["arn:aws:iam::ACCOUNT_ID:role/skinray-worker"]
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    assert all(ip["CidrIp"] != "0.0.0.0/0" for r in rules for ip in r["IpRanges"])
+
+
+@pytest.mark.parametrize("manifest", ["rayjob.yaml", "rayservice.yaml"])
+def test_every_kuberay_container_is_unprivileged_and_bounded(manifest):
+    doc = yaml.safe_load((ROOT / "deploy" / manifest).read_text())
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    templates += [doc["spec"]["submitterPodTemplate"]] if "submitterPodTemplate" in doc["spec"] else []
+    containers = [c for t in templates for c in t["spec"]["containers"]]
+    assert len(containers) == len(templates) >= 2
+    for container in containers:
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] != 0, container["name"]
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"]), container["name"]
 
 
 def test_the_image_is_rays_gpu_image_with_tensorflow_and_cuda():
