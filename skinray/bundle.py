@@ -85,19 +85,29 @@ def verify(folder: Path) -> dict:
 
 def built_before(out: str, sources: list[str], archive: str) -> dict | None:
     """The manifest of the bundle at `out` when the same members on the same archive made it (a
-    resubmitted job), None when nothing is there; anything else there is refused: a version is
-    never silently replaced."""
-    from skinray.storage import is_empty, join_uri, read_json, redact
+    resubmitted job), None when nothing is there, or only what a write cut short leaves (its
+    members' files, no manifest: removed, to be written anew). Anything else is refused: a version
+    is never silently replaced, and files that are not a bundle's are never deleted."""
+    from skinray.storage import clear_dir, is_empty, join_uri, list_files, read_json, redact
 
     if is_empty(out):
         return None
-    manifest = read_json(join_uri(out, MANIFEST))
+    try:
+        manifest = read_json(join_uri(out, MANIFEST))
+    except ValueError:
+        manifest = None  # the manifest is written last and whole: unreadable means never finished
+    shown = redact(join_uri(out, "")[:-1])
+    if manifest is None and all(path.startswith("members/") for path in list_files(out)[3]):
+        print(f"[skinray] {shown} holds a bundle whose writing was cut short (no {MANIFEST}): writing it anew",
+              flush=True)
+        clear_dir(out)
+        return None
     if manifest and [m["source"] for m in manifest["members"]] == [redact(s) for s in sources] \
             and manifest["validation"]["archive"] == redact(archive):
         return manifest
-    what = "a bundle of other members or data" if manifest else f"not a complete bundle (no {MANIFEST})"
-    raise BundleError(f"'{redact(join_uri(out, '')[:-1])}' already exists and is {what}: give the new bundle another "
-                      "--out (bundles are never overwritten)")
+    what = "a bundle of other members or data" if manifest else f"not a bundle (no {MANIFEST}) and holds other files"
+    raise BundleError(f"'{shown}' already exists and is {what}: give the new bundle another --out "
+                      "(bundles are never overwritten)")
 
 
 def write_bundle(out: str, members: list[dict], model_files: list[Path], configs: list, manifest: dict) -> dict:

@@ -171,10 +171,21 @@ def test_a_bundle_is_never_overwritten(bundle, members, ray_cluster, tmp_path):
     again = build_ensemble(members["runs"], str(members["archive"]), str(bundle), load_config())
     assert again["version"] == json.loads(before)["version"]
     assert (bundle / "bundle.json").read_text() == before
+    # A folder that is not a bundle is never deleted; what a killed write leaves is written anew.
+    foreign = tmp_path / "foreign"
+    (foreign / "members").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("someone's files")
+    with pytest.raises(UserError, match="not a bundle .* and holds other files"):
+        build_ensemble(members["runs"], str(members["archive"]), str(foreign), load_config())
+    assert (foreign / "notes.txt").read_text() == "someone's files"
     partial = tmp_path / "partial"
-    (partial / "members").mkdir(parents=True)
-    with pytest.raises(UserError, match="not a complete bundle"):
-        build_ensemble(members["runs"], str(members["archive"]), str(partial), load_config())
+    shutil.copytree(bundle / "members", partial / "members")  # a write cut short before its manifest
+    (partial / "members" / "00-tiny" / "model.keras").write_bytes(b"cut short")
+    resumed = build_ensemble(members["runs"], str(members["archive"]), str(partial), load_config(overrides=[
+        "score.max_actors=1", "score.batch_size=8"]))
+    from skinray.predictor import Predictor
+
+    assert Predictor.from_path(str(partial)).version == resumed["version"]  # verified: every file whole
 
 
 def _member_copy(run: str, tmp_path, name: str, edit) -> str:
