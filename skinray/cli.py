@@ -1,4 +1,4 @@
-"""The `skinray` command, the only face: parse, build the config, connect to Ray, run a stage, report.
+"""The `skinray` command, the only face: parse, build the config, run a stage, report.
 
 Every command that runs a model or Ray takes `--config FILE` and `--set section.key=value`; its
 other options are either what it works on (`--model`, `--data`, `--out`, ...) or a config key with a
@@ -34,7 +34,6 @@ COMMAND_FLAGS = {
     "pipeline": {},
     "check": {"--max-pixels": "data.max_pixels"},
 }
-CHOICES = {"tune.mode": ("cached", "full"), "serve.layout": ("together", "per_member")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,16 +133,17 @@ def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
 
 def _config_flags(parser: argparse.ArgumentParser, command: str, with_files: bool = True) -> None:
     """--config and --set, then the command's own flags, each described by its config field."""
-    from skinray.config import describe_key
+    from skinray.config import TUNE_MODES, describe_key
 
+    choices = {"tune.mode": TUNE_MODES}  # the keys with a flag whose values are a closed set
     if with_files:
         parser.add_argument("--config", help="YAML config file (see configs/)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config value, e.g. --set train.batch_size=64 (repeatable)")
     for flag, key in COMMAND_FLAGS[command].items():
         info = describe_key(key)
-        parser.add_argument(flag, dest=key, type=info.type, choices=CHOICES.get(key), default=None,
-                            metavar=None if key in CHOICES else key.split(".")[1].upper(),
+        parser.add_argument(flag, dest=key, type=info.type, choices=choices.get(key), default=None,
+                            metavar=None if key in choices else key.split(".")[1].upper(),
                             help=f"{info.help.rstrip('.')} [{key}; default {info.default!r}]".replace("%", "%%"))
 
 
@@ -248,9 +248,8 @@ def _explain(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from skinray.pipeline import DEFAULT_MEMBERS, GPU_SETTINGS, MemberSpec, member_configs, run_pipeline
-
     from skinray.cluster import connect, reserved_cpus
+    from skinray.pipeline import DEFAULT_MEMBERS, GPU_SETTINGS, MemberSpec, member_configs, run_pipeline
 
     members = [MemberSpec.of_file(path) for path in (args.members or DEFAULT_MEMBERS)]
     settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set]
