@@ -88,14 +88,11 @@ def built_before(out: str, sources: list[str], archive: str) -> dict | None:
     resubmitted job), None when nothing is there, or only what a write cut short leaves (its
     members' files, no manifest: removed, to be written anew). Anything else is refused: a version
     is never silently replaced, and files that are not a bundle's are never deleted."""
-    from skinray.storage import clear_dir, is_empty, join_uri, list_files, read_json, redact
+    from skinray.storage import clear_dir, is_empty, join_uri, list_files, read_marker, redact
 
     if is_empty(out):
         return None
-    try:
-        manifest = read_json(join_uri(out, MANIFEST))
-    except ValueError:
-        manifest = None  # the manifest is written last and whole: unreadable means never finished
+    manifest = read_marker(join_uri(out, MANIFEST))  # written last and whole: unreadable = never finished
     shown = redact(join_uri(out, "")[:-1])
     if manifest is None and all(path.startswith("members/") for path in list_files(out)[3]):
         print(f"[skinray] {shown} holds a bundle whose writing was cut short (no {MANIFEST}): writing it anew",
@@ -123,7 +120,7 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
     import shutil
 
     from skinray.config import save_config
-    from skinray.storage import join_uri, upload_folder, write_bytes
+    from skinray.storage import upload_folder
 
     with tempfile.TemporaryDirectory(prefix="skinray-bundle-") as tmp:
         folder = Path(tmp)
@@ -137,8 +134,5 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
                             "config": f"members/{entry['name']}/config.yaml"})
         sealed = seal(folder, {**manifest, "members": entries})
         # The manifest last: a write cut short leaves no bundle.json, so nothing loads it as a bundle.
-        manifest_bytes = (folder / MANIFEST).read_bytes()
-        (folder / MANIFEST).unlink()
-        upload_folder(folder, out)
-        write_bytes(join_uri(out, MANIFEST), manifest_bytes)
+        upload_folder(folder, out, last=(MANIFEST,))
     return sealed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from skinray import UserError, __version__
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data_commands.add_parser("fetch", help="download DermNet from Kaggle and extract it")
     fetch.add_argument("--dest", required=True, help="folder to extract train/ and test/ into")
     fetch.add_argument("--zip", help="extract this already-downloaded DermNet zip instead of downloading")
+    fetch.add_argument("--not-dermnet", action="store_true",
+                       help="with --zip: another archive in DermNet's layout (train/ and test/ of class folders); "
+                            "checks the layout, not DermNet's 23 classes and image counts")
     sample = data_commands.add_parser("sample", help="write the generated sample archive")
     sample.add_argument("--dest", required=True)
     sample.add_argument("--per-class", type=int, default=40, help="training images per class (default 40)")
@@ -267,11 +271,18 @@ def _demo(args) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     if args.data_command == "fetch":
-        from skinray.data.fetch import extract, fetch
+        from skinray.data.fetch import DATASET, extract, fetch
 
-        result = extract(args.zip, args.dest) if args.zip else fetch(args.dest)
+        if args.not_dermnet and not args.zip:
+            raise UserError("--not-dermnet goes with --zip FILE (a download from Kaggle is always DermNet)")
+        if args.zip:
+            result = extract(args.zip, args.dest, verify_dermnet=not args.not_dermnet,
+                             dataset=Path(args.zip).name if args.not_dermnet else DATASET)
+        else:
+            result = fetch(args.dest)
         state = "already present" if result.pop("already_present") else "extracted"
-        print(f"DermNet {state} in {args.dest}: {result['counts']} images, {len(result['classes'])} classes")
+        print(f"{result['dataset']} {state} in {args.dest}: {result['counts']} images, "
+              f"{len(result['classes'])} classes")
         return 0
     if args.data_command == "sample":
         from skinray.data.sample import write_sample

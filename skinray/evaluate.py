@@ -17,7 +17,7 @@ import numpy as np
 
 from skinray.config import Config
 from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
-from skinray.storage import is_uri, join_uri, redact
+from skinray.storage import join_uri, redact
 
 
 # === Writing ===
@@ -173,14 +173,10 @@ def _store(report: dict, config, out: str) -> None:
     from skinray.config import save_config
     from skinray.storage import upload_folder
 
-    if not is_uri(out):
-        write_report(report, out)
-        save_config(config, out)
-        return
-    with tempfile.TemporaryDirectory() as folder:  # drawn locally, then stored
+    with tempfile.TemporaryDirectory() as folder:  # drawn locally, then stored: report.json last
         write_report(report, folder)
         save_config(config, folder)
-        upload_folder(folder, out)
+        upload_folder(folder, out, last=("report.json",))
 
 
 def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from skinray import UserError
 from skinray.config import Config, load_config
-from skinray.storage import absolute, join_uri, read_json, read_text, write_json
+from skinray.storage import absolute, join_uri, read_marker, read_text, write_json
 
 DEFAULT_MEMBERS = ("configs/resnet50.yaml", "configs/inception_v3.yaml", "configs/efficientnetv2s.yaml")
 
@@ -69,7 +69,7 @@ def run_pipeline(archive: str, out: str, members: list[MemberSpec], settings: li
 def check_stage(archive: str, out: str, max_pixels: int, say) -> dict:
     from skinray.data.check import check_archive, format_report
 
-    done = read_json(join_uri(out, "check.json"))
+    done = read_marker(join_uri(out, "check.json"))
     if done is not None:
         say(f"[pipeline] data check: done before ({join_uri(out, 'check.json')})")
         return done
@@ -107,7 +107,7 @@ def train_stage(member: MemberSpec, cfg: Config, out: str, say) -> str:
     from skinray.train.trainer import train
 
     run_dir = join_uri(join_uri(out, "runs"), member.name)
-    summary = read_json(join_uri(run_dir, "summary.json"))
+    summary = read_marker(join_uri(run_dir, "summary.json"))
     if summary is None:
         say(f"[pipeline] {member.name}: training ({cfg.model.backbone} at {cfg.model.image_size or 'native'} px, "
             f"{cfg.train.workers} workers, {cfg.train.epochs} epochs)")
@@ -135,7 +135,7 @@ def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config, say) -> dic
     from skinray.evaluate import evaluate
 
     where = join_uri(out, "evaluation")
-    report = read_json(join_uri(where, "report.json"))
+    report = read_marker(join_uri(where, "report.json"))
     if report is None:
         say("[pipeline] evaluation of the bundle and its members on the test split")
         report = evaluate(bundle, archive, "test", where, cfg)

@@ -31,7 +31,7 @@ from skinray.config import Config
 from skinray.data.catalog import is_hidden
 from skinray.data.ingest import ImageSource
 from skinray.inference import predict_rows
-from skinray.storage import (absolute, clear_dir, join_uri, kind, list_files, lock, make_dir, read_json, redact,
+from skinray.storage import (absolute, clear_dir, join_uri, kind, list_files, lock, make_dir, read_marker, redact,
                              resolve, without_credentials, write_json)
 
 PREDICTIONS, LISTING, CHECKPOINT, RUN, LOCK = "predictions", "_listing", "_checkpoint", "run.json", ".lock"
@@ -132,7 +132,7 @@ def _claim(output: str, predictor, input_uri: str) -> None:
     """OUTPUT/run.json names the model version and input whose rows the output holds; another model
     or input is refused, naming both, so that rows of two models never mix in one output."""
     run = {"model_version": predictor.version, "model": predictor.source, "input": redact(absolute(input_uri))}
-    previous = read_json(join_uri(output, RUN))
+    previous = read_marker(join_uri(output, RUN))
     if previous is None:
         write_json(join_uri(output, RUN), run)
         return

@@ -148,27 +148,50 @@ def read_json(location: str):
     return None if text is None else json.loads(text)
 
 
+def read_marker(location: str) -> dict | None:
+    """A stage's marker (`summary.json`, `report.json`, `check.json`, ...): None when there is none,
+    and None with a warning when it cannot be read (a write cut short, a hand edit): the stage then
+    counts as not finished and runs again, never a traceback."""
+    try:
+        marker = read_json(location)
+    except (ValueError, UnicodeDecodeError):
+        marker = "unreadable"
+    if marker is None or isinstance(marker, dict):
+        return marker
+    print(f"[skinray] warning: {redact(location)} is unreadable (cut short, or edited): treating its step "
+          "as not finished", flush=True)
+    return None
+
+
 # === Writing ===
 
 
 def write_bytes(location: str, data: bytes) -> None:
     """Writes a whole file at once, so that no reader ever sees part of it (see the module's doc)."""
+    _write(location, lambda out: out.write(data))
+
+
+def write_file(source: str | Path, location: str) -> None:
+    """Copies a local file to `location` the same way (streamed: a model file is not held in memory)."""
+    with open(source, "rb") as src:
+        _write(location, lambda out: shutil.copyfileobj(src, out, 1 << 20))
+
+
+def _write(location: str, fill) -> None:
     fs, path, _ = resolve(location)
-    parent = path.rsplit("/", 1)[0]
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(parent, recursive=True)
-        temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with fs.open_output_stream(temporary) as f:
-                f.write(data)
-            fs.move(temporary, path)
-        finally:
-            if fs.get_file_info(temporary).type != pafs.FileType.NotFound:
-                fs.delete_file(temporary)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            fill(f)
         return
-    fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(temporary) as f:
+            fill(f)
+        fs.move(temporary, path)
+    finally:
+        if fs.get_file_info(temporary).type != pafs.FileType.NotFound:
+            fs.delete_file(temporary)
 
 
 def write_text(location: str, text: str) -> None:
@@ -191,11 +214,15 @@ def clear_dir(location: str) -> None:
         fs.delete_dir(path)
 
 
-def upload_folder(folder: str | Path, location: str) -> None:
-    """Copies a local folder's files into `location`, creating it."""
-    fs, path, _ = resolve(location)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+def upload_folder(folder: str | Path, location: str, last: tuple[str, ...] = ()) -> None:
+    """Copies a local folder's files into `location`, each written whole (`write_file`); the files
+    named in `last` (a step's marker) after all others, so that a marker never precedes its files."""
+    folder = Path(folder)
+    files = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+                   key=lambda name: (name in last, name))
+    make_dir(location)
+    for name in files:
+        write_file(folder / name, join_uri(location, name))
 
 
 # === Locks: one writer per output ===
@@ -214,6 +241,7 @@ def lock(location: str, what: str):
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
     fs, path, _ = resolve(location)
     local = isinstance(fs, pafs.LocalFileSystem)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     for _ in range(2):
         held = _live_owner(location, local)
         if held:

@@ -55,3 +55,23 @@ def test_running_the_pipeline_again_recomputes_nothing(demo, ray_cluster, capsys
     assert "holds the bundle of these members already" in said
     assert (again["accuracy"], again["model_version"]) == (first["accuracy"], first["model_version"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+
+
+def test_an_unreadable_marker_reruns_its_step_with_a_warning(demo, ray_cluster, capsys):
+    """check.json and report.json cut short (as a kill mid-write on a filesystem without atomic
+    renames would leave them): the pipeline says so and redoes those steps, not a traceback."""
+    from skinray.demo import QUICK, QUICK_SEARCH, SHARED
+    from skinray.pipeline import run_pipeline
+
+    out, _, proc = demo
+    assert proc.returncode == 0
+    first = json.loads((out / "evaluation" / "report.json").read_text())
+    for marker in (out / "check.json", out / "evaluation" / "report.json"):
+        marker.write_text(marker.read_text()[:40])
+    again = run_pipeline(str(out / "archive"), str(out), QUICK, [*SHARED, *QUICK_SEARCH, "train.workers=2"])
+    said = capsys.readouterr().out
+    assert said.count("is unreadable (cut short, or edited): treating its step as not finished") == 2
+    assert "data check of" in said and "tiny48: trained before" in said
+    assert json.loads((out / "check.json").read_text())["ok"] is True
+    assert (again["accuracy"], again["model_version"]) == (first["accuracy"], first["model_version"])
+    assert json.loads((out / "evaluation" / "report.json").read_text())["accuracy"] == first["accuracy"]

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -95,25 +96,72 @@ def _run_fetch(tmp_path, env_extra):
                           env=env, capture_output=True, text=True, timeout=120)
 
 
+def _one_error_line(proc) -> str:
+    """The README's promise for a user's mistake: exit code 2 and one line on stderr."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("skinray: error: "), proc.stderr
+    return lines[0]
+
+
 def test_missing_credentials_say_what_to_do(tmp_path):
-    proc = _run_fetch(tmp_path, {})
-    assert proc.returncode != 0
-    assert "kaggle.json" in proc.stderr and "KAGGLE_USERNAME" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    line = _one_error_line(_run_fetch(tmp_path, {}))
+    assert "kaggle.json" in line and "KAGGLE_USERNAME" in line
 
 
 def test_no_network_is_a_short_message_that_never_shows_the_key(tmp_path):
     """Kaggle is unreachable from this machine: the command must fail cleanly, key unprinted."""
     proc = _run_fetch(tmp_path, {"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": "s3cr3t-key-value"})
-    assert proc.returncode != 0
-    assert "could not download" in proc.stderr and "--zip" in proc.stderr
+    line = _one_error_line(proc)
+    assert "could not download" in line and "--zip" in line
     assert "s3cr3t-key-value" not in proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "d" / "train").exists()
 
 
+def _fetch_zip(zpath, dest, *flags):
+    return subprocess.run([sys.executable, "-m", "skinray", "data", "fetch", "--zip", str(zpath),
+                           "--dest", str(dest), *flags], capture_output=True, text=True, timeout=120)
+
+
 def test_cli_extracts_a_downloaded_zip(tmp_path):
+    """A zip in DermNet's layout (wrapped in a top folder, a licence file beside) extracts; a second
+    run finds it; a 3-class zip is refused as DermNet in one line, and accepted with --not-dermnet."""
     zpath = _dermnet_like_zip(tmp_path / "d.zip")
-    proc = subprocess.run([sys.executable, "-m", "skinray", "data", "fetch", "--zip", str(zpath),
-                           "--dest", str(tmp_path / "out")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "23 classes" in proc.stderr  # a 3-class zip is not DermNet
+    assert "23 classes" in _one_error_line(_fetch_zip(zpath, tmp_path / "out"))
+    assert not (tmp_path / "out" / "train").exists()
+    proc = _fetch_zip(zpath, tmp_path / "out", "--not-dermnet")
+    assert proc.returncode == 0, proc.stderr
+    assert "d.zip extracted in" in proc.stdout and "'train': 6" in proc.stdout and "3 classes" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / "test").iterdir()) == sorted(DERMNET_CLASSES[:3])
+    again = _fetch_zip(zpath, tmp_path / "out", "--not-dermnet")
+    assert again.returncode == 0 and "already present" in again.stdout
+
+
+def test_split_folders_it_did_not_write_are_never_replaced(tmp_path):
+    zpath = _dermnet_like_zip(tmp_path / "d.zip")
+    mine = tmp_path / "out" / "train" / "my-class" / "photo.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"someone's photo")
+    with pytest.raises(FetchError, match="did not extract there"):
+        extract(zpath, tmp_path / "out", verify_dermnet=False)
+    assert mine.read_bytes() == b"someone's photo"
+    (tmp_path / "empty" / "train").mkdir(parents=True)  # an empty folder holds nothing to lose
+    assert extract(zpath, tmp_path / "empty", verify_dermnet=False)["counts"]["train"] == 6
+
+
+def test_free_space_is_checked_before_extracting(tmp_path, monkeypatch):
+    zpath = _dermnet_like_zip(tmp_path / "d.zip")
+    monkeypatch.setattr("shutil.disk_usage", lambda _: shutil._ntuple_diskusage(100, 90, 10))
+    with pytest.raises(FetchError, match=r"extracts to 0\.00 GB but .* has 0\.00 GB free"):
+        extract(zpath, tmp_path / "out", verify_dermnet=False)
+    assert not (tmp_path / "out" / "train").exists()
+
+
+def test_an_unreadable_marker_means_not_extracted(tmp_path, capsys):
+    zpath = _dermnet_like_zip(tmp_path / "d.zip")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / MARKER).write_text('{"dataset": "shubh')  # a write cut short (before: a traceback)
+    result = extract(zpath, tmp_path / "out", verify_dermnet=False)
+    assert result["already_present"] is False and result["counts"] == {"train": 6, "test": 6}
+    assert "unreadable" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / MARKER).read_text())["counts"] == {"train": 6, "test": 6}

@@ -148,3 +148,14 @@ def test_a_lock_has_one_holder_and_a_dead_holder_is_replaced(tmp_path):
                 assert json.loads((tmp_path / ".lock").read_text())["pid"] != dead.pid
     finally:
         alive.kill()
+
+
+def test_a_marker_cut_short_reads_as_missing_with_a_warning(tmp_path, capsys):
+    from skinray.storage import read_marker
+
+    assert read_marker(str(tmp_path / "summary.json")) is None and capsys.readouterr().out == ""
+    (tmp_path / "summary.json").write_text('{"best_metrics": {"val_acc')
+    assert read_marker(str(tmp_path / "summary.json")) is None
+    assert "summary.json is unreadable" in capsys.readouterr().out
+    storage.write_json(str(tmp_path / "summary.json"), {"ok": True})
+    assert read_marker(str(tmp_path / "summary.json")) == {"ok": True}

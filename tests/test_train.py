@@ -242,3 +242,27 @@ def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_env, archi
     assert "[skinray] warning" not in first.stderr + second.stderr
     # From the second epoch's checkpoint, or the first's if the second's report was still in flight.
     assert [e["from_epoch"] for e in state["events"] if e["event"] == "resumed"] in ([1], [0])
+
+
+def test_a_resume_on_other_classes_or_settings_is_refused_naming_the_difference(run, tmp_path):
+    """The same --out and --name on another archive or model would continue the checkpoints under
+    other labels: refused before Ray starts, the difference named, the run folder untouched."""
+    from skinray import UserError
+    from skinray.data.sample import write_sample
+    from skinray.storage import lock
+    from skinray.train.trainer import train
+
+    folder, saved = run["dir"], (run["dir"] / "config.yaml").read_text()
+    fourth = json.loads((folder / "classes.json").read_text())[3]
+    write_sample(tmp_path / "three", per_class=10, classes=3, seed=0)
+    base = TINY + [f"train.epochs={EPOCHS}", f"train.head_epochs={HEAD_EPOCHS}"]
+    other_classes = load_config(overrides=base + [f"data.archive={tmp_path / 'three'}"])
+    with pytest.raises(UserError, match=rf"other classes \(classes only before: \['{fourth}'\]; only now: none\)"):
+        train(other_classes, str(folder.parent), "faulty")
+    other_size = load_config(overrides=base + [f"data.archive={run['archive']}", "model.image_size=32"])
+    with pytest.raises(UserError, match="other settings \\(model.image_size: 64 then, 32 now\\)"):
+        train(other_size, str(folder.parent), "faulty")
+    assert (folder / "config.yaml").read_text() == saved
+    with lock(str(folder / ".lock"), "the test"):  # a second training of the same run, still alive
+        with pytest.raises(UserError, match=f"being written by another run \\(pid {os.getpid()} "):
+            train(run["cfg"], str(folder.parent), "faulty")

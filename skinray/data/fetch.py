@@ -9,7 +9,6 @@ finds a verified archive and does nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from skinray import UserError
 from skinray.data.sample import DERMNET_CLASSES
+from skinray.storage import read_marker, write_json
 
 DATASET = "shubhamgoel27/dermnet"
 EXPECTED_COUNTS = {"train": 15557, "test": 4002}
@@ -34,8 +34,9 @@ def fetch(dest: str | Path, dataset: str = DATASET) -> dict:
     Returns the marker's content: the dataset, per-split image counts and the class names.
     """
     dest = Path(dest)
-    if (dest / MARKER).exists():
-        return json.loads((dest / MARKER).read_text()) | {"already_present": True}
+    if (done := _fetched(dest)) is not None:
+        return done
+    _refuse_foreign_splits(dest)
     api = _kaggle_api()
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
@@ -100,8 +101,9 @@ def extract(zip_path: str | Path, dest: str | Path, verify_dermnet: bool = True,
     class names and its 15,557 + 4,002 images.
     """
     dest = Path(dest)
-    if (dest / MARKER).exists():
-        return json.loads((dest / MARKER).read_text()) | {"already_present": True}
+    if (done := _fetched(dest)) is not None:
+        return done
+    _refuse_foreign_splits(dest)
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -116,6 +118,7 @@ def extract(zip_path: str | Path, dest: str | Path, verify_dermnet: bool = True,
         if verify_dermnet:
             _verify_dermnet(zip_path, counts, classes)
         dest.mkdir(parents=True, exist_ok=True)
+        _check_free_space(zip_path, dest, sum(info.file_size for files in members.values() for info, _ in files))
         staging = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
         try:
             for split, files in members.items():
@@ -125,13 +128,36 @@ def extract(zip_path: str | Path, dest: str | Path, verify_dermnet: bool = True,
                     with archive.open(info) as src, open(target, "wb") as out:
                         shutil.copyfileobj(src, out, 1 << 20)
             for split in members:
-                shutil.rmtree(dest / split, ignore_errors=True)
+                shutil.rmtree(dest / split, ignore_errors=True)  # empty, or left by a run cut short
                 (staging / split).rename(dest / split)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     marker = {"dataset": dataset, "counts": counts, "classes": classes}
-    (dest / MARKER).write_text(json.dumps(marker, indent=2))
+    write_json(str(dest / MARKER), marker)
     return marker | {"already_present": False}
+
+
+def _fetched(dest: Path) -> dict | None:
+    """The marker of an earlier, verified extraction into `dest` (None: none, or unreadable)."""
+    marker = read_marker(str(dest / MARKER))
+    return None if marker is None else marker | {"already_present": True}
+
+
+def _refuse_foreign_splits(dest: Path) -> None:
+    """`train/` or `test/` folders with files that no verified extraction of ours wrote are never
+    replaced: they may be someone's archive."""
+    for split in EXPECTED_COUNTS:
+        folder = dest / split
+        if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
+            raise FetchError(f"'{folder}' already holds files that skinray did not extract there (no {MARKER} "
+                             "beside it): give another --dest, or move or delete that folder")
+
+
+def _check_free_space(zip_path, dest: Path, needed: int) -> None:
+    free = shutil.disk_usage(dest).free
+    if needed > free:
+        raise FetchError(f"'{zip_path}' extracts to {needed / 1e9:.2f} GB but {dest} has {free / 1e9:.2f} GB free: "
+                         "free some space or give another --dest")
 
 
 def _verify_dermnet(zip_path, counts: dict[str, int], classes: list[str]) -> None:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from skinray import UserError
 from skinray.cluster import connect, reserved_cpus
-from skinray.config import Config, save_config
+from skinray.config import Config, config_to_dict, save_config
 from skinray.console import train_logging_config, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource, steps_per_epoch
-from skinray.storage import absolute, join_uri, redact, upload_folder, write_json
+from skinray.storage import absolute, join_uri, lock, read_text, redact, upload_folder, write_json
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 
 log = logging.getLogger("skinray")
@@ -44,10 +44,6 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
 
     `callbacks`: Ray Train callbacks, e.g. Tune's report callback when a Tune trial runs it.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
-
     from skinray.console import load_tensorflow
 
     load_tensorflow(expect_gpu=cfg.train.gpus_per_worker > 0)
@@ -62,7 +58,16 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
     storage = absolute(out)
     run_uri = join_uri(storage, run_name)
     inputs = replace(inputs, run_uri=run_uri)
-    _write_run_files(cfg, inputs, run_uri)
+    with lock(join_uri(run_uri, ".lock"), f"the run '{redact(run_uri)}'"):
+        _check_resume(cfg, inputs.classes, run_uri)
+        _write_run_files(cfg, inputs, run_uri)
+        return _fit(cfg, inputs, storage, run_name, run_uri, callbacks)
+
+
+def _fit(cfg: Config, inputs: LoopInputs, storage: str, run_name: str, run_uri: str, callbacks) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
 
     train_cfg = cfg.train
     connect(reserved_cpus(cfg, "train"))  # once the inputs are known good: a mistake fails before Ray starts
@@ -91,9 +96,52 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"training failed ({first}). Checkpoints so far are in {run_uri}: run the same "
+        raise UserError(f"training failed ({first}). Checkpoints so far are in {redact(run_uri)}: run the same "
                         "command again (same --out and --name) to resume from the latest one.") from None
     return _summarise(result, cfg, run_uri)
+
+
+# What a resumed run may not change: its classes, its model, and which images it trains and validates on.
+RESUME_FIXED = ("model.", "data.archive", "data.val_fraction", "data.seed", "train.recipe")
+
+
+def _check_resume(cfg: Config, classes: list[str], run_uri: str) -> None:
+    """A run directory that holds a run already is resumed only with the same classes and model, so
+    that no checkpoint is silently continued under other labels; the difference is named."""
+    from skinray.config import load_config_text, redacted
+
+    saved_classes = read_text(join_uri(run_uri, "classes.json"))
+    saved_config = read_text(join_uri(run_uri, "config.yaml"))
+    if saved_classes is None or saved_config is None:
+        return
+    where = redact(run_uri)
+    try:
+        before, before_cfg = json.loads(saved_classes), load_config_text(saved_config)
+    except ValueError as exc:
+        raise UserError(f"{where} holds a run whose classes.json or config.yaml cannot be read ({exc}): "
+                        "give this run another --name, or remove that folder") from None
+    if before != classes:
+        gone, new = sorted(set(before) - set(classes)), sorted(set(classes) - set(before))
+        what = (f"classes only before: {gone or 'none'}; only now: {new or 'none'}" if gone or new
+                else "the same classes in another order (other label indices)")
+        raise UserError(f"{where} holds a run on other classes ({what}): resuming it would relabel its "
+                        "checkpoints. Give this run another --name (or --out)")
+    now, then = _flat(config_to_dict(redacted(cfg))), _flat(config_to_dict(before_cfg))
+    changed = [f"{key}: {then.get(key)!r} then, {now.get(key)!r} now" for key in sorted(now)
+               if key.startswith(RESUME_FIXED) and now.get(key) != then.get(key)]
+    if changed:
+        raise UserError(f"{where} holds a run with other settings ({'; '.join(changed)}): resume it with its "
+                        "own, or give this run another --name")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "resources":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _inputs(cfg: Config) -> LoopInputs:
