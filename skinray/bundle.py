@@ -44,6 +44,27 @@ def file_digests(folder: Path) -> dict[str, str]:
     return digests
 
 
+def read_verified(folder: Path, manifest: dict, name: str) -> bytes:
+    """The bytes of one of a verified bundle's files, checked again as they are read: what is loaded is
+    exactly what matches the manifest, even if the file changed after `verify` (no check-then-reopen gap)."""
+    data = (folder / name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
+        raise BundleError(f"bundle at '{folder}': {name} changed after the bundle was verified; refusing to load it")
+    return data
+
+
+def check_version(manifest: dict, expected: str, source: str) -> None:
+    """Refuses a bundle of another version than `expected` (the whole version, or its first 12 or more
+    characters, as the console prints it); an empty `expected` accepts any."""
+    if not expected:
+        return
+    if len(expected) < 12:
+        raise UserError(f"an expected bundle version needs at least 12 characters (got {expected!r})")
+    if not manifest["version"].startswith(expected.lower()):
+        raise BundleError(f"'{source}' is bundle version {manifest['version'][:16]}, not the expected "
+                          f"{expected[:16]}: refusing it (another bundle was written there, or the wrong path)")
+
+
 def manifest_version(manifest: dict) -> str:
     """The SHA-256 of the canonical JSON of the manifest without its `version`."""
     body = {k: v for k, v in manifest.items() if k != "version"}

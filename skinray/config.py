@@ -307,6 +307,8 @@ class ScoreConfig:
         batch_size: images per model call.
         top_k: classes listed per image in the output's `top_k` column.
         rows_per_file: input files per listing part: the unit of progress a killed job keeps.
+        expect_version: refuse a bundle of any other version (its whole version, or the first 12
+            or more characters of it); empty: any. Used by score, evaluate and explain.
     """
 
     min_actors: int = 1
@@ -317,6 +319,7 @@ class ScoreConfig:
     batch_size: int = 32
     top_k: int = 3
     rows_per_file: int = 256
+    expect_version: str = ""
 
     def __post_init__(self):
         _require(self.min_actors >= 1, "min_actors", "must be >= 1")
@@ -457,6 +460,8 @@ class ServeConfig:
         max_drain_mb: a body over max_request_mb is read and discarded up to this size before
             the 413 (so that clients which send everything before reading, like Python's urllib,
             see the 413); past it, the connection is closed with the 413.
+        expect_version: refuse to serve a bundle of any other version (its whole version, or the
+            first 12 or more characters of it); empty: any.
     """
 
     host: str = "127.0.0.1"
@@ -488,6 +493,7 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     max_drain_mb: float = 100.0
     keep_alive_timeout_s: float = 15.0
+    expect_version: str = ""
 
     def __post_init__(self):
         _require(bool(self.host), "host", "must not be empty")

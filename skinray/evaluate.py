@@ -149,14 +149,15 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
     from skinray.inference import labelled_logits
 
     model_path = absolute(model_path)  # the actors open it from their own working directories
-    predictor = Predictor.from_path(model_path, load_models=False)  # the actors load the models
+    expected = cfg.score.expect_version if cfg else ""
+    predictor = Predictor.from_path(model_path, load_models=False, expect_version=expected)  # actors load them
     catalog = list_archive(archive)
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
     cfg = cfg or predictor.config
     connect(reserved_cpus(cfg, "evaluate"))
     logits, labels, failed = labelled_logits(table, [model_path], predictor.sizes,
                                              ImageSource.of(catalog, predictor.config.data.max_pixels), cfg.score,
-                                             f"the {split} split")
+                                             f"the {split} split", predictor.bundle_version)
     report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels)
     report |= {"model": predictor.source, "model_version": predictor.version, "split": split,
                "archive": redact(archive),

@@ -170,7 +170,7 @@ def explain_files(cfg, model: str, names: list[str], out: str, overwrite: bool =
         raise UserError(f"{len(there)} explanation(s) are in {out} already (e.g. {there[0]}.png): pass "
                         "--overwrite to replace them, or give another --out")
     load_tensorflow(expect_gpu=False)
-    predictor = Predictor.from_path(model)
+    predictor = Predictor.from_path(model, expect_version=cfg.score.expect_version)
     explainer, weights = Explainer(predictor.members), [m.weight for m in predictor.members]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

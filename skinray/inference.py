@@ -30,7 +30,7 @@ from skinray.data.ingest import ImageSource, load_views, view_column
 class ModelActor:
     """Holds the Predictor (loaded once per actor) and turns decoded views into output rows."""
 
-    def __init__(self, model: list[str], top_k: int, with_logits: bool = False):
+    def __init__(self, model: list[str], top_k: int, with_logits: bool = False, version: str = ""):
         import ray
 
         from skinray.console import load_tensorflow, quiet_process
@@ -38,7 +38,7 @@ class ModelActor:
 
         quiet_process()  # before TensorFlow loads in this actor
         load_tensorflow(expect_gpu=bool(ray.get_gpu_ids()))
-        self.predictor = Predictor.from_paths(model)
+        self.predictor = Predictor.from_paths(model, expect_version=version)
         self.top_k, self.with_logits = top_k, with_logits
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -88,8 +88,9 @@ def prediction_table(predictor, prediction, batch: dict, ok: np.ndarray, top_k: 
 
 
 def predict_rows(ds, model: list[str], sizes: tuple[int, ...], source: ImageSource, cfg: ScoreConfig,
-                 task_options: dict | None = None, with_logits: bool = False):
-    """A Dataset of rows with a `path` -> a Dataset of prediction rows (see `prediction_table`)."""
+                 task_options: dict | None = None, with_logits: bool = False, version: str = ""):
+    """A Dataset of rows with a `path` -> a Dataset of prediction rows (see `prediction_table`).
+    `version`: the bundle version the driver planned for; an actor refuses any other."""
     import ray.data
 
     views = ds.map_batches(
@@ -103,7 +104,8 @@ def predict_rows(ds, model: list[str], sizes: tuple[int, ...], source: ImageSour
         ModelActor, batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         **cfg.actor_options,
-        fn_constructor_kwargs={"model": list(model), "top_k": cfg.top_k, "with_logits": with_logits})
+        fn_constructor_kwargs={"model": list(model), "top_k": cfg.top_k, "with_logits": with_logits,
+                               "version": version})
 
 
 WORKER_BYTES = 256 * 2**20  # a decode worker's own memory (Python, NumPy, OpenCV, PyArrow): ~165 MiB measured
@@ -117,7 +119,7 @@ def decode_task_memory(batch_size: int, sizes: tuple[int, ...]) -> int:
 
 
 def predict_table(table: pa.Table, model: list[str], sizes: tuple[int, ...], source: ImageSource,
-                  cfg: ScoreConfig, with_logits: bool = True) -> pa.Table:
+                  cfg: ScoreConfig, with_logits: bool = True, version: str = "") -> pa.Table:
     """Predictions for a small table of rows (an archive split), collected on the driver, in input order.
 
     The path for evaluation and ensemble fitting: the same tasks and actors as `score`, without
@@ -127,16 +129,16 @@ def predict_table(table: pa.Table, model: list[str], sizes: tuple[int, ...], sou
 
     rows_per_block = max(cfg.batch_size, math.ceil(table.num_rows / 16))
     ds = predict_rows(dataset(table.select(["path", "label_index"]), rows_per_block), model, sizes,
-                      source, cfg, with_logits=with_logits)
+                      source, cfg, with_logits=with_logits, version=version)
     ds.context.execution_options.preserve_order = True
     return pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
 
 def labelled_logits(table: pa.Table, model: list[str], sizes: tuple[int, ...], source: ImageSource,
-                    cfg: ScoreConfig, what: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+                    cfg: ScoreConfig, what: str, version: str = "") -> tuple[np.ndarray, np.ndarray, pa.Table]:
     """A split's member logits (members, n, classes) and labels (n,) of the images that could be
     read, and the rows of those that could not; `what` names the split in the error when none could."""
-    rows = predict_table(table, model, sizes, source, cfg, with_logits=True)
+    rows = predict_table(table, model, sizes, source, cfg, with_logits=True, version=version)
     good, failed = rows.filter(rows["error"].is_null()), rows.filter(rows["error"].is_valid())
     if good.num_rows == 0:
         raise UserError(f"no image of {what} could be read ({failed.num_rows} failed)")

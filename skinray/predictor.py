@@ -14,6 +14,7 @@ same probabilities for the same file.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from skinray import UserError
-from skinray.bundle import MANIFEST, verify
+from skinray.bundle import MANIFEST, check_version, read_verified, verify
 from skinray.config import Config, load_config
 from skinray.storage import local_copy, redact
 
@@ -123,31 +124,55 @@ class Predictor:
         """The largest input size (what to decode for)."""
         return self.sizes[-1]
 
+    def load_models(self, members: list[Member]) -> None:
+        """Loads the Keras models of some `members` of a predictor made with `load_models=False`; a
+        bundle's from the bytes its digest is checked on (`skinray.bundle.read_verified`)."""
+        files = {entry["name"]: entry["file"] for entry in self.manifest.get("members", [])}
+        for member in members:
+            name = files.get(member.name)
+            data = None
+            if name is not None:
+                data = read_verified(Path(str(member.file)[:-len(name)]), self.manifest, name)
+            member.model = load_model(member.file, data)
+
+    @property
+    def bundle_version(self) -> str:
+        """The bundle's version, which the processes that load the models again must find; empty
+        for runs and checkpoints (which have no sealed version)."""
+        return self.version if self.manifest else ""
+
     @property
     def config(self) -> Config:
         """The first member's resolved config (data settings: split seed, fraction, pixel limit)."""
         return self.members[0].config
 
     @classmethod
-    def from_path(cls, path: str, load_models: bool = True) -> "Predictor":
+    def from_path(cls, path: str, load_models: bool = True, expect_version: str = "") -> "Predictor":
         """Loads a bundle, a run directory, a checkpoint directory or a `.keras` file.
 
         With `load_models=False` the members carry everything but their Keras models (which take
         TensorFlow and seconds per model to load): what a driver needs to plan the work its actors do.
+        `expect_version`: refuse a bundle of any other version (and anything that is not a bundle).
         """
         local = _local_copy(path)
         shown = redact(path)  # the source and a run's version are printed, stored and served
         if (local / MANIFEST).is_file():
-            return cls.from_bundle(local, source=shown, load_models=load_models)
+            return cls.from_bundle(local, source=shown, load_models=load_models, expect_version=expect_version)
+        if expect_version:
+            raise UserError(f"'{shown}' is not a bundle: an expected version applies to bundles only")
         return cls.from_checkpoint(local, source=shown, load_models=load_models)
 
     @classmethod
-    def from_bundle(cls, folder: Path, source: str = "", load_models: bool = True) -> "Predictor":
-        """A bundle folder (local), verified against its manifest first (`skinray.bundle.verify`)."""
+    def from_bundle(cls, folder: Path, source: str = "", load_models: bool = True,
+                    expect_version: str = "") -> "Predictor":
+        """A bundle folder (local), verified against its manifest first (`skinray.bundle.verify`); each
+        model is loaded from the bytes its digest was checked on."""
         manifest = verify(folder)
+        check_version(manifest, expect_version, source or str(folder))
         members = []
         for entry in manifest["members"]:
-            model = load_model(folder / entry["file"]) if load_models else None
+            model = (load_model(folder / entry["file"], read_verified(folder, manifest, entry["file"]))
+                     if load_models else None)
             members.append(Member(entry["name"], model, entry["backbone"], int(entry["image_size"]),
                                   float(entry["temperature"]), float(entry["weight"]),
                                   load_config(folder / entry["config"]), folder / entry["file"]))
@@ -155,11 +180,11 @@ class Predictor:
                    manifest["version"], manifest)
 
     @classmethod
-    def from_paths(cls, paths: list[str], load_models: bool = True) -> "Predictor":
+    def from_paths(cls, paths: list[str], load_models: bool = True, expect_version: str = "") -> "Predictor":
         """One path as `from_path`; several runs or checkpoints as an uncalibrated, equally weighted
         ensemble (what `skinray ensemble` fits the calibration of)."""
         if len(paths) == 1:
-            return cls.from_path(paths[0], load_models)
+            return cls.from_path(paths[0], load_models, expect_version)
         parts = [cls.from_path(path, load_models) for path in paths]
         for path, part in zip(paths, parts):
             if part.manifest:
@@ -233,16 +258,21 @@ def describe_difference(a: list[str], b: list[str]) -> str:
     return "the same names in another order"
 
 
-def load_model(path: Path):
+def load_model(path: Path, data: bytes | None = None):
     """A skinray `.keras` model, loaded with Keras' safe mode (no arbitrary code from the file).
-    Only the `.keras` format: safe mode does not guard the legacy HDF5 one."""
+    Only the `.keras` format: safe mode does not guard the legacy HDF5 one. With `data`, the model
+    is read from those bytes (a bundle's verified copy of `path`), not from the file again."""
     if Path(path).suffix != ".keras":
         raise UserError(f"'{path}' is not a .keras model file: only the .keras format loads (safe mode)")
     import keras
 
     import skinray.models.classifier  # noqa: F401  registers the custom layers for loading
 
-    return keras.models.load_model(path, compile=False, safe_mode=True)
+    if data is None:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    from keras.src.saving import saving_lib  # the public loader takes paths only; this one, a file object
+
+    return saving_lib.load_model(io.BytesIO(data), compile=False, safe_mode=True)
 
 
 def _local_copy(path: str) -> Path:

@@ -118,7 +118,8 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     from skinray.predictor import Predictor
 
     model = absolute(model)  # the actors open it from their own working directories
-    predictor = Predictor.from_path(model, load_models=False)  # a bad model fails here, before any work
+    # A bad model fails here, before any work; the actors load the version planned for, or nothing.
+    predictor = Predictor.from_path(model, load_models=False, expect_version=cfg.score.expect_version)
     source, paths = list_inputs(input_uri)
     source = ImageSource(source.filesystem, source.prefix, cfg.data.max_pixels)
     connect(reserved_cpus(cfg, "score"))
@@ -162,7 +163,7 @@ def _score(cfg: Config, model: str, predictor, source: ImageSource, paths: list[
     try:
         rows = ray.data.read_parquet(_path_of(listing), filesystem=fs, override_num_blocks=parts)
         predict_rows(rows, [model], predictor.sizes, source, score_cfg,
-                     task_options=cfg.data.task_options).write_parquet(_path_of(join_uri(output, PREDICTIONS)),
+                     task_options=cfg.data.task_options, version=predictor.bundle_version).write_parquet(_path_of(join_uri(output, PREDICTIONS)),
                                                                          filesystem=fs)
     finally:
         context.checkpoint_config, context.use_datasource_v2 = previous

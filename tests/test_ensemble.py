@@ -137,6 +137,55 @@ def test_a_resealed_bundle_pointing_outside_itself_is_refused(bundle, tmp_path):
         Predictor.from_path(str(copy))
 
 
+def test_a_model_file_changed_after_verification_is_not_loaded(bundle, tmp_path):
+    """A replica verifies the bundle, then loads its models: a file replaced in between (another
+    writer, a tampering process) is caught on the bytes that would be loaded, not opened again."""
+    from skinray.bundle import BundleError
+    from skinray.predictor import Predictor
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    planned = Predictor.from_path(str(copy), load_models=False)  # verified, models not yet loaded
+    _flip_a_byte(copy / "members/01-tiny/model.keras")
+    with pytest.raises(BundleError, match="members/01-tiny/model.keras changed after the bundle was verified"):
+        planned.load_models(planned.members)
+    planned = Predictor.from_path(str(bundle), load_models=False)
+    planned.load_models(planned.members[:1])
+    assert planned.members[0].model is not None and planned.members[1].model is None
+
+
+def test_an_expected_version_refuses_any_other_bundle(bundle, members, tmp_path):
+    from skinray import UserError
+    from skinray.bundle import BundleError
+    from skinray.predictor import Predictor
+
+    version = json.loads((bundle / "bundle.json").read_text())["version"]
+    for given in (version, version[:12].upper()):
+        assert Predictor.from_path(str(bundle), load_models=False, expect_version=given).version == version
+    other = ("0" if version[0] != "0" else "1") + version[1:16]
+    with pytest.raises(BundleError, match=f"is bundle version {version[:16]}, not the expected {other}"):
+        Predictor.from_path(str(bundle), load_models=False, expect_version=other)
+    with pytest.raises(UserError, match="at least 12 characters"):
+        Predictor.from_path(str(bundle), load_models=False, expect_version=version[:8])
+    with pytest.raises(UserError, match="is not a bundle"):
+        Predictor.from_path(str(members["runs"][0]), load_models=False, expect_version=version)
+    # Each command that opens a bundle takes --expect-version: refused in one line, before any work.
+    image = next((members["archive"] / "test").rglob("*.jpg"))
+    commands = {
+        "score": ["--input", str(image.parent), "--output", str(tmp_path / "scores")],
+        "evaluate": ["--data", str(members["archive"]), "--out", str(tmp_path / "report")],
+        "explain": [str(image), "--out", str(tmp_path / "png")],
+        "serve": ["--port", "0"],
+    }
+    for command, args in commands.items():
+        proc = subprocess.run([sys.executable, "-m", "skinray", command, "--model", str(bundle), *args,
+                               "--expect-version", other], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (command, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines()[-1].startswith("skinray: error: "), (command, proc.stderr)
+        assert f"not the expected {other}" in proc.stderr, command
+    assert not any((tmp_path / name).exists() for name in ("scores", "report", "png"))
+
+
 def test_only_keras_files_load(tmp_path):
     from skinray import UserError
     from skinray.predictor import load_model

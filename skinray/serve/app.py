@@ -35,19 +35,21 @@ class Model:
     concatenated per size and each member runs once over them.
     """
 
-    def __init__(self, model: str, members: list[int], max_batch_size: int, batch_wait_s: float, gpus: float):
+    def __init__(self, model: str, version: str, members: list[int], max_batch_size: int, batch_wait_s: float,
+                 gpus: float):
         from skinray.console import load_tensorflow, quiet_process
 
         quiet_process()
         load_tensorflow(expect_gpu=gpus > 0)
         from skinray.explain import Explainer
-        from skinray.predictor import Predictor, load_model
+        from skinray.predictor import Predictor
         from skinray.serve.guards import batch_size_histogram
 
-        predictor = Predictor.from_path(model, load_models=False)
+        # The version the application was built for, or nothing: a replica (re)started after the
+        # bundle at `model` was replaced never serves the other one beside it.
+        predictor = Predictor.from_path(model, load_models=False, expect_version=version)
         self.members = [predictor.members[i] for i in members]
-        for member in self.members:
-            member.model = load_model(member.file)
+        predictor.load_models(self.members)
         self.explainer = Explainer(self.members)
         self.logits_batch.set_max_batch_size(max_batch_size)
         self.logits_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -85,14 +87,15 @@ class Model:
 class Ingress:
     """The HTTP front: request guards, decoding, and the models' answers turned into responses."""
 
-    def __init__(self, model: str, handles: list, groups: list[list[int]], key_digests: list[str], cfg: dict):
+    def __init__(self, model: str, version: str, handles: list, groups: list[list[int]], key_digests: list[str],
+                 cfg: dict):
         from skinray.console import quiet_process
         from skinray.predictor import Predictor
         from skinray.serve.ingress import Service
 
         quiet_process()
         serve_cfg = serve_section(cfg)
-        predictor = Predictor.from_path(model, load_models=False)
+        predictor = Predictor.from_path(model, load_models=False, expect_version=version)
         self.service = Service(predictor, list(zip(handles, groups)), serve_cfg, set(key_digests))
 
     def __serve_build_asgi_app__(self):
@@ -112,16 +115,19 @@ def build_app(args: dict) -> serve.Application:
     model = absolute(str(args["model"]))
     settings = dict(args.get("serve") or {})
     cfg = serve_section(settings)
-    predictor = Predictor.from_path(model, load_models=False)  # a bad path fails here, before deploying
+    # A bad path or version fails here, before deploying.
+    predictor = Predictor.from_path(model, load_models=False, expect_version=cfg.expect_version)
+    version = predictor.bundle_version
     groups = ([[i] for i in range(len(predictor.members))] if cfg.layout == "per_member"
               else [list(range(len(predictor.members)))])
     names = ["Model"] if len(groups) == 1 else [f"Model-{predictor.members[g[0]].name}" for g in groups]
-    handles = [_model_deployment(cfg, name).bind(model, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica)
+    handles = [_model_deployment(cfg, name).bind(model, version, g, cfg.max_batch_size, cfg.batch_wait_s,
+                                                 cfg.gpus_per_replica)
                for name, g in zip(names, groups)]
     ingress = Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options=cfg.ingress_options,
                               max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                               max_queued_requests=cfg.ingress_max_ongoing_requests)
-    return ingress.bind(model, handles, groups, sorted(key_digests(cfg)), settings)
+    return ingress.bind(model, version, handles, groups, sorted(key_digests(cfg)), settings)
 
 
 def serve_section(settings: dict) -> ServeConfig:
