@@ -20,11 +20,13 @@ which evaluation and the ensemble's fitting use too.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from skinray import UserError
 from skinray.config import Config
@@ -191,19 +193,42 @@ def read_predictions(output: str) -> pa.Table:
 
 
 def summarise(output: str, listed: int, predictor, seconds: float) -> dict:
-    """Counts over everything written (this run and any before it): scored, failed, abstained, per class."""
-    table = read_predictions(output).select(["path", "label", "abstained", "error"])
-    errors = [e for e in table["error"].to_pylist() if e is not None]
-    labels = [label for label in table["label"].to_pylist() if label is not None]
+    """Counts over everything written (this run and any before it): scored, failed, abstained, per class.
+
+    Computed on the cluster (a count per block, summed; paths grouped to find any written twice), so
+    the driver's memory does not grow with the archive: what it holds is one small row per block.
+    """
+    import ray.data
+    from ray.data.aggregate import Count
+    from ray.data.expressions import col
+
+    fs, path, _ = resolve(join_uri(output, PREDICTIONS))
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["path", "label", "abstained", "error"])
+    totals: Counter = Counter()
+    for row in ds.map_batches(_block_counts, batch_format="pyarrow", batch_size=None).iter_rows():
+        totals.update(json.loads(row["counts"]))
+    repeated = ds.groupby("path").aggregate(Count(alias_name="n")).filter(expr=col("n") > 1).materialize()
+    extra_rows = (repeated.sum("n") or 0) - repeated.count()
+    per_class = {k.removeprefix("label:"): v for k, v in sorted(totals.items()) if k.startswith("label:")}
+    reasons = Counter({k.removeprefix("error:"): v for k, v in totals.items() if k.startswith("error:")})
     return {
         "model": predictor.source, "model_version": predictor.version, "listed": listed,
-        "rows": table.num_rows, "unique_paths": len(set(table["path"].to_pylist())),
-        "scored": len(labels), "failed": len(errors),
-        "abstained": int(sum(1 for a in table["abstained"].to_pylist() if a)),
-        "per_class": dict(sorted(Counter(labels).items())),
-        "failure_reasons": dict(Counter(e.split(":")[0] for e in errors).most_common()),
+        "rows": totals["rows"], "unique_paths": totals["rows"] - extra_rows,
+        "scored": sum(per_class.values()), "failed": sum(reasons.values()), "abstained": totals["abstained"],
+        "per_class": per_class, "failure_reasons": dict(reasons.most_common()),
         "seconds": round(seconds, 2), "predictions": redact(join_uri(output, PREDICTIONS)),
     }
+
+
+def _block_counts(block: pa.Table) -> pa.Table:
+    """One block's counts as one row: rows, abstained, per label and per failure reason."""
+    abstained = pc.sum(block["abstained"].cast(pa.int64())).as_py() or 0
+    counts = Counter({"rows": block.num_rows, "abstained": int(abstained)})
+    for key, column in (("label", block["label"]), ("error", pc.split_pattern(block["error"], ":", max_splits=1))):
+        values = column if key == "label" else pc.list_element(column, 0)
+        for item in pc.value_counts(values.drop_null()).to_pylist():
+            counts[f"{key}:{item['values']}"] += item["counts"]
+    return pa.table({"counts": [json.dumps(counts)]})
 
 
 def format_summary(summary: dict) -> str:
