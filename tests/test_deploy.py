@@ -93,10 +93,46 @@ def test_every_kuberay_container_is_unprivileged_and_bounded(manifest):
         assert {"cpu", "memory"} <= set(container["resources"]["limits"]), container["name"]
 
 
+def _pins(path) -> dict:
+    """name -> (version, marker) of a lock file's `name==version ; marker` lines."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith((" ", "#", "-")):
+            req = Requirement(line)
+            pins[req.name.lower().replace("_", "-")] = (str(req.specifier).removeprefix("=="), req.marker)
+    return pins
+
+
+def test_one_set_of_versions_for_the_tests_and_the_image():
+    """requirements.lock pins every dependency within pyproject.toml's ranges; the image's lock pins the
+    same versions of everything they share; and this environment runs exactly the lock's versions."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    locked, gpu = _pins(ROOT / "requirements.lock"), _pins(ROOT / "deploy" / "requirements-gpu.lock")
+    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+        req = Requirement(spec)
+        name = req.name.lower()
+        assert name in locked and req.specifier.contains(locked[name][0]), spec
+    assert {"tensorflow", "nvidia-cudnn-cu12"} <= set(gpu)
+    assert {n: v for n, (v, _) in gpu.items() if n in locked} == {n: locked[n][0] for n in gpu if n in locked}
+    installed = {n: importlib.metadata.version(n) for n, (_, marker) in locked.items()
+                 if marker is None or marker.evaluate()}
+    assert installed == {n: v for n, (v, marker) in locked.items() if marker is None or marker.evaluate()}
+    dev = (ROOT / "dev").read_text()
+    assert "pip install -r requirements.lock" in dev and "cat pyproject.toml requirements.lock | sha256sum" in dev
+
+
 def test_the_image_is_rays_gpu_image_with_tensorflow_and_cuda():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:2\.60\.\d+-py311-gpu$", dockerfile, re.M)
-    assert 'pip install --no-cache-dir ".[gpu]"' in dockerfile
+    assert "pip install --no-cache-dir -r requirements-gpu.lock" in dockerfile
+    assert "pip install --no-cache-dir --no-deps ." in dockerfile
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
