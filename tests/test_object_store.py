@@ -4,6 +4,8 @@ pyarrow.fs talks to it exactly as to S3 (same client, same requests); the filesy
 endpoint and credentials, travels to the Ray tasks that read the files.
 """
 
+from urllib.parse import quote
+
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
@@ -50,15 +52,18 @@ def test_data_check_on_a_bucket(ray_cluster, bucket_uri):
     assert report["ok"] and sum(report["counts"]["train"].values()) == 96
 
 
-def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bucket_uri):
-    """The cluster path: archive, checkpoints, TensorBoard, summary and the report all in object storage."""
+def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bucket_uri, capsys):
+    """The cluster path: archive, checkpoints, TensorBoard, summary, the report and a bundle all in
+    object storage, through URIs that carry credentials: none of it, and no line printed, holds them."""
     from skinray.config import load_config
+    from skinray.ensemble import build_ensemble
     from skinray.storage import join_uri, resolve
     from skinray.evaluate import evaluate
     from skinray.train.trainer import train
 
-    runs = bucket_uri.replace("/dermnet?", "/runs?")
-    cfg = load_config(overrides=[f"data.archive={bucket_uri}", "model.backbone=tiny", "model.weights=none",
+    keyed = bucket_uri.replace("s3://", f"s3://AKIAEXAMPLE:{quote(SECRET, safe='')}@")
+    runs = keyed.replace("/dermnet?", "/runs?")
+    cfg = load_config(overrides=[f"data.archive={keyed}", "model.backbone=tiny", "model.weights=none",
                                  "model.image_size=48", "train.workers=2", "train.batch_size=8",
                                  "train.epochs=2", "train.head_epochs=1"])
     result = train(cfg, runs, "cloud")
@@ -66,17 +71,46 @@ def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bu
     names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
     assert {"config.yaml", "classes.json", "summary.json", "tensorboard", "checkpoint_epoch_0002"} <= names
     assert result.best_metrics["epoch"] in (1, 2)
-    reports = bucket_uri.replace("/dermnet?", "/evaluation?")  # what jobs/evaluate.py writes to
-    report = evaluate(join_uri(runs, "cloud"), bucket_uri, "test", reports)
+    reports = keyed.replace("/dermnet?", "/evaluation?")  # what jobs/evaluate.py writes to
+    report = evaluate(join_uri(runs, "cloud"), keyed, "test", reports)
     fs, path, _ = resolve(reports)
     assert report["num_images"] == 24
     assert {"report.md", "report.json", "confusion_matrix.png", "reliability.png", "config.yaml"} <= {
         info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
+    bundle = keyed.replace("/dermnet?", "/bundles/cloud?")
+    manifest = build_ensemble([join_uri(runs, "cloud")], keyed, bundle, cfg)
+    assert manifest["members"][0]["source"].startswith("s3://***@skin-bucket/runs/cloud")
+    said = capsys.readouterr()
+    assert "[skinray] 4 classes" in said.out and _leaks(said.out + said.err) == []
+    stored = _stored_texts(fs, ("/runs/", "/evaluation/", "/bundles/cloud/"))
+    assert sum("s3://***@skin-bucket" in t for t in stored) >= 4  # the URIs were stored: redacted
+    assert _leaks(*stored) == []
 
 
 # === Credentials in URIs are used to open files, and never printed, stored or served ===
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYz3cr3t"  # the shape of an AWS secret key (it holds '/')
+
+
+def _leaks(*texts: str) -> list[str]:
+    return [t[:200] for t in texts if SECRET in t or quote(SECRET, safe="") in t]
+
+
+def _stored_texts(fs, under: tuple[str, ...]) -> list[str]:
+    """Every file the bucket holds below `under`, as text (Parquet as its rows' JSON)."""
+    import pyarrow.parquet as pq
+
+    texts = []
+    for info in fs.get_file_info(pafs.FileSelector("skin-bucket", recursive=True)):
+        if info.type != pafs.FileType.File or not any(u in info.path for u in under):
+            continue
+        if info.path.endswith(".parquet"):
+            with fs.open_input_file(info.path) as f:
+                texts.append(pq.read_table(f).to_pandas().to_json())
+        else:
+            with fs.open_input_stream(info.path) as f:
+                texts.append(f.read().decode(errors="replace"))
+    return texts
 
 
 def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env, ray_cluster):
@@ -114,18 +148,12 @@ def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env,
                       expect=2)
     assert "s3://***@skin-bucket/nowhere" in missing.stderr  # the error names the archive, not its secret
 
-    written = fs.get_file_info(pafs.FileSelector("skin-bucket", recursive=True))
-    texts = []
-    for info in written:
-        if info.type != pafs.FileType.File or "/dermnet/" in info.path or "/bundles/" in info.path:
-            continue
-        if info.path.endswith(".parquet"):
-            with fs.open_input_file(info.path) as f:
-                texts.append(pq.read_table(f).to_pandas().to_json())
-        else:
-            with fs.open_input_stream(info.path) as f:
-                texts.append(f.read().decode(errors="replace"))
+    # Serve would keep the URI in its application's stored config: refused, credentials unechoed.
+    for flags in (["--print-config"], []):
+        refused = skinray("serve", "--model", uri("bundles/v1"), *flags, expect=2)
+        assert "credentials" in refused.stderr
+    texts = _stored_texts(fs, ("/scored/", "/evaluation-keys/"))
     assert len(texts) >= 6 and any("model_version" in t for t in texts)  # summary, report, predictions, ...
-    assert not [t[:200] for t in texts if SECRET in t or quote(SECRET, safe="") in t]
+    assert _leaks(*texts) == []
     logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
     assert not [p.name for p in logs.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

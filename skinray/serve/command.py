@@ -16,11 +16,17 @@ import time
 import yaml
 
 from skinray import UserError
-from skinray.storage import absolute
+from skinray.storage import absolute, redact
 from skinray.serve.app import APP_NAME, build_app, serve_section
 
 
 def app_args(model: str, cfg) -> dict:
+    """The application's arguments, which Serve stores (its config, the controller's checkpoint) and
+    shows: a model URI carrying credentials is refused rather than stored there."""
+    if redact(model) != model:
+        raise UserError(f"the model URI carries credentials ({redact(model)}), which Serve would store in the "
+                        "application's config: give them to the cluster instead (an instance role, or "
+                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment)")
     return {"model": absolute(model), "serve": dataclasses.asdict(cfg.serve)}
 
 
