@@ -77,7 +77,7 @@ def pool_rate(pool, paths, size, epoch: int, full_decode: bool = False, deliver:
     if full_decode:
         pool.map(_decode_full, paths, chunksize=8)
     elif deliver:
-        batches = [(paths[i:i + BATCH], size, epoch) for i in range(0, len(paths), BATCH)]
+        batches = [(paths[i : i + BATCH], size, epoch) for i in range(0, len(paths), BATCH)]
         for batch in pool.imap(_augment_batch, batches):
             assert batch.shape[1] == size
     else:
@@ -94,15 +94,21 @@ def ray_rate(paths, size, repeats) -> float:
 
     from skinray.data.ingest import ImageSource, epochs_of_rows, iter_stream, stream
 
-    table = pa.table({"path": paths, "label": ["x"] * len(paths),
-                      "label_index": pa.array(np.zeros(len(paths)), pa.int32())})
+    table = pa.table(
+        {
+            "path": paths,
+            "label": ["x"] * len(paths),
+            "label_index": pa.array(np.zeros(len(paths)), pa.int32()),
+        }
+    )
     source = ImageSource(pafs.LocalFileSystem())
 
     def epochs(which: range) -> int:
         rows = epochs_of_rows(table, rank=0, world=1, batch_size=BATCH, seed=0, epochs=which)
         n = 0
-        for batch in iter_stream(stream(rows, source=source, size=size, batch_size=BATCH,
-                                        augment=AugmentConfig()), BATCH):
+        for batch in iter_stream(
+            stream(rows, source=source, size=size, batch_size=BATCH, augment=AugmentConfig()), BATCH
+        ):
             n += len(batch["image"])
         return n
 
@@ -118,23 +124,27 @@ def tfdata_rate(paths, size, repeats) -> float:
     import keras
     import tensorflow as tf
 
-    layers = keras.Sequential([
-        keras.layers.RandomRotation(30 / 360, fill_mode="nearest"),
-        keras.layers.RandomZoom(0.3, 0.3, fill_mode="nearest"),
-        keras.layers.RandomTranslation(0.2, 0.2, fill_mode="nearest"),
-        keras.layers.RandomFlip("horizontal"),
-        keras.layers.RandomShear(x_factor=0.2, fill_mode="nearest"),
-    ])
+    layers = keras.Sequential(
+        [
+            keras.layers.RandomRotation(30 / 360, fill_mode="nearest"),
+            keras.layers.RandomZoom(0.3, 0.3, fill_mode="nearest"),
+            keras.layers.RandomTranslation(0.2, 0.2, fill_mode="nearest"),
+            keras.layers.RandomFlip("horizontal"),
+            keras.layers.RandomShear(x_factor=0.2, fill_mode="nearest"),
+        ]
+    )
 
     def load(path):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         return tf.image.resize(image, (size, size))
 
-    ds = (tf.data.Dataset.from_tensor_slices(paths)
-          .map(load, num_parallel_calls=tf.data.AUTOTUNE)
-          .batch(BATCH, drop_remainder=True)
-          .map(lambda x: tf.cast(layers(x, training=True), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE)
-          .prefetch(tf.data.AUTOTUNE))
+    ds = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(BATCH, drop_remainder=True)
+        .map(lambda x: tf.cast(layers(x, training=True), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     for _ in ds.take(2):
         pass
     start, n = time.perf_counter(), 0
@@ -153,8 +163,11 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = Path(args.data or tempfile.mkdtemp(prefix="skinray-ingest-"))
-    paths = make_archive(folder, args.images) if not any(folder.rglob("*.jpg")) else sorted(
-        str(p) for p in (folder / "train").rglob("*.*"))
+    paths = (
+        make_archive(folder, args.images)
+        if not any(folder.rglob("*.jpg"))
+        else sorted(str(p) for p in (folder / "train").rglob("*.*"))
+    )
     print(f"{len(paths)} images in {folder}, {os.cpu_count()} cores")
 
     # Interleaved repeats, best and spread: a slow spell of this small machine hits every side.
@@ -181,21 +194,39 @@ def main() -> None:
     for size in args.sizes:
         results[size]["tfdata"] = tfdata_rate(paths, size, 1)
 
-    print(f"\n{'size':>5} {'(a) pool':>10} {'(a2) pool, batches':>19} {'(b) ray':>10} {'(c) tf.data':>12} "
-          f"{'(d) decode':>11} {'b/c':>6} {'b/a':>6} {'b/a2':>6}   images/s, best of {args.repeats}, {os.cpu_count()} cores")
+    print(
+        f"\n{'size':>5} {'(a) pool':>10} {'(a2) pool, batches':>19} {'(b) ray':>10} {'(c) tf.data':>12} "
+        f"{'(d) decode':>11} {'b/c':>6} {'b/a':>6} {'b/a2':>6}   images/s, best of {args.repeats}, "
+        f"{os.cpu_count()} cores"
+    )
     for size, r in results.items():
-        print(f"{size:>5} {r['pool']:>10.0f} {r['pool_batches']:>19.0f} {r['ray']:>10.0f} {r['tfdata']:>12.0f} "
-              f"{r['decode']:>11.0f} {r['ray'] / r['tfdata']:>6.2f} {r['ray'] / r['pool']:>6.2f} "
-              f"{r['ray'] / r['pool_batches']:>6.2f}")
+        print(
+            f"{size:>5} {r['pool']:>10.0f} {r['pool_batches']:>19.0f} {r['ray']:>10.0f} {r['tfdata']:>12.0f} "
+            f"{r['decode']:>11.0f} {r['ray'] / r['tfdata']:>6.2f} {r['ray'] / r['pool']:>6.2f} "
+            f"{r['ray'] / r['pool_batches']:>6.2f}"
+        )
     for size, r in runs.items():
-        print(f"spread at {size} px (min-max): " + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in r.items()))
+        print(
+            f"spread at {size} px (min-max): "
+            + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in r.items())
+        )
     for size, r in results.items():
-        print(json.dumps({"benchmark": "ingest", "size": size, "images": len(paths), "cores": os.cpu_count(),
-                          "repeats": args.repeats, **{k: round(v, 1) for k, v in r.items()},
-                          "runs": {k: [round(x, 1) for x in v] for k, v in runs[size].items()},
-                          "ray_vs_tfdata": round(r["ray"] / r["tfdata"], 3),
-                          "ray_vs_pool": round(r["ray"] / r["pool"], 3),
-                          "ray_vs_pool_batches": round(r["ray"] / r["pool_batches"], 3)}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "ingest",
+                    "size": size,
+                    "images": len(paths),
+                    "cores": os.cpu_count(),
+                    "repeats": args.repeats,
+                    **{k: round(v, 1) for k, v in r.items()},
+                    "runs": {k: [round(x, 1) for x in v] for k, v in runs[size].items()},
+                    "ray_vs_tfdata": round(r["ray"] / r["tfdata"], 3),
+                    "ray_vs_pool": round(r["ray"] / r["pool"], 3),
+                    "ray_vs_pool_batches": round(r["ray"] / r["pool_batches"], 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

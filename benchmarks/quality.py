@@ -50,9 +50,17 @@ def write_digits(root: Path) -> Path:
 
 def settings(args, archive: Path, seed: int) -> list[str]:
     """Only what the comparison fixes; the rest are skinray's defaults for `weights: none`."""
-    return [f"data.archive={archive}", f"data.seed={seed}", "model.backbone=tiny", "model.weights=none",
-            f"model.image_size={args.size}", f"train.workers={args.workers}", f"train.epochs={args.epochs}",
-            f"train.batch_size={args.batch // args.workers}", *args.set]
+    return [
+        f"data.archive={archive}",
+        f"data.seed={seed}",
+        "model.backbone=tiny",
+        "model.weights=none",
+        f"model.image_size={args.size}",
+        f"train.workers={args.workers}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch // args.workers}",
+        *args.set,
+    ]
 
 
 def skinray_run(args, archive: Path, seed: int, out: Path) -> dict:
@@ -65,7 +73,11 @@ def skinray_run(args, archive: Path, seed: int, out: Path) -> dict:
     result = train(cfg, str(out / "runs"), f"seed{seed}")
     seconds = time.perf_counter() - started
     report = evaluate(result.run_dir, str(archive), "test", str(out / f"eval-seed{seed}"))
-    return {"test_accuracy": report["accuracy"], "best_epoch": result.best_metrics["epoch"], "seconds": seconds}
+    return {
+        "test_accuracy": report["accuracy"],
+        "best_epoch": result.best_metrics["epoch"],
+        "seconds": seconds,
+    }
 
 
 def keras_run(args, archive: Path, seed: int) -> dict:
@@ -90,31 +102,51 @@ def keras_run(args, archive: Path, seed: int) -> dict:
     k = catalog.num_classes
 
     def images(table, epoch: int | None):
-        rows = {"path": np.asarray(table["path"].to_pylist(), object),
-                "label_index": table["label_index"].to_numpy(),
-                "epoch": np.full(table.num_rows, epoch or 0, np.int32)}
-        batch = load_batch(rows, source=source, size=args.size, augment=cfg.augment if epoch is not None else None,
-                           seed=cfg.data.seed)
+        rows = {
+            "path": np.asarray(table["path"].to_pylist(), object),
+            "label_index": table["label_index"].to_numpy(),
+            "epoch": np.full(table.num_rows, epoch or 0, np.int32),
+        }
+        batch = load_batch(
+            rows,
+            source=source,
+            size=args.size,
+            augment=cfg.augment if epoch is not None else None,
+            seed=cfg.data.seed,
+        )
         return batch["image"], batch["label_index"]
 
     model = build_classifier(get_backbone("tiny"), k, cfg.model, args.size, None)
     base = scaled_learning_rate(train_cfg.finetune_lr, args.batch, train_cfg.base_batch, train_cfg.lr_scaling)
-    model.compile(optimizer=keras.optimizers.Adam(base),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True,
-                                                            label_smoothing=train_cfg.label_smoothing))
+    model.compile(
+        optimizer=keras.optimizers.Adam(base),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=train_cfg.label_smoothing
+        ),
+    )
     weights = dict(enumerate(class_weights(parts["train"]["label_index"].to_numpy(), k)))
     x_val, y_val = images(parts["val"], None)
-    monitor = Monitor(mode="max", patience=train_cfg.early_stopping_patience,
-                      plateau_patience=train_cfg.plateau_patience)
+    monitor = Monitor(
+        mode="max", patience=train_cfg.early_stopping_patience, plateau_patience=train_cfg.plateau_patience
+    )
     best_weights, started = None, time.perf_counter()
     for epoch in range(train_cfg.epochs):
-        lr = scheduled_learning_rate(base, epoch, 0, train_cfg.epochs, train_cfg.warmup_epochs, train_cfg.min_lr,
-                                     train_cfg.schedule)
+        lr = scheduled_learning_rate(
+            base, epoch, 0, train_cfg.epochs, train_cfg.warmup_epochs, train_cfg.min_lr, train_cfg.schedule
+        )
         if lr is not None:
             model.optimizer.learning_rate = lr
         x, y = images(parts["train"], epoch)
-        model.fit(x, keras.utils.to_categorical(y, k), batch_size=args.batch, epochs=epoch + 1,
-                  initial_epoch=epoch, class_weight=weights, shuffle=True, verbose=0)
+        model.fit(
+            x,
+            keras.utils.to_categorical(y, k),
+            batch_size=args.batch,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            class_weight=weights,
+            shuffle=True,
+            verbose=0,
+        )
         predicted = model.predict(x_val, batch_size=256, verbose=0).argmax(axis=1)
         f1 = confusion_metrics(confusion(y_val, predicted, k))["macro_f1"]
         improved, _, stop = monitor.update(f1, epoch)
@@ -154,8 +186,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="global batch (both sides)")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--out", help="folder for the archive and runs (default: a temporary one)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for both sides, to compare recipes (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for both sides, to compare recipes (repeatable)",
+    )
     args = parser.parse_args()
     if args.batch % args.workers:
         parser.error("--batch must divide over --workers")
@@ -170,8 +207,11 @@ def main() -> None:
         for seed in args.seeds:  # interleaved: a slow spell of the machine hits both sides
             sides["keras"].append(keras_fresh(args, archive, seed))
             sides["skinray"].append(skinray_run(args, archive, seed, out))
-            print(f"seed {seed}: skinray {sides['skinray'][-1]['test_accuracy']:.4f}, "
-                  f"keras {sides['keras'][-1]['test_accuracy']:.4f}", flush=True)
+            print(
+                f"seed {seed}: skinray {sides['skinray'][-1]['test_accuracy']:.4f}, "
+                f"keras {sides['keras'][-1]['test_accuracy']:.4f}",
+                flush=True,
+            )
     report(args, sides)
 
 
@@ -179,25 +219,48 @@ def report(args, sides: dict) -> None:
     summary = {}
     for name, runs in sides.items():
         accuracies = np.array([r["test_accuracy"] for r in runs])
-        summary[name] = {"mean": float(accuracies.mean()), "min": float(accuracies.min()),
-                         "max": float(accuracies.max()), "std": float(accuracies.std()),
-                         "runs": runs}
+        summary[name] = {
+            "mean": float(accuracies.mean()),
+            "min": float(accuracies.min()),
+            "max": float(accuracies.max()),
+            "std": float(accuracies.std()),
+            "runs": runs,
+        }
     gap = summary["skinray"]["mean"] - summary["keras"]["mean"]
-    print(f"\ntiny from scratch, digits at {args.size} px, {args.epochs} epochs, global batch {args.batch}, "
-          f"seeds {args.seeds}{', ' + ' '.join(args.set) if args.set else ''}; test accuracy on 360 held-out scans")
+    print(
+        f"\ntiny from scratch, digits at {args.size} px, {args.epochs} epochs, global batch {args.batch}, "
+        f"seeds {args.seeds}{', ' + ' '.join(args.set) if args.set else ''}; test accuracy on 360 "
+        "held-out scans"
+    )
     print(f"{'side':<34} {'mean':>7} {'min':>7} {'max':>7} {'std':>7} {'s/run':>7}")
-    labels = {"skinray": f"skinray ({args.workers} Ray Train workers)", "keras": "Keras model.fit (1 process)"}
+    labels = {
+        "skinray": f"skinray ({args.workers} Ray Train workers)",
+        "keras": "Keras model.fit (1 process)",
+    }
     for name, s in summary.items():
         seconds = np.mean([r["seconds"] for r in s["runs"]])
-        print(f"{labels[name]:<34} {s['mean']:>7.4f} {s['min']:>7.4f} {s['max']:>7.4f} {s['std']:>7.4f} "
-              f"{seconds:>7.0f}")
+        print(
+            f"{labels[name]:<34} {s['mean']:>7.4f} {s['min']:>7.4f} {s['max']:>7.4f} {s['std']:>7.4f} "
+            f"{seconds:>7.0f}"
+        )
     print(f"accuracy_vs_keras_fit = {gap:+.4f} (target >= -0.02)")
-    print(json.dumps({"benchmark": "quality", "dataset": "sklearn digits", "size": args.size, "set": args.set,
-                      "epochs": args.epochs, "workers": args.workers, "global_batch": args.batch,
-                      "seeds": args.seeds, **{f"{n}_{k}": v for n, s in summary.items()
-                                              for k, v in s.items() if k != "runs"},
-                      "runs": {n: s["runs"] for n, s in summary.items()},
-                      "accuracy_vs_keras_fit": gap}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality",
+                "dataset": "sklearn digits",
+                "size": args.size,
+                "set": args.set,
+                "epochs": args.epochs,
+                "workers": args.workers,
+                "global_batch": args.batch,
+                "seeds": args.seeds,
+                **{f"{n}_{k}": v for n, s in summary.items() for k, v in s.items() if k != "runs"},
+                "runs": {n: s["runs"] for n, s in summary.items()},
+                "accuracy_vs_keras_fit": gap,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,12 +44,21 @@ def build_bundle(folder: Path, size: int, classes: list[str]) -> Path:
 
     entries, files, configs = [], [], []
     for i, name in enumerate(BACKBONES):
-        cfg = load_config(overrides=[f"model.backbone={name}", "model.weights=none", f"model.image_size={size}"])
+        cfg = load_config(
+            overrides=[f"model.backbone={name}", "model.weights=none", f"model.image_size={size}"]
+        )
         model = build_classifier(get_backbone(name), len(classes), cfg.model, size, None)
         path = folder / f"{name}.keras"
         model.save(path)
-        entries.append({"name": f"{i:02d}-{name}", "backbone": name, "image_size": size, "temperature": 1.0,
-                        "weight": 1 / len(BACKBONES)})
+        entries.append(
+            {
+                "name": f"{i:02d}-{name}",
+                "backbone": name,
+                "image_size": size,
+                "temperature": 1.0,
+                "weight": 1 / len(BACKBONES),
+            }
+        )
         files.append(path)
         configs.append(cfg)
     out = folder / "bundle"
@@ -95,7 +104,7 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
         start = time.perf_counter()
         tf.matmul(a, b).numpy()
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def skinray_seconds(bundle: Path, folder: Path, out: Path, overrides: list[str]) -> tuple[int, float]:
@@ -118,7 +127,11 @@ def skinray_rates(bundle: Path, full: Path, quarter: Path, out: Path, overrides:
     n_full, t_full = skinray_seconds(bundle, full, out, overrides)
     n_quarter, t_quarter = skinray_seconds(bundle, quarter, out, overrides)
     marginal = (n_full - n_quarter) / (t_full - t_quarter)
-    return {"marginal": marginal, "end_to_end": n_full / t_full, "startup_seconds": t_full - n_full / marginal}
+    return {
+        "marginal": marginal,
+        "end_to_end": n_full / t_full,
+        "startup_seconds": t_full - n_full / marginal,
+    }
 
 
 def batched_rate(predictor, paths: list[str], batch: int = 32) -> float:
@@ -126,7 +139,7 @@ def batched_rate(predictor, paths: list[str], batch: int = 32) -> float:
 
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
-        views = [decode_views(Path(p).read_bytes(), predictor.sizes) for p in paths[i:i + batch]]
+        views = [decode_views(Path(p).read_bytes(), predictor.sizes) for p in paths[i : i + batch]]
         logits = np.stack([m.logits(np.stack([v[m.image_size] for v in views])) for m in predictor.members])
         predictor.combine(logits)
     return len(paths) / (time.perf_counter() - start)
@@ -157,8 +170,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-image", type=int, default=60, help="files the per-image baseline scores")
-    parser.add_argument("--set", action="append", default=["score.max_actors=1"], metavar="KEY=VALUE",
-                        help="skinray score config (default: one model actor, right for 2 cores)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=["score.max_actors=1"],
+        metavar="KEY=VALUE",
+        help="skinray score config (default: one model actor, right for 2 cores)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -191,35 +209,53 @@ def main() -> None:
         rates["end_to_end"].append(measured["end_to_end"])
         rates["startup"].append(measured["startup_seconds"])
         rates["batched"].append(batched_rate(predictor, paths))
-        print(f"repeat {r + 1}: skinray {measured['marginal']:.1f} (end to end {measured['end_to_end']:.1f}, "
-              f"start-up {measured['startup_seconds']:.0f} s), batched loop {rates['batched'][-1]:.1f} img/s",
-              flush=True)
-    per_image = per_image_rate(predictor, paths[:args.per_image])
+        print(
+            f"repeat {r + 1}: skinray {measured['marginal']:.1f} (end to end {measured['end_to_end']:.1f}, "
+            f"start-up {measured['startup_seconds']:.0f} s), batched loop {rates['batched'][-1]:.1f} img/s",
+            flush=True,
+        )
+    per_image = per_image_rate(predictor, paths[: args.per_image])
     ray.shutdown()
 
     best = {k: max(v) for k, v in rates.items() if k != "startup"}
     achieved = best["skinray"] * flops / 1e9
     result = {
-        "benchmark": "score", "images": len(paths), "size": args.size, "members": list(BACKBONES),
-        "cores": os.cpu_count(), "repeats": args.repeats, "config": args.set,
-        "skinray_images_per_second": best["skinray"], "skinray_runs": rates["skinray"],
-        "skinray_end_to_end_images_per_second": best["end_to_end"], "skinray_startup_seconds": min(rates["startup"]),
-        "batched_loop_images_per_second": best["batched"], "batched_loop_runs": rates["batched"],
-        "per_image_images_per_second": per_image, "gflop_per_image": flops / 1e9,
-        "skinray_gflops": achieved, "matmul_peak_gflops": peak,
+        "benchmark": "score",
+        "images": len(paths),
+        "size": args.size,
+        "members": list(BACKBONES),
+        "cores": os.cpu_count(),
+        "repeats": args.repeats,
+        "config": args.set,
+        "skinray_images_per_second": best["skinray"],
+        "skinray_runs": rates["skinray"],
+        "skinray_end_to_end_images_per_second": best["end_to_end"],
+        "skinray_startup_seconds": min(rates["startup"]),
+        "batched_loop_images_per_second": best["batched"],
+        "batched_loop_runs": rates["batched"],
+        "per_image_images_per_second": per_image,
+        "gflop_per_image": flops / 1e9,
+        "skinray_gflops": achieved,
+        "matmul_peak_gflops": peak,
         "score_vs_batched_loop": best["skinray"] / best["batched"],
         "score_vs_per_image": best["skinray"] / per_image,
         "flops_vs_matmul_peak": achieved / peak,
     }
-    print(f"\nbundle: {', '.join(BACKBONES)} at {args.size} px, {flops / 1e9:.2f} GFLOP per image; "
-          f"{len(paths)} generated photos; {os.cpu_count()} cores; {' '.join(args.set)}")
-    print("| (s) skinray score | end to end (start-up) | (a) batched loop | (b) per image | s/a | s/b | "
-          "GFLOP/s (s) | matmul peak | share |")
+    print(
+        f"\nbundle: {', '.join(BACKBONES)} at {args.size} px, {flops / 1e9:.2f} GFLOP per image; "
+        f"{len(paths)} generated photos; {os.cpu_count()} cores; {' '.join(args.set)}"
+    )
+    print(
+        "| (s) skinray score | end to end (start-up) | (a) batched loop | (b) per image | s/a | s/b | "
+        "GFLOP/s (s) | matmul peak | share |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {spread(rates['skinray'])} | {best['end_to_end']:.1f} ({min(rates['startup']):.0f} s) | "
-          f"{spread(rates['batched'])} | {per_image:.1f} | "
-          f"{result['score_vs_batched_loop']:.2f} | {result['score_vs_per_image']:.1f} | {achieved:.1f} | "
-          f"{peak:.1f} | {result['flops_vs_matmul_peak']:.2f} |")
+    print(
+        f"| {spread(rates['skinray'])} | {best['end_to_end']:.1f} ({min(rates['startup']):.0f} s) | "
+        f"{spread(rates['batched'])} | {per_image:.1f} | "
+        f"{result['score_vs_batched_loop']:.2f} | {result['score_vs_per_image']:.1f} | {achieved:.1f} | "
+        f"{peak:.1f} | {result['flops_vs_matmul_peak']:.2f} |"
+    )
     print(json.dumps(result))
 
 

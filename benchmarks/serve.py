@@ -46,7 +46,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from score import build_bundle  # noqa: E402  (benchmarks/score.py: the same bundle)
 
 CONCURRENCY = (1, 8, 32)
-MODES = {"b": {"max_batch_size": 16}, "u": {"max_batch_size": 1}, "m": {"max_batch_size": 16, "layout": "per_member"}}
+MODES = {
+    "b": {"max_batch_size": 16},
+    "u": {"max_batch_size": 1},
+    "m": {"max_batch_size": 16, "layout": "per_member"},
+}
 
 
 def photos(n: int, seed: int = 0) -> list[bytes]:
@@ -74,7 +78,9 @@ def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> dic
         session, i = requests.Session(), k
         while time.monotonic() < stop:
             started = time.perf_counter()
-            r = session.post(f"{url}/v1/predict", data=images[i % len(images)], headers={"Content-Type": "image/jpeg"})
+            r = session.post(
+                f"{url}/v1/predict", data=images[i % len(images)], headers={"Content-Type": "image/jpeg"}
+            )
             with lock:
                 (latencies if r.status_code == 200 else errors).append(time.perf_counter() - started)
             i += concurrency
@@ -87,8 +93,13 @@ def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> dic
         t.join()
     wall = time.monotonic() - started
     ms = np.array(latencies) * 1000
-    return {"rps": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "requests": len(latencies), "errors": len(errors)}
+    return {
+        "rps": len(latencies) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "requests": len(latencies),
+        "errors": len(errors),
+    }
 
 
 def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
@@ -98,7 +109,9 @@ def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
     predictor = Predictor.from_path(str(bundle))
     out = {}
     for batch in (1, 16):
-        predictor.predict({s: np.zeros((batch, s, s, 3), np.uint8) for s in predictor.sizes})  # traced, as served
+        predictor.predict(
+            {s: np.zeros((batch, s, s, 3), np.uint8) for s in predictor.sizes}
+        )  # traced, as served
         done, started, latencies = 0, time.perf_counter(), []
         while time.perf_counter() - started < seconds:
             t = time.perf_counter()
@@ -106,7 +119,10 @@ def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
             predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes})
             latencies.append(time.perf_counter() - t)
             done += batch
-        out[batch] = {"rps": done / (time.perf_counter() - started), "p50_ms": float(np.median(latencies) * 1000)}
+        out[batch] = {
+            "rps": done / (time.perf_counter() - started),
+            "p50_ms": float(np.median(latencies) * 1000),
+        }
     return out
 
 
@@ -135,7 +151,9 @@ def deploy(bundle: Path, name: str, **settings) -> None:
     from skinray.serve.app import build_app
 
     base = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256}
-    serve.run(build_app({"model": str(bundle), "serve": {**base, **settings}}), name=name, route_prefix=f"/{name}")
+    serve.run(
+        build_app({"model": str(bundle), "serve": {**base, **settings}}), name=name, route_prefix=f"/{name}"
+    )
 
 
 def replica_timeline(url: str, images: list[bytes], burst: float, idle: float) -> tuple[list, dict]:
@@ -166,10 +184,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--burst", type=float, default=60)
-    parser.add_argument("--idle", type=float, default=90, help="seconds watched after the burst (Serve's look-back "
-                        "window of 30 s and the downscale delay pass before a replica goes)")
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=90,
+        help="seconds watched after the burst (Serve's look-back "
+        "window of 30 s and the downscale delay pass before a replica goes)",
+    )
     parser.add_argument("--max-replicas", type=int, default=2)
-    parser.add_argument("--cpus", type=float, default=2.0, help="serve.cpus_per_replica of the measured model replicas")
+    parser.add_argument(
+        "--cpus", type=float, default=2.0, help="serve.cpus_per_replica of the measured model replicas"
+    )
     args = parser.parse_args()
 
     import ray
@@ -203,8 +228,18 @@ def main() -> None:
                 handles[m].append(handle_load(m, (args.size,), 32, args.seconds))
         for name in MODES:
             serve.delete(name)
-        deploy(bundle, "scale", cpus_per_replica=1.0, ingress_cpus=0.5, min_replicas=1, max_replicas=args.max_replicas,
-               target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=10, max_batch_size=16)
+        deploy(
+            bundle,
+            "scale",
+            cpus_per_replica=1.0,
+            ingress_cpus=0.5,
+            min_replicas=1,
+            max_replicas=args.max_replicas,
+            target_ongoing_requests=2,
+            upscale_delay_s=2,
+            downscale_delay_s=10,
+            max_batch_size=16,
+        )
         timeline, burst = replica_timeline(f"{url}/scale", images, args.burst, args.idle)
     serve.shutdown()
     ray.shutdown()
@@ -214,37 +249,70 @@ def main() -> None:
 def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burst: dict) -> None:
     best = {k: max(v, key=lambda r: r["rps"]) for k, v in runs.items()}
     spread = {k: (min(r["rps"] for r in v), max(r["rps"] for r in v)) for k, v in runs.items()}
-    print(f"\nthree backbones at {args.size} px, 23 classes, {os.cpu_count()} cores, {args.seconds:g} s a measurement, "
-          f"best of {args.repeats} interleaved (spread of requests/s)")
+    print(
+        f"\nthree backbones at {args.size} px, 23 classes, {os.cpu_count()} cores, {args.seconds:g} "
+        "s a measurement, "
+        f"best of {args.repeats} interleaved (spread of requests/s)"
+    )
     ceiling = baseline[16]["rps"] / baseline[1]["rps"]
-    print(f"in-process baseline (p): batch 1 {baseline[1]['rps']:.1f} img/s (p50 {baseline[1]['p50_ms']:.0f} ms), "
-          f"batch 16 {baseline[16]['rps']:.1f} img/s: batching's ceiling on this machine {ceiling:.2f}x")
-    print(f"{'mode':<14} {'conc':>4} {'req/s':>7} {'spread':>13} {'p50 ms':>8} {'p99 ms':>8} {'vs (p) b1':>9} {'errors':>6}")
+    print(
+        f"in-process baseline (p): batch 1 {baseline[1]['rps']:.1f} img/s (p50 "
+        f"{baseline[1]['p50_ms']:.0f} ms), "
+        f"batch 16 {baseline[16]['rps']:.1f} img/s: batching's ceiling on this machine {ceiling:.2f}x"
+    )
+    print(
+        f"{'mode':<14} {'conc':>4} {'req/s':>7} {'spread':>13} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'vs (p) b1':>9} {'errors':>6}"
+    )
     for (m, c), r in best.items():
         lo, hi = spread[m, c]
-        print(f"{ {'b': 'batched', 'u': 'unbatched', 'm': 'per member'}[m]:<14} {c:>4} {r['rps']:>7.1f} "
-              f"{f'{lo:.1f}-{hi:.1f}':>13} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} "
-              f"{r['rps'] / baseline[1]['rps']:>9.2f} {r['errors']:>6}")
+        print(
+            f"{ {'b': 'batched', 'u': 'unbatched', 'm': 'per member'}[m]:<14} {c:>4} {r['rps']:>7.1f} "
+            f"{f'{lo:.1f}-{hi:.1f}':>13} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} "
+            f"{r['rps'] / baseline[1]['rps']:>9.2f} {r['errors']:>6}"
+        )
     handle_ratio = max(handles["b"]) / max(handles["u"])
-    print(f"the model deployment alone (Serve handle, concurrency 32, no HTTP): batched {max(handles['b']):.1f} "
-          f"({min(handles['b']):.1f}-{max(handles['b']):.1f}), unbatched {max(handles['u']):.1f} "
-          f"({min(handles['u']):.1f}-{max(handles['u']):.1f}) req/s: {handle_ratio:.2f}x")
-    print(f"autoscaling: a burst at concurrency 32 for {args.burst:g} s ({burst['rps']:.1f} req/s, p99 "
-          f"{burst['p99_ms']:.0f} ms), then idle for {args.idle:g} s; model replicas (running+starting) every 2 s:")
+    print(
+        "the model deployment alone (Serve handle, concurrency 32, no HTTP): batched "
+        f"{max(handles['b']):.1f} "
+        f"({min(handles['b']):.1f}-{max(handles['b']):.1f}), unbatched {max(handles['u']):.1f} "
+        f"({min(handles['u']):.1f}-{max(handles['u']):.1f}) req/s: {handle_ratio:.2f}x"
+    )
+    print(
+        f"autoscaling: a burst at concurrency 32 for {args.burst:g} s ({burst['rps']:.1f} req/s, p99 "
+        f"{burst['p99_ms']:.0f} ms), then idle for {args.idle:g} s; model replicas "
+        "(running+starting) every 2 s:"
+    )
     print("  " + " ".join(f"{t}s:{n}" for t, n in timeline))
     ratio = best["b", 32]["rps"] / best["u", 32]["rps"]
     tail = best["b", 8]["p99_ms"] / best["b", 8]["p50_ms"]
-    print(f"batched_vs_unbatched_rps (c32) = {ratio:.2f} (target >= 2); p99_over_p50 (batched, c8) = {tail:.2f} "
-          "(target <= 3)")
-    print(json.dumps({"benchmark": "serve", "size": args.size, "cores": os.cpu_count(), "seconds": args.seconds,
-                      "repeats": args.repeats, "cpus_per_replica": args.cpus,
-                      "in_process": baseline, "in_process_batch_gain": round(ceiling, 2),
-                      "served": {f"{m}_c{c}": r for (m, c), r in best.items()},
-                      "spread_rps": {f"{m}_c{c}": v for (m, c), v in spread.items()},
-                      "handle_c32_rps": {m: max(v) for m, v in handles.items()},
-                      "handle_batched_vs_unbatched_rps": round(handle_ratio, 2),
-                      "replica_timeline": [[t, n] for t, n in timeline], "burst": burst,
-                      "batched_vs_unbatched_rps": round(ratio, 2), "p99_over_p50": round(tail, 2)}))
+    print(
+        f"batched_vs_unbatched_rps (c32) = {ratio:.2f} (target >= 2); p99_over_p50 (batched, c8) = "
+        f"{tail:.2f} "
+        "(target <= 3)"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve",
+                "size": args.size,
+                "cores": os.cpu_count(),
+                "seconds": args.seconds,
+                "repeats": args.repeats,
+                "cpus_per_replica": args.cpus,
+                "in_process": baseline,
+                "in_process_batch_gain": round(ceiling, 2),
+                "served": {f"{m}_c{c}": r for (m, c), r in best.items()},
+                "spread_rps": {f"{m}_c{c}": v for (m, c), v in spread.items()},
+                "handle_c32_rps": {m: max(v) for m, v in handles.items()},
+                "handle_batched_vs_unbatched_rps": round(handle_ratio, 2),
+                "replica_timeline": [[t, n] for t, n in timeline],
+                "burst": burst,
+                "batched_vs_unbatched_rps": round(ratio, 2),
+                "p99_over_p50": round(tail, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@
     workers (training images/s of the epochs after the first, which includes tracing).
 
 All on this machine in one run; (1) and (2) are the best of `--repeats` (3) interleaved
-measurements, with the spread. Prints a table and one JSON line. Runtime on 2 cores with the defaults: about eight
-minutes. On a GPU machine, e.g. `--backbone resnet50 --size 224 --batch 128
+measurements, with the spread. Prints a table and one JSON line. Runtime on 2 cores with the
+defaults: about eight minutes. On a GPU machine, e.g. `--backbone resnet50 --size 224 --batch 128
 --gpus-per-worker 1`.
 """
 
@@ -35,9 +35,14 @@ NUM_CLASSES = 8
 
 def _batches(size: int, batch: int, count: int = 4):
     rng = np.random.default_rng(0)
-    return [(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-             rng.integers(0, NUM_CLASSES, batch).astype(np.int32), np.ones(batch, np.float32))
-            for _ in range(count)]
+    return [
+        (
+            rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+            np.ones(batch, np.float32),
+        )
+        for _ in range(count)
+    ]
 
 
 def cpu_seconds() -> Counter:
@@ -52,11 +57,12 @@ def cpu_seconds() -> Counter:
 
     def read(folder: str) -> tuple[str, float]:
         text = Path(folder, "stat").read_text()
-        comm, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        comm, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
         return comm, (int(fields[11]) + int(fields[12])) / tick  # utime + stime
 
-    for entry, prefix in [(f"/proc/{me}/task/{t}", "step process: ") for t in os.listdir(f"/proc/{me}/task")] + \
-            [(f"/proc/{p}", "other process: ") for p in os.listdir("/proc") if p.isdigit() and int(p) != me]:
+    for entry, prefix in [
+        (f"/proc/{me}/task/{t}", "step process: ") for t in os.listdir(f"/proc/{me}/task")
+    ] + [(f"/proc/{p}", "other process: ") for p in os.listdir("/proc") if p.isdigit() and int(p) != me]:
         try:
             comm, seconds = read(entry)
         except (OSError, ValueError, IndexError):
@@ -79,8 +85,13 @@ def measure_step(backbone: str, size: int, batch: int, steps: int) -> dict:
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = build_classifier(get_backbone(backbone), NUM_CLASSES, Config(model=ModelConfig(backbone=backbone, weights="none")).model,
-                                 size, None)
+        model = build_classifier(
+            get_backbone(backbone),
+            NUM_CLASSES,
+            Config(model=ModelConfig(backbone=backbone, weights="none")).model,
+            size,
+            None,
+        )
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
     step = make_train_step(strategy, model, optimizer, [1.0] * NUM_CLASSES, 0.1, global_batch=batch)
@@ -94,8 +105,10 @@ def measure_step(backbone: str, size: int, batch: int, steps: int) -> dict:
     elapsed, after = time.perf_counter() - start, cpu_seconds()
     per_1000 = 1000 / (steps * batch)
     cpu = {k: round((after[k] - before.get(k, 0.0)) * per_1000, 3) for k in after}
-    return {"rate": steps * batch / elapsed, "cpu": {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
-                                                      if v >= 0.01}}
+    return {
+        "rate": steps * batch / elapsed,
+        "cpu": {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.01},
+    }
 
 
 def _plain(args, queue, tf_config):
@@ -117,7 +130,9 @@ def plain_rate(args, multi_worker: bool = False) -> dict:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        tf_config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}})
+        tf_config = json.dumps(
+            {"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}}
+        )
     queue = multiprocessing.get_context("spawn").Queue()
     process = multiprocessing.get_context("spawn").Process(target=_plain, args=(args, queue, tf_config))
     process.start()
@@ -147,13 +162,24 @@ def ray_rate(args) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "rate.json"
-        config = {"backbone": args.backbone, "size": args.size, "batch": args.batch, "steps": args.steps,
-                  "result": str(result)}
+        config = {
+            "backbone": args.backbone,
+            "size": args.size,
+            "batch": args.batch,
+            "steps": args.steps,
+            "result": str(result),
+        }
         TensorflowTrainer(
-            _ray_worker, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=args.gpus_per_worker > 0,
-                                         resources_per_worker={"CPU": 1, **({"GPU": args.gpus_per_worker}
-                                                                           if args.gpus_per_worker else {})}),
+            _ray_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(
+                num_workers=1,
+                use_gpu=args.gpus_per_worker > 0,
+                resources_per_worker={
+                    "CPU": 1,
+                    **({"GPU": args.gpus_per_worker} if args.gpus_per_worker else {}),
+                },
+            ),
             run_config=RunConfig(storage_path=folder, name="bench"),
         ).fit()
         return json.loads(result.read_text())
@@ -163,11 +189,18 @@ def end_to_end_rate(args, workers: int, archive: Path, out: Path) -> float:
     from skinray.config import load_config
     from skinray.train.trainer import train
 
-    cfg = load_config(overrides=[
-        f"data.archive={archive}", f"model.backbone={args.backbone}", "model.weights=none",
-        f"model.image_size={args.size}", f"train.workers={workers}", f"train.batch_size={args.batch // workers}",
-        "train.epochs=3", f"train.gpus_per_worker={args.gpus_per_worker}",  # the scratch recipe: every layer trains
-    ])
+    cfg = load_config(
+        overrides=[
+            f"data.archive={archive}",
+            f"model.backbone={args.backbone}",
+            "model.weights=none",
+            f"model.image_size={args.size}",
+            f"train.workers={workers}",
+            f"train.batch_size={args.batch // workers}",
+            "train.epochs=3",
+            f"train.gpus_per_worker={args.gpus_per_worker}",  # the scratch recipe: every layer trains
+        ]
+    )
     result = train(cfg, str(out), name=f"e2e-{workers}")
     later = [h["images_per_second"] for h in result.history[1:]]
     return float(np.mean(later))
@@ -181,7 +214,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--gpus-per-worker", type=float, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved measurements of (1) and (2)")
-    parser.add_argument("--per-class", type=int, default=60, help="images per class of the e2e archive (8 classes)")
+    parser.add_argument(
+        "--per-class", type=int, default=60, help="images per class of the e2e archive (8 classes)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -206,29 +241,53 @@ def main() -> None:
         write_sample(archive, per_class=args.per_class, classes=NUM_CLASSES, seed=0)
         e2e = {w: end_to_end_rate(args, w, archive, Path(folder) / "runs") for w in (1, 2)}
 
-    print(f"\n{args.backbone} at {args.size} px, global batch {args.batch}, {os.cpu_count()} cores"
-          f"{'' if args.gpus_per_worker else ', CPU only'}")
-    print(f"{'plain step':>12} {'plain, TF_CONFIG':>17} {'Ray task':>9} {'Ray Train':>10} {'ratio':>6} "
-          f"{'ratio vs TF_CONFIG':>19} {'e2e 1 worker':>13} {'e2e 2 workers':>14}   images/s (best of {args.repeats})")
-    print(f"{plain:>12.0f} {multi:>17.0f} {in_task:>9.0f} {in_ray:>10.0f} {in_ray / plain:>6.2f} {in_ray / multi:>19.2f} "
-          f"{e2e[1]:>13.0f} {e2e[2]:>14.0f}")
+    print(
+        f"\n{args.backbone} at {args.size} px, global batch {args.batch}, {os.cpu_count()} cores"
+        f"{'' if args.gpus_per_worker else ', CPU only'}"
+    )
+    print(
+        f"{'plain step':>12} {'plain, TF_CONFIG':>17} {'Ray task':>9} {'Ray Train':>10} {'ratio':>6} "
+        f"{'ratio vs TF_CONFIG':>19} {'e2e 1 worker':>13} {'e2e 2 workers':>14}   images/s (best of "
+        f"{args.repeats})"
+    )
+    print(
+        f"{plain:>12.0f} {multi:>17.0f} {in_task:>9.0f} {in_ray:>10.0f} {in_ray / plain:>6.2f} "
+        f"{in_ray / multi:>19.2f} "
+        f"{e2e[1]:>13.0f} {e2e[2]:>14.0f}"
+    )
     rates = {k: [r["rate"] for r in v] for k, v in runs.items()}
     print("spread (min-max): " + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in rates.items()))
     print_cpu_account(best)
-    print(json.dumps({"benchmark": "train", "backbone": args.backbone, "size": args.size, "batch": args.batch,
-                      "cores": os.cpu_count(), "plain": round(plain, 1), "plain_multi_worker": round(multi, 1),
-                      "ray_task": round(in_task, 1), "ray": round(in_ray, 1), "runs": rates,
-                      "cpu_seconds_per_1000_images": {k: v["cpu"] for k, v in best.items()},
-                      "ray_vs_plain": round(in_ray / plain, 3), "ray_vs_plain_multi_worker": round(in_ray / multi, 3),
-                      "e2e_1_worker": round(e2e[1], 1),
-                      "e2e_2_workers": round(e2e[2], 1)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train",
+                "backbone": args.backbone,
+                "size": args.size,
+                "batch": args.batch,
+                "cores": os.cpu_count(),
+                "plain": round(plain, 1),
+                "plain_multi_worker": round(multi, 1),
+                "ray_task": round(in_task, 1),
+                "ray": round(in_ray, 1),
+                "runs": rates,
+                "cpu_seconds_per_1000_images": {k: v["cpu"] for k, v in best.items()},
+                "ray_vs_plain": round(in_ray / plain, 3),
+                "ray_vs_plain_multi_worker": round(in_ray / multi, 3),
+                "e2e_1_worker": round(e2e[1], 1),
+                "e2e_2_workers": round(e2e[2], 1),
+            }
+        )
+    )
 
 
 def print_cpu_account(best: dict) -> None:
     """CPU seconds per 1,000 images, by thread group and process, in each side's best run."""
-    names = sorted({k for r in best.values() for k in r["cpu"]},
-                   key=lambda k: -max(r["cpu"].get(k, 0) for r in best.values()))
-    print(f"\nCPU seconds per 1,000 images while the step ran (best run of each side)")
+    names = sorted(
+        {k for r in best.values() for k in r["cpu"]},
+        key=lambda k: -max(r["cpu"].get(k, 0) for r in best.values()),
+    )
+    print("\nCPU seconds per 1,000 images while the step ran (best run of each side)")
     print(f"{'where':<44}" + "".join(f"{k:>19}" for k in best))
     for name in names[:14]:
         print(f"{name[:44]:<44}" + "".join(f"{r['cpu'].get(name, 0):>19.3f}" for r in best.values()))

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 EXTRA = []
 
 
@@ -34,15 +33,30 @@ def timed_search(args, archive: Path, out: Path, name: str, mode: str, trials: i
     from skinray.config import load_config
     from skinray.tune.search import tune_head
 
-    cfg = load_config(overrides=[
-        f"data.archive={archive}", f"model.backbone={args.backbone}", "model.weights=none",
-        f"model.image_size={args.size}", f"tune.mode={mode}", f"tune.trials={trials}",
-        f"tune.max_epochs={args.epochs}", "tune.grace_period=2", *EXTRA, "train.workers=1", "score.max_actors=1",
-        *(["tune.max_concurrent=1"] if mode == "full" else [])])
+    cfg = load_config(
+        overrides=[
+            f"data.archive={archive}",
+            f"model.backbone={args.backbone}",
+            "model.weights=none",
+            f"model.image_size={args.size}",
+            f"tune.mode={mode}",
+            f"tune.trials={trials}",
+            f"tune.max_epochs={args.epochs}",
+            "tune.grace_period=2",
+            *EXTRA,
+            "train.workers=1",
+            "score.max_actors=1",
+            *(["tune.max_concurrent=1"] if mode == "full" else []),
+        ]
+    )
     started = time.perf_counter()
     summary = tune_head(cfg, str(out), name)
-    return {"seconds": time.perf_counter() - started, "trials": summary["trials"],
-            "stopped_early": summary["stopped_early"], "best": summary["best"][cfg.tune.metric]}
+    return {
+        "seconds": time.perf_counter() - started,
+        "trials": summary["trials"],
+        "stopped_early": summary["stopped_early"],
+        "best": summary["best"][cfg.tune.metric],
+    }
 
 
 def embedding_seconds(out: Path, name: str) -> float:
@@ -74,18 +88,40 @@ def main() -> None:
         full = timed_search(args, archive, out, "full", "full", args.full_trials)
     cached_trial = (cached["seconds"] - embed) / cached["trials"] + embed / 16
     full_trial = full["seconds"] / full["trials"]
-    print(f"\n{args.backbone} at {args.size} px, 6 classes x {args.per_class} photos, {args.epochs} epochs a trial, "
-          f"ASHA, {os.cpu_count()} cores")
+    print(
+        f"\n{args.backbone} at {args.size} px, 6 classes x {args.per_class} photos, {args.epochs} "
+        "epochs a trial, "
+        f"ASHA, {os.cpu_count()} cores"
+    )
     print(f"{'mode':<8} {'trials':>6} {'stopped early':>14} {'search s':>9} {'s / trial':>10} {'best f1':>8}")
-    print(f"{'cached':<8} {cached['trials']:>6} {cached['stopped_early']:>14} {cached['seconds']:>9.0f} "
-          f"{cached_trial:>10.1f} {cached['best']:>8.3f}   (embedding job {embed:.0f} s, /16 = {embed / 16:.1f} s)")
-    print(f"{'full':<8} {full['trials']:>6} {full['stopped_early']:>14} {full['seconds']:>9.0f} "
-          f"{full_trial:>10.1f} {full['best']:>8.3f}")
+    print(
+        f"{'cached':<8} {cached['trials']:>6} {cached['stopped_early']:>14} {cached['seconds']:>9.0f} "
+        f"{cached_trial:>10.1f} {cached['best']:>8.3f}   (embedding job {embed:.0f} s, /16 = "
+        f"{embed / 16:.1f} s)"
+    )
+    print(
+        f"{'full':<8} {full['trials']:>6} {full['stopped_early']:>14} {full['seconds']:>9.0f} "
+        f"{full_trial:>10.1f} {full['best']:>8.3f}"
+    )
     print(f"cached_vs_full = {full_trial / cached_trial:.1f} (target >= 10)")
-    print(json.dumps({"benchmark": "tune", "backbone": args.backbone, "size": args.size, "per_class": args.per_class, "epochs": args.epochs,
-                      "cores": os.cpu_count(), "cached": cached, "full": full, "embedding_seconds": round(embed, 1),
-                      "cached_seconds_per_trial": round(cached_trial, 2), "full_seconds_per_trial": round(full_trial, 2),
-                      "cached_vs_full": round(full_trial / cached_trial, 2)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "tune",
+                "backbone": args.backbone,
+                "size": args.size,
+                "per_class": args.per_class,
+                "epochs": args.epochs,
+                "cores": os.cpu_count(),
+                "cached": cached,
+                "full": full,
+                "embedding_seconds": round(embed, 1),
+                "cached_seconds_per_trial": round(cached_trial, 2),
+                "full_seconds_per_trial": round(full_trial, 2),
+                "cached_vs_full": round(full_trial / cached_trial, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

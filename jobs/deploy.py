@@ -3,7 +3,8 @@
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/deploy.py --model s3://BUCKET/skinray/v1/bundle --host 0.0.0.0 \
-            --set serve.gpus_per_replica=1 --set serve.max_replicas=4 --set serve.api_keys_file=/run/secrets/skinray-keys
+            --set serve.gpus_per_replica=1 --set serve.max_replicas=4 \
+            --set serve.api_keys_file=/run/secrets/skinray-keys
 
 Takes every option of `skinray serve` (README, "Online scoring"). The application outlives the job
 (Serve keeps it); resubmitting updates it in place (Serve rolls replicas only when a setting

@@ -9,7 +9,8 @@ members (configs/resnet50.yaml, inception_v3.yaml, efficientnetv2s.yaml; --membe
 calibrates them into one bundle and evaluates it beside its members on the test split. Resubmitting
 the same command continues: finished stages are skipped, a cut-off search or run resumes.
 Expected runtime on 4 x A10G + 2 x 32-core CPU nodes, DermNet: about an hour (estimated from the
-per-core ingest rate measured here and ~150,000 training images per member; not measured on GPUs). Outputs under --out: check.json, tune/MEMBER/best_config.yaml, runs/MEMBER/ (checkpoints,
+per-core ingest rate measured here and ~150,000 training images per member; not measured on GPUs).
+Outputs under --out: check.json, tune/MEMBER/best_config.yaml, runs/MEMBER/ (checkpoints,
 TensorBoard), bundle/ (serve it with jobs/deploy.py), evaluation/report.md.
 """
 

@@ -49,7 +49,9 @@ def read_verified(folder: Path, manifest: dict, name: str) -> bytes:
     exactly what matches the manifest, even if the file changed after `verify` (no check-then-reopen gap)."""
     data = (folder / name).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
-        raise BundleError(f"bundle at '{folder}': {name} changed after the bundle was verified; refusing to load it")
+        raise BundleError(
+            f"bundle at '{folder}': {name} changed after the bundle was verified; refusing to load it"
+        )
     return data
 
 
@@ -61,8 +63,10 @@ def check_version(manifest: dict, expected: str, source: str) -> None:
     if len(expected) < 12:
         raise UserError(f"an expected bundle version needs at least 12 characters (got {expected!r})")
     if not manifest["version"].startswith(expected.lower()):
-        raise BundleError(f"'{source}' is bundle version {manifest['version'][:16]}, not the expected "
-                          f"{expected[:16]}: refusing it (another bundle was written there, or the wrong path)")
+        raise BundleError(
+            f"'{source}' is bundle version {manifest['version'][:16]}, not the expected "
+            f"{expected[:16]}: refusing it (another bundle was written there, or the wrong path)"
+        )
 
 
 def manifest_version(manifest: dict) -> str:
@@ -86,21 +90,31 @@ def verify(folder: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise BundleError(f"bundle at '{folder}' has no readable {MANIFEST}: {exc}") from None
     if manifest.get("format") != FORMAT:
-        raise BundleError(f"bundle format {manifest.get('format')!r} is not one this skinray reads ({FORMAT})")
+        raise BundleError(
+            f"bundle format {manifest.get('format')!r} is not one this skinray reads ({FORMAT})"
+        )
     expected, found = manifest.get("files", {}), file_digests(folder)
     problems = [f"missing file {name}" for name in sorted(expected.keys() - found.keys())]
     problems += [f"unexpected file {name}" for name in sorted(found.keys() - expected.keys())]
-    problems += [f"changed file {name}" for name in sorted(expected.keys() & found.keys())
-                 if expected[name] != found[name]]
+    problems += [
+        f"changed file {name}"
+        for name in sorted(expected.keys() & found.keys())
+        if expected[name] != found[name]
+    ]
     if not problems and manifest_version(manifest) != manifest.get("version"):
         problems.append(f"{MANIFEST} was edited after the bundle was sealed")
     # A version is a hash, not a signature: anyone can reseal an edited manifest. What it may never
     # do is point a member outside the files it lists (and so outside the bundle).
-    problems += [f"member {entry.get('name')!r}: {what} {entry.get(what)!r} is not one of the bundle's files"
-                 for entry in manifest.get("members", []) for what in ("file", "config")
-                 if entry.get(what) not in expected]
+    problems += [
+        f"member {entry.get('name')!r}: {what} {entry.get(what)!r} is not one of the bundle's files"
+        for entry in manifest.get("members", [])
+        for what in ("file", "config")
+        if entry.get(what) not in expected
+    ]
     if problems:
-        raise BundleError(f"bundle at '{folder}' fails verification, refusing to load it: " + "; ".join(problems))
+        raise BundleError(
+            f"bundle at '{folder}' fails verification, refusing to load it: " + "; ".join(problems)
+        )
     return manifest
 
 
@@ -116,19 +130,32 @@ def built_before(out: str, sources: list[str], archive: str) -> dict | None:
     manifest = read_marker(join_uri(out, MANIFEST))  # written last and whole: unreadable = never finished
     shown = redact(join_uri(out, "")[:-1])
     if manifest is None and all(path.startswith("members/") for path in list_files(out)[3]):
-        print(f"[skinray] {shown} holds a bundle whose writing was cut short (no {MANIFEST}): writing it anew",
-              flush=True)
+        print(
+            f"[skinray] {shown} holds a bundle whose writing was cut short (no {MANIFEST}): writing it anew",
+            flush=True,
+        )
         clear_dir(out)
         return None
-    if manifest and [m["source"] for m in manifest["members"]] == [redact(s) for s in sources] \
-            and manifest["validation"]["archive"] == redact(archive):
+    if (
+        manifest
+        and [m["source"] for m in manifest["members"]] == [redact(s) for s in sources]
+        and manifest["validation"]["archive"] == redact(archive)
+    ):
         return manifest
-    what = "a bundle of other members or data" if manifest else f"not a bundle (no {MANIFEST}) and holds other files"
-    raise BundleError(f"'{shown}' already exists and is {what}: give the new bundle another --out "
-                      "(bundles are never overwritten)")
+    what = (
+        "a bundle of other members or data"
+        if manifest
+        else f"not a bundle (no {MANIFEST}) and holds other files"
+    )
+    raise BundleError(
+        f"'{shown}' already exists and is {what}: give the new bundle another --out "
+        "(bundles are never overwritten)"
+    )
 
 
-def write_bundle(out: str, members: list[dict], model_files: list[Path], configs: list, manifest: dict) -> dict:
+def write_bundle(
+    out: str, members: list[dict], model_files: list[Path], configs: list, manifest: dict
+) -> dict:
     """Writes a bundle to `out` (a folder or any pyarrow.fs URI) and returns its sealed manifest.
 
     Args:
@@ -151,8 +178,13 @@ def write_bundle(out: str, members: list[dict], model_files: list[Path], configs
             member_dir.mkdir(parents=True)
             shutil.copyfile(model_file, member_dir / "model.keras")
             save_config(config, member_dir)
-            entries.append({**entry, "file": f"members/{entry['name']}/model.keras",
-                            "config": f"members/{entry['name']}/config.yaml"})
+            entries.append(
+                {
+                    **entry,
+                    "file": f"members/{entry['name']}/model.keras",
+                    "config": f"members/{entry['name']}/config.yaml",
+                }
+            )
         sealed = seal(folder, {**manifest, "members": entries})
         # The manifest last: a write cut short leaves no bundle.json, so nothing loads it as a bundle.
         upload_folder(folder, out, last=(MANIFEST,))

@@ -20,13 +20,25 @@ from pathlib import Path
 from skinray import UserError, __version__
 
 # Each command's flags of its own: flag -> the config key it sets.
-MODEL_FLAGS = {"--backbone": "model.backbone", "--data": "data.archive", "--image-size": "model.image_size",
-               "--weights": "model.weights"}
+MODEL_FLAGS = {
+    "--backbone": "model.backbone",
+    "--data": "data.archive",
+    "--image-size": "model.image_size",
+    "--weights": "model.weights",
+}
 COMMAND_FLAGS = {
-    "train": {**MODEL_FLAGS, "--workers": "train.workers", "--gpus-per-worker": "train.gpus_per_worker",
-              "--epochs": "train.epochs"},
-    "tune": {**MODEL_FLAGS, "--trials": "tune.trials", "--max-concurrent": "tune.max_concurrent",
-             "--mode": "tune.mode"},
+    "train": {
+        **MODEL_FLAGS,
+        "--workers": "train.workers",
+        "--gpus-per-worker": "train.gpus_per_worker",
+        "--epochs": "train.epochs",
+    },
+    "tune": {
+        **MODEL_FLAGS,
+        "--trials": "tune.trials",
+        "--max-concurrent": "tune.max_concurrent",
+        "--mode": "tune.mode",
+    },
     "ensemble": {"--coverage": "ensemble.coverage"},
     "score": {"--top-k": "score.top_k", "--expect-version": "score.expect_version"},
     "evaluate": {"--batch-size": "score.batch_size", "--expect-version": "score.expect_version"},
@@ -43,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, tune and serve skin-disease image classifiers at cluster scale on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"skinray {__version__}")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's and TensorFlow's own INFO logs too (or set SKINRAY_VERBOSE=1)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and TensorFlow's own INFO logs too (or set SKINRAY_VERBOSE=1)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = commands.add_parser("data", help="fetch, generate and check image archives")
@@ -52,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data_commands.add_parser("fetch", help="download DermNet from Kaggle and extract it")
     fetch.add_argument("--dest", required=True, help="folder to extract train/ and test/ into")
     fetch.add_argument("--zip", help="extract this already-downloaded DermNet zip instead of downloading")
-    fetch.add_argument("--not-dermnet", action="store_true",
-                       help="with --zip: another archive in DermNet's layout (train/ and test/ of class folders); "
-                            "checks the layout, not DermNet's 23 classes and image counts")
+    fetch.add_argument(
+        "--not-dermnet",
+        action="store_true",
+        help="with --zip: another archive in DermNet's layout (train/ and test/ of class folders); "
+        "checks the layout, not DermNet's 23 classes and image counts",
+    )
     sample = data_commands.add_parser("sample", help="write the generated sample archive")
     sample.add_argument("--dest", required=True)
     sample.add_argument("--per-class", type=int, default=40, help="training images per class (default 40)")
@@ -74,58 +92,97 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="search name (default tune-BACKBONE); the same name continues a search")
 
     ensemble = _command(commands, "ensemble", "calibrate members and write one versioned bundle")
-    ensemble.add_argument("--members", nargs="+", required=True, metavar="RUN_OR_CHECKPOINT",
-                          help="training run directories or checkpoints (same classes, same validation split)")
+    ensemble.add_argument(
+        "--members",
+        nargs="+",
+        required=True,
+        metavar="RUN_OR_CHECKPOINT",
+        help="training run directories or checkpoints (same classes, same validation split)",
+    )
     ensemble.add_argument("--data", required=True, help="the archive the members were trained on")
     ensemble.add_argument("--out", required=True, help="new bundle folder or URI (never overwritten)")
 
     score = _command(commands, "score", "bulk-score a folder or manifest of images to Parquet on Ray Data")
     score.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
-    score.add_argument("--input", required=True,
-                       help="folder tree of images (local or URI), or a .parquet/.csv manifest with a 'path' column")
+    score.add_argument(
+        "--input",
+        required=True,
+        help="folder tree of images (local or URI), or a .parquet/.csv manifest with a 'path' column",
+    )
     score.add_argument("--output", required=True, help="folder or URI; rerun with the same one to resume")
 
     serve = _command(commands, "serve", "the online endpoint (Ray Serve) in the foreground until interrupted")
     serve.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
-    serve.add_argument("--detach", action="store_true",
-                       help="deploy onto the running cluster (RAY_ADDRESS) and return, leaving the endpoint up")
-    serve.add_argument("--print-config", action="store_true",
-                       help="print the Serve config file that deploys the same application, and exit")
+    serve.add_argument(
+        "--detach",
+        action="store_true",
+        help="deploy onto the running cluster (RAY_ADDRESS) and return, leaving the endpoint up",
+    )
+    serve.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the Serve config file that deploys the same application, and exit",
+    )
 
     explain = _command(commands, "explain", "Grad-CAM explanations of images as PNG files, without a server")
     explain.add_argument("--model", required=True, help="bundle, run directory, checkpoint or .keras file")
-    explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
-                         help="image files, or folders searched for them")
-    explain.add_argument("--out", required=True, help="folder for the PNG files (one per image, named after it)")
-    explain.add_argument("--overwrite", action="store_true", help="replace PNGs already in --out (refused otherwise)")
+    explain.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for them"
+    )
+    explain.add_argument(
+        "--out", required=True, help="folder for the PNG files (one per image, named after it)"
+    )
+    explain.add_argument(
+        "--overwrite", action="store_true", help="replace PNGs already in --out (refused otherwise)"
+    )
 
     evaluate = _command(commands, "evaluate", "per-class report of a bundle or trained model")
     evaluate.add_argument("--model", required=True, help="bundle, run directory, checkpoint, or .keras file")
     evaluate.add_argument("--data", required=True, help="archive folder or URI")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--out", required=True, help="folder for report.json, report.md and the confusion matrix")
+    evaluate.add_argument(
+        "--out", required=True, help="folder for report.json, report.md and the confusion matrix"
+    )
 
-    pipeline = commands.add_parser("pipeline", help="archive to evaluated bundle: check, tune and train each member, "
-                                                    "ensemble, evaluate (resumable)")
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="archive to evaluated bundle: check, tune and train each member, ensemble, evaluate (resumable)",
+    )
     _config_flags(pipeline, "pipeline", with_files=False)
     pipeline.add_argument("--data", required=True, help="archive folder or URI")
-    pipeline.add_argument("--out", required=True,
-                          help="storage folder or URI for every stage's output; the same one continues a stopped run")
-    pipeline.add_argument("--members", nargs="+", metavar="CONFIG",
-                          help="one config file per member (default: configs/resnet50.yaml, inception_v3.yaml, "
-                               "efficientnetv2s.yaml)")
+    pipeline.add_argument(
+        "--out",
+        required=True,
+        help="storage folder or URI for every stage's output; the same one continues a stopped run",
+    )
+    pipeline.add_argument(
+        "--members",
+        nargs="+",
+        metavar="CONFIG",
+        help="one config file per member (default: configs/resnet50.yaml, inception_v3.yaml, "
+        "efficientnetv2s.yaml)",
+    )
     pipeline.add_argument("--config", help="YAML settings for every member, under each member's own file")
-    pipeline.add_argument("--no-tune", action="store_true", help="train with the member configs' heads as they are")
+    pipeline.add_argument(
+        "--no-tune", action="store_true", help="train with the member configs' heads as they are"
+    )
     pipeline.add_argument("--gpu", action="store_true", help="one GPU per Train worker and per model actor")
-    pipeline.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config value of every member, e.g. --set train.workers=8 (repeatable)")
+    pipeline.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value of every member, e.g. --set train.workers=8 (repeatable)",
+    )
 
     demo = commands.add_parser("demo", help="the end-to-end demo on a generated sample archive")
     demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--quick", action="store_true", help="tiny members instead of the three real backbones")
     demo.add_argument("--port", type=int, default=8000, help="the endpoint's port (default 8000)")
-    demo.add_argument("--exit", action="store_true", help="end after the last stage instead of serving until Ctrl-C")
+    demo.add_argument(
+        "--exit", action="store_true", help="end after the last stage instead of serving until Ctrl-C"
+    )
     return parser
 
 
@@ -142,13 +199,24 @@ def _config_flags(parser: argparse.ArgumentParser, command: str, with_files: boo
     choices = {"tune.mode": TUNE_MODES}  # the keys with a flag whose values are a closed set
     if with_files:
         parser.add_argument("--config", help="YAML config file (see configs/)")
-        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a config value, e.g. --set train.batch_size=64 (repeatable)")
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.batch_size=64 (repeatable)",
+        )
     for flag, key in COMMAND_FLAGS[command].items():
         info = describe_key(key)
-        parser.add_argument(flag, dest=key, type=info.type, choices=choices.get(key), default=None,
-                            metavar=None if key in choices else key.split(".")[1].upper(),
-                            help=f"{info.help.rstrip('.')} [{key}; default {info.default!r}]".replace("%", "%%"))
+        parser.add_argument(
+            flag,
+            dest=key,
+            type=info.type,
+            choices=choices.get(key),
+            default=None,
+            metavar=None if key in choices else key.split(".")[1].upper(),
+            help=f"{info.help.rstrip('.')} [{key}; default {info.default!r}]".replace("%", "%%"),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +261,10 @@ def _train(args) -> int:
     result = train(cfg, args.out, args.name or "")
     best = result.best_metrics
     print(f"run directory: {result.run_dir}")
-    print(f"best checkpoint: {result.best_checkpoint} (epoch {best.get('epoch')}, "
-          f"{cfg.train.monitor} {best.get(cfg.train.monitor, float('nan')):.4f})")
+    print(
+        f"best checkpoint: {result.best_checkpoint} (epoch {best.get('epoch')}, "
+        f"{cfg.train.monitor} {best.get(cfg.train.monitor, float('nan')):.4f})"
+    )
     return 0
 
 
@@ -206,10 +276,14 @@ def _tune(args) -> int:
     summary = tune_head(cfg, args.out, args.name or "")
     best, t = summary["best"], cfg.tune
     searched = ", ".join(f"{k} {format_value(best[k])}" for k in SEARCHED)
-    print(f"\nbest of {summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA): "
-          f"{t.metric} {best[t.metric]:.4f} at epoch {best['best_epoch']}: {searched}")
+    print(
+        f"\nbest of {summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA): "
+        f"{t.metric} {best[t.metric]:.4f} at epoch {best['best_epoch']}: {searched}"
+    )
     print(f"trial table: {join_uri(summary['run_dir'], 'trials.md')}")
-    print(f"train with it: skinray train --config {summary['best_config']} --data {cfg.data.archive} --out runs")
+    print(
+        f"train with it: skinray train --config {summary['best_config']} --data {cfg.data.archive} --out runs"
+    )
     return 0
 
 
@@ -259,14 +333,18 @@ def _pipeline(args) -> int:
     settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set]
     configs = member_configs(args.data, members, settings, args.config)  # bad settings fail here, before Ray
     connect(reserved_cpus=max(reserved_cpus(cfg, "pipeline") for cfg in configs))
-    report = run_pipeline(args.data, args.out, members, settings, tune=not args.no_tune, base_config=args.config)
+    report = run_pipeline(
+        args.data, args.out, members, settings, tune=not args.no_tune, base_config=args.config
+    )
     return 0 if report["num_images"] else 1
 
 
 def _demo(args) -> int:
     from skinray.demo import run_demo
 
-    return run_demo(args.out, workers=args.workers, quick=args.quick, port=args.port, exit_when_done=args.exit)
+    return run_demo(
+        args.out, workers=args.workers, quick=args.quick, port=args.port, exit_when_done=args.exit
+    )
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -276,13 +354,19 @@ def _data(args: argparse.Namespace) -> int:
         if args.not_dermnet and not args.zip:
             raise UserError("--not-dermnet goes with --zip FILE (a download from Kaggle is always DermNet)")
         if args.zip:
-            result = extract(args.zip, args.dest, verify_dermnet=not args.not_dermnet,
-                             dataset=Path(args.zip).name if args.not_dermnet else DATASET)
+            result = extract(
+                args.zip,
+                args.dest,
+                verify_dermnet=not args.not_dermnet,
+                dataset=Path(args.zip).name if args.not_dermnet else DATASET,
+            )
         else:
             result = fetch(args.dest)
         state = "already present" if result.pop("already_present") else "extracted"
-        print(f"{result['dataset']} {state} in {args.dest}: {result['counts']} images, "
-              f"{len(result['classes'])} classes")
+        print(
+            f"{result['dataset']} {state} in {args.dest}: {result['counts']} images, "
+            f"{len(result['classes'])} classes"
+        )
         return 0
     if args.data_command == "sample":
         from skinray.data.sample import write_sample
@@ -298,8 +382,18 @@ def _data(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
-COMMANDS = {"data": _data, "train": _train, "tune": _tune, "ensemble": _ensemble, "score": _score,
-            "evaluate": _evaluate, "serve": _serve, "explain": _explain, "pipeline": _pipeline, "demo": _demo}
+COMMANDS = {
+    "data": _data,
+    "train": _train,
+    "tune": _tune,
+    "ensemble": _ensemble,
+    "score": _score,
+    "evaluate": _evaluate,
+    "serve": _serve,
+    "explain": _explain,
+    "pipeline": _pipeline,
+    "demo": _demo,
+}
 
 
 if __name__ == "__main__":

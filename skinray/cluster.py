@@ -58,7 +58,9 @@ def connect(reserved_cpus: float = 0.0) -> bool:
         announce_log_folder()
     total = ray.cluster_resources().get("CPU", 0)
     if reserved_cpus and total - reserved_cpus < 1:
-        raise UserError(f"the Ray cluster has {total:g} CPUs and the stage's workers take {reserved_cpus:g}: "
-                        "none is left for ingest. Add CPUs, or lower train.workers / train.cpus_per_worker "
-                        "(training) or score.max_actors / score.cpus_per_actor (scoring).")
+        raise UserError(
+            f"the Ray cluster has {total:g} CPUs and the stage's workers take {reserved_cpus:g}: "
+            "none is left for ingest. Add CPUs, or lower train.workers / train.cpus_per_worker "
+            "(training) or score.max_actors / score.cpus_per_actor (scoring)."
+        )
     return started

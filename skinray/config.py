@@ -31,20 +31,27 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def ray_options(cpus: float, gpus: float = 0.0, resources: dict[str, float] | None = None,
-                memory_mb: float = 0.0) -> dict[str, Any]:
+def ray_options(
+    cpus: float, gpus: float = 0.0, resources: dict[str, float] | None = None, memory_mb: float = 0.0
+) -> dict[str, Any]:
     """Ray's options of a task or actor (a decode task, a model actor, a Serve replica): its CPUs, and
     GPUs, custom resources and memory where it reserves any."""
-    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {}),
-            **({"resources": dict(resources)} if resources else {}),
-            **({"memory": int(memory_mb * 2**20)} if memory_mb else {})}
+    return {
+        "num_cpus": cpus,
+        **({"num_gpus": gpus} if gpus else {}),
+        **({"resources": dict(resources)} if resources else {}),
+        **({"memory": int(memory_mb * 2**20)} if memory_mb else {}),
+    }
 
 
 def _require_resources(resources: dict[str, float], key: str) -> None:
     """Custom Ray resources (node-type markers of cluster.yaml): named, not CPU or GPU, >= 0."""
     for name, amount in resources.items():
-        _require(name not in ("CPU", "GPU", "memory") and bool(name), f"{key}.{name}",
-                 "CPU and GPU have their own keys; name a custom resource of the cluster's nodes")
+        _require(
+            name not in ("CPU", "GPU", "memory") and bool(name),
+            f"{key}.{name}",
+            "CPU and GPU have their own keys; name a custom resource of the cluster's nodes",
+        )
         _require(amount >= 0, f"{key}.{name}", "must be >= 0")
 
 
@@ -141,12 +148,17 @@ class ModelConfig:
     l2: float = 1e-4
 
     def __post_init__(self):
-        _require(self.image_size == 0 or 32 <= self.image_size <= 1024, "image_size",
-                 "must be 0 (native) or between 32 and 1024")
+        _require(
+            self.image_size == 0 or 32 <= self.image_size <= 1024,
+            "image_size",
+            "must be 0 (native) or between 32 and 1024",
+        )
         _require(bool(self.weights), "weights", "must be 'imagenet', 'none' or a path")
         _require(self.head_units > 0, "head_units", "must be positive")
         _require(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        _require(self.head_dropout is None or 0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
+        _require(
+            self.head_dropout is None or 0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)"
+        )
         _require(self.l2 >= 0.0, "l2", "must be >= 0")
 
 
@@ -244,29 +256,46 @@ class TrainConfig:
         _require_resources(self.resources, "resources")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.epochs >= 1, "epochs", "must be >= 1")
+
         def unset(value) -> bool:  # recipe settings not yet resolved pass; Config resolves them
             return value is None
 
-        _require(unset(self.head_epochs) or 0 <= self.head_epochs <= self.epochs, "head_epochs",
-                 "must be in [0, epochs]")
+        _require(
+            unset(self.head_epochs) or 0 <= self.head_epochs <= self.epochs,
+            "head_epochs",
+            "must be in [0, epochs]",
+        )
         _require(self.head_lr > 0, "head_lr", "must be positive")
         _require(unset(self.finetune_lr) or self.finetune_lr > 0, "finetune_lr", "must be positive")
         _require(self.base_batch >= 1, "base_batch", "must be >= 1")
         _require(self.lr_scaling in LR_SCALING, "lr_scaling", f"must be one of {LR_SCALING}")
-        _require(unset(self.unfreeze_top) or self.unfreeze_top >= -1, "unfreeze_top", "must be >= -1 (-1: all)")
-        _require(unset(self.schedule) or self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        _require(
+            unset(self.unfreeze_top) or self.unfreeze_top >= -1, "unfreeze_top", "must be >= -1 (-1: all)"
+        )
+        _require(
+            unset(self.schedule) or self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}"
+        )
         _require(unset(self.warmup_epochs) or self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
-        _require(unset(self.label_smoothing) or 0.0 <= self.label_smoothing < 1.0, "label_smoothing",
-                 "must be in [0, 1)")
-        _require(unset(self.batchnorm_momentum) or 0.0 <= self.batchnorm_momentum < 1.0, "batchnorm_momentum",
-                 "must be in [0, 1) (0: the backbone's own)")
+        _require(
+            unset(self.label_smoothing) or 0.0 <= self.label_smoothing < 1.0,
+            "label_smoothing",
+            "must be in [0, 1)",
+        )
+        _require(
+            unset(self.batchnorm_momentum) or 0.0 <= self.batchnorm_momentum < 1.0,
+            "batchnorm_momentum",
+            "must be in [0, 1) (0: the backbone's own)",
+        )
         _require(self.monitor in MONITORS, "monitor", f"must be one of {MONITORS}")
         _require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
-        _require(unset(self.plateau_patience) or self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
+        _require(
+            unset(self.plateau_patience) or self.plateau_patience >= 1, "plateau_patience", "must be >= 1"
+        )
         _require(0.0 < self.plateau_factor < 1.0, "plateau_factor", "must be in (0, 1)")
         _require(self.min_lr >= 0, "min_lr", "must be >= 0")
-        _require(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
-                 f"must be one of {MIXED_PRECISION}")
+        _require(
+            self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {MIXED_PRECISION}"
+        )
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)")
 
@@ -277,8 +306,11 @@ class TrainConfig:
     @property
     def worker_resources(self) -> dict[str, float]:
         """What each Ray Train worker reserves."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {}),
-                **self.resources}
+        return {
+            "CPU": self.cpus_per_worker,
+            **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {}),
+            **self.resources,
+        }
 
 
 @dataclass(frozen=True)
@@ -327,8 +359,11 @@ class ScoreConfig:
         _require(self.cpus_per_actor >= 0, "cpus_per_actor", "must be >= 0")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
         _require_resources(self.resources, "resources")
-        _require(self.cpus_per_actor > 0 or self.gpus_per_actor > 0, "cpus_per_actor",
-                 "an actor must reserve a CPU or a GPU")
+        _require(
+            self.cpus_per_actor > 0 or self.gpus_per_actor > 0,
+            "cpus_per_actor",
+            "an actor must reserve a CPU or a GPU",
+        )
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.top_k >= 1, "top_k", "must be >= 1")
         _require(self.rows_per_file >= 1, "rows_per_file", "must be >= 1")
@@ -403,13 +438,23 @@ class TuneConfig:
         _require(self.embed_batch_size >= 1, "embed_batch_size", "must be >= 1")
         for name in ("head_units", "batch_size"):
             values = getattr(self, name)
-            _require(len(values) >= 1 and all(v >= 1 for v in values), name, "must be a non-empty list of positive choices")
+            _require(
+                len(values) >= 1 and all(v >= 1 for v in values),
+                name,
+                "must be a non-empty list of positive choices",
+            )
         for name in ("dropout", "head_dropout", "head_lr", "l2", "label_smoothing"):
             low_high = getattr(self, name)
-            _require(len(low_high) == 2 and low_high[0] < low_high[1], name,
-                     "must be a range [low, high] with low < high")
-            _require(low_high[0] >= 0 and (name not in LOG_RANGES or low_high[0] > 0), name,
-                     "must be positive" if name in LOG_RANGES else "must be >= 0")
+            _require(
+                len(low_high) == 2 and low_high[0] < low_high[1],
+                name,
+                "must be a range [low, high] with low < high",
+            )
+            _require(
+                low_high[0] >= 0 and (name not in LOG_RANGES or low_high[0] > 0),
+                name,
+                "must be positive" if name in LOG_RANGES else "must be >= 0",
+            )
         for name in ("dropout", "head_dropout", "label_smoothing"):
             _require(getattr(self, name)[1] < 1.0, name, "must stay below 1")
 
@@ -505,20 +550,30 @@ class ServeConfig:
         _require(self.upscale_delay_s >= 0, "upscale_delay_s", "must be >= 0")
         _require(self.downscale_delay_s >= 0, "downscale_delay_s", "must be >= 0")
         _require(self.max_ongoing_requests >= 1, "max_ongoing_requests", "must be >= 1")
-        _require(self.max_queued_requests >= 1, "max_queued_requests", "must be >= 1 (unlimited queues hide overload)")
+        _require(
+            self.max_queued_requests >= 1,
+            "max_queued_requests",
+            "must be >= 1 (unlimited queues hide overload)",
+        )
         _require(self.cpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
         _require(self.gpus_per_replica >= 0, "gpus_per_replica", "must be >= 0")
-        _require(self.cpus_per_replica > 0 or self.gpus_per_replica > 0, "cpus_per_replica",
-                 "a replica must reserve a CPU or a GPU")
+        _require(
+            self.cpus_per_replica > 0 or self.gpus_per_replica > 0,
+            "cpus_per_replica",
+            "a replica must reserve a CPU or a GPU",
+        )
         _require_resources(self.resources, "resources")
         _require(self.ingress_replicas >= 1, "ingress_replicas", "must be >= 1")
         _require(self.ingress_cpus > 0, "ingress_cpus", "must be positive")
         _require(self.ingress_max_ongoing_requests >= 1, "ingress_max_ongoing_requests", "must be >= 1")
         _require(self.max_pixels > 0, "max_pixels", "must be positive")
         one_decode = INGRESS_BASE_MB + _decode_mb(self.max_pixels)
-        _require(self.ingress_memory_mb >= one_decode, "ingress_memory_mb",
-                 f"must hold the ingress ({INGRESS_BASE_MB} MB) and one decode of serve.max_pixels "
-                 f"({_decode_mb(self.max_pixels):.0f} MB): at least {one_decode:.0f}")
+        _require(
+            self.ingress_memory_mb >= one_decode,
+            "ingress_memory_mb",
+            f"must hold the ingress ({INGRESS_BASE_MB} MB) and one decode of serve.max_pixels "
+            f"({_decode_mb(self.max_pixels):.0f} MB): at least {one_decode:.0f}",
+        )
         _require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
         _require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0")
         _require(self.max_request_mb > 0, "max_request_mb", "must be positive")
@@ -541,8 +596,12 @@ class ServeConfig:
     @property
     def http_options(self) -> dict[str, Any]:
         """Serve's HTTP proxy: where it listens, and how long a request and an idle connection may last."""
-        return {"host": self.host, "port": self.port, "request_timeout_s": self.request_timeout_s,
-                "keep_alive_timeout_s": int(self.keep_alive_timeout_s)}
+        return {
+            "host": self.host,
+            "port": self.port,
+            "request_timeout_s": self.request_timeout_s,
+            "keep_alive_timeout_s": int(self.keep_alive_timeout_s),
+        }
 
     @property
     def replica_options(self) -> dict[str, Any]:
@@ -574,7 +633,7 @@ class Config:
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "train", train)
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
 
 
@@ -584,13 +643,29 @@ class Config:
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "transfer": {
         "model": {"dropout": 0.3, "head_dropout": 0.3},
-        "train": {"head_epochs": 3, "finetune_lr": 1e-4, "unfreeze_top": 30, "schedule": "plateau",
-                  "warmup_epochs": 0, "label_smoothing": 0.1, "plateau_patience": 2, "batchnorm_momentum": 0.0},
+        "train": {
+            "head_epochs": 3,
+            "finetune_lr": 1e-4,
+            "unfreeze_top": 30,
+            "schedule": "plateau",
+            "warmup_epochs": 0,
+            "label_smoothing": 0.1,
+            "plateau_patience": 2,
+            "batchnorm_momentum": 0.0,
+        },
     },
     "scratch": {
         "model": {"dropout": 0.0, "head_dropout": 0.2},
-        "train": {"head_epochs": 0, "finetune_lr": 1e-3, "unfreeze_top": -1, "schedule": "cosine",
-                  "warmup_epochs": 2, "label_smoothing": 0.0, "plateau_patience": 4, "batchnorm_momentum": 0.9},
+        "train": {
+            "head_epochs": 0,
+            "finetune_lr": 1e-3,
+            "unfreeze_top": -1,
+            "schedule": "cosine",
+            "warmup_epochs": 2,
+            "label_smoothing": 0.0,
+            "plateau_patience": 4,
+            "batchnorm_momentum": 0.9,
+        },
     },
 }
 
@@ -611,10 +686,15 @@ def resolve_recipe(model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig,
     defaults = RECIPES[name]
     caps = {"head_epochs": train.epochs, "warmup_epochs": train.epochs - 1}
     model_values = {k: v for k, v in defaults["model"].items() if getattr(model, k) is None}
-    train_values = {k: min(v, caps[k]) if k in caps else v
-                    for k, v in defaults["train"].items() if getattr(train, k) is None}
-    return (_replace_section(model, "model", model_values),
-            _replace_section(train, "train", {"recipe": name, **train_values}))
+    train_values = {
+        k: min(v, caps[k]) if k in caps else v
+        for k, v in defaults["train"].items()
+        if getattr(train, k) is None
+    }
+    return (
+        _replace_section(model, "model", model_values),
+        _replace_section(train, "train", {"recipe": name, **train_values}),
+    )
 
 
 def _replace_section(section: Any, prefix: str, values: dict[str, Any]) -> Any:
@@ -627,8 +707,11 @@ def _replace_section(section: Any, prefix: str, values: dict[str, Any]) -> Any:
 # === Loading ===
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: str | Path | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: str | Path | None = None,
+) -> Config:
     """Builds a `Config` from defaults, then a `base` YAML file, then a YAML file, then `key.sub=value`
     overrides (each key the last one sets wins).
 
@@ -650,7 +733,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key.strip():
             raise ConfigError(item, "an override must look like section.key=value")
         if key.strip() in RETIRED_KEYS:
-            raise ConfigError(key.strip(), "no longer a setting: fault injection is SKINRAY_KILL_WORKER=RANK:STEP")
+            raise ConfigError(
+                key.strip(), "no longer a setting: fault injection is SKINRAY_KILL_WORKER=RANK:STEP"
+            )
         _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value != "" else "")
     return from_dict(Config, raw)
 
@@ -765,7 +850,12 @@ def _docstring_help(section: type) -> dict[str, str]:
         stripped = line.strip()
         head, colon, text = stripped.partition(": ")
         names = [n.strip() for n in head.split(",")]
-        if colon and all(n.isidentifier() for n in names) and line.startswith(" " * 8) and not line.startswith(" " * 12):
+        if (
+            colon
+            and all(n.isidentifier() for n in names)
+            and line.startswith(" " * 8)
+            and not line.startswith(" " * 12)
+        ):
             current = names
             for n in names:
                 helps[n] = text
@@ -780,6 +870,7 @@ def _docstring_help(section: type) -> dict[str, str]:
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain YAML-safe data: sections as mappings, lists as lists."""
+
     def plain(value):
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}

@@ -132,8 +132,11 @@ def ray_log_folder() -> str:
 def announce_log_folder() -> None:
     if not verbose():
         # On stderr: stdout stays the command's result (`data check --json` prints JSON there).
-        print(f"[skinray] Ray's own logs: {ray_log_folder()} (skinray --verbose shows them here)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[skinray] Ray's own logs: {ray_log_folder()} (skinray --verbose shows them here)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _writes_a_file(handler: logging.Handler) -> bool:

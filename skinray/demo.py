@@ -23,25 +23,64 @@ from skinray.pipeline import MemberSpec
 
 CLASSES, PER_CLASS = 6, 40
 # Every member: from random weights (the scratch recipe), 2 workers, a small search.
-SHARED = ["model.weights=none", "train.workers=2", "train.max_failures=1", "tune.trials=4", "tune.views=1",
-          "tune.max_epochs=4", "tune.grace_period=1", "score.max_actors=1"]
+SHARED = [
+    "model.weights=none",
+    "train.workers=2",
+    "train.max_failures=1",
+    "tune.trials=4",
+    "tune.views=1",
+    "tune.max_epochs=4",
+    "tune.grace_period=1",
+    "score.max_actors=1",
+]
 MEMBERS = [
-    MemberSpec("resnet50", settings=("model.backbone=resnet50", "model.image_size=64", "train.batch_size=16",
-                                 "train.epochs=4")),
-    MemberSpec("inception_v3", settings=("model.backbone=inception_v3", "model.image_size=75",
-                                     "train.batch_size=16", "train.epochs=4"), tune=False),
-    MemberSpec("efficientnetv2s", settings=("model.backbone=efficientnetv2s", "model.image_size=64",
-                                        "train.batch_size=16", "train.epochs=4"), tune=False),
+    MemberSpec(
+        "resnet50",
+        settings=("model.backbone=resnet50", "model.image_size=64", "train.batch_size=16", "train.epochs=4"),
+    ),
+    MemberSpec(
+        "inception_v3",
+        settings=(
+            "model.backbone=inception_v3",
+            "model.image_size=75",
+            "train.batch_size=16",
+            "train.epochs=4",
+        ),
+        tune=False,
+    ),
+    MemberSpec(
+        "efficientnetv2s",
+        settings=(
+            "model.backbone=efficientnetv2s",
+            "model.image_size=64",
+            "train.batch_size=16",
+            "train.epochs=4",
+        ),
+        tune=False,
+    ),
 ]
 # Two tiny CNNs at two sizes: the same stages in a few minutes.
-QUICK = [MemberSpec(f"tiny{size}", settings=("model.backbone=tiny", f"model.image_size={size}", "train.batch_size=8",
-                                          "train.epochs=5", "train.finetune_lr=0.004"), tune=size == 48)
-         for size in (48, 64)]
+QUICK = [
+    MemberSpec(
+        f"tiny{size}",
+        settings=(
+            "model.backbone=tiny",
+            f"model.image_size={size}",
+            "train.batch_size=8",
+            "train.epochs=5",
+            "train.finetune_lr=0.004",
+        ),
+        tune=size == 48,
+    )
+    for size in (48, 64)
+]
 QUICK_SEARCH = ["tune.trials=2", "tune.max_epochs=3"]
 QUICK_PER_CLASS = 24
 
 
-def run_demo(out: str, workers: int = 2, quick: bool = False, port: int = 8000, exit_when_done: bool = False) -> int:
+def run_demo(
+    out: str, workers: int = 2, quick: bool = False, port: int = 8000, exit_when_done: bool = False
+) -> int:
     from skinray.cluster import connect
     from skinray.data.sample import write_sample
     from skinray.pipeline import run_pipeline
@@ -56,8 +95,10 @@ def run_demo(out: str, workers: int = 2, quick: bool = False, port: int = 8000, 
     if not (archive / "train").is_dir():
         write_sample(archive, per_class=per_class, classes=CLASSES, seed=0)
 
-    _stage(f"2/4 pipeline: check, head search ({members[0].name}), {len(members)} members x {workers} Ray Train "
-           "workers, ensemble, evaluation")
+    _stage(
+        f"2/4 pipeline: check, head search ({members[0].name}), {len(members)} members x {workers} Ray Train "
+        "workers, ensemble, evaluation"
+    )
     settings = [*SHARED, *(QUICK_SEARCH if quick else ()), f"train.workers={workers}"]
     report = run_pipeline(str(archive), str(out_dir), members, settings)
 
@@ -66,8 +107,10 @@ def run_demo(out: str, workers: int = 2, quick: bool = False, port: int = 8000, 
 
     _stage("4/4 the online endpoint on Ray Serve")
     url = _serve(out_dir, archive, port)
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s "
-          f"(test accuracy {report['accuracy']:.3f}, chance {1 / CLASSES:.2f})")
+    print(
+        f"\ndemo finished in {time.perf_counter() - started:.0f} s "
+        f"(test accuracy {report['accuracy']:.3f}, chance {1 / CLASSES:.2f})"
+    )
     _where(out_dir, scores, url)
     if exit_when_done:
         return _stop_serving()
@@ -84,8 +127,12 @@ def _score(out_dir: Path, archive: Path) -> str:
     from skinray.score import format_summary, score
 
     output = out_dir / "scores"
-    summary = score(load_config(overrides=["score.max_actors=1"]), str(out_dir / "bundle"), str(archive / "test"),
-                    str(output))
+    summary = score(
+        load_config(overrides=["score.max_actors=1"]),
+        str(out_dir / "bundle"),
+        str(archive / "test"),
+        str(output),
+    )
     print(format_summary(summary))
     return str(output)
 
@@ -103,24 +150,34 @@ def _serve(out_dir: Path, archive: Path, port: int) -> str:
     serve.run(build_app(app_args(str(out_dir / "bundle"), cfg)), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     photo = sorted((archive / "test").rglob("*.jpg"))[0]
-    request = urllib.request.Request(f"{url}/v1/predict", data=photo.read_bytes(),
-                                     headers={"Content-Type": "image/jpeg"})
+    request = urllib.request.Request(
+        f"{url}/v1/predict", data=photo.read_bytes(), headers={"Content-Type": "image/jpeg"}
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
-    print(f"POST {url}/v1/predict  {photo.parent.name}/{photo.name} (true class {photo.parent.name}) -> "
-          f"{answer['label']} ({answer['confidence']:.2f}{', abstained' if answer['abstained'] else ''}), "
-          f"{answer['latency_ms']:.0f} ms")
+    print(
+        f"POST {url}/v1/predict  {photo.parent.name}/{photo.name} (true class {photo.parent.name}) -> "
+        f"{answer['label']} ({answer['confidence']:.2f}{', abstained' if answer['abstained'] else ''}), "
+        f"{answer['latency_ms']:.0f} ms"
+    )
     return url
 
 
 def _where(out_dir: Path, scores: str, url: str) -> None:
-    rows = [("archive", out_dir / "archive"), ("data check", out_dir / "check.json"),
-            ("head search", out_dir / "tune"), ("training runs", out_dir / "runs"),
-            ("bundle", out_dir / "bundle"), ("evaluation", out_dir / "evaluation" / "report.md"),
-            ("scores (Parquet)", Path(scores) / "predictions"), ("endpoint", f"{url}/v1/predict"),
-            ("upload page", f"{url}/"), ("Ray dashboard", f"{_dashboard()} (while this runs)"),
-            ("TensorBoard", f"tensorboard --logdir {out_dir / 'runs'}"),
-            ("serve it again", f"skinray serve --model {out_dir / 'bundle'}")]
+    rows = [
+        ("archive", out_dir / "archive"),
+        ("data check", out_dir / "check.json"),
+        ("head search", out_dir / "tune"),
+        ("training runs", out_dir / "runs"),
+        ("bundle", out_dir / "bundle"),
+        ("evaluation", out_dir / "evaluation" / "report.md"),
+        ("scores (Parquet)", Path(scores) / "predictions"),
+        ("endpoint", f"{url}/v1/predict"),
+        ("upload page", f"{url}/"),
+        ("Ray dashboard", f"{_dashboard()} (while this runs)"),
+        ("TensorBoard", f"tensorboard --logdir {out_dir / 'runs'}"),
+        ("serve it again", f"skinray serve --model {out_dir / 'bundle'}"),
+    ]
     print("\nwhere everything is:")
     for name, where in rows:
         print(f"  {name:17s} {where}")

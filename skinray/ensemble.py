@@ -112,7 +112,8 @@ def load_members(paths: list[str], archive: str):
                 f"members '{paths[0]}' and '{path}' validate on different images ({len(first - other)} only "
                 f"in the first, {len(other - first)} only in the second; data.val_fraction {a.val_fraction} "
                 f"vs {b.val_fraction}, data.seed {a.seed} vs {b.seed}): calibrating on images a member "
-                "trained on would leak")
+                "trained on would leak"
+            )
     return predictor, catalog, val[0]
 
 
@@ -130,14 +131,21 @@ def fit(member_logits: np.ndarray, labels: np.ndarray, coverage: float) -> dict:
     threshold = abstention_threshold(ensemble, coverage)
     metrics = {
         "images": int(len(labels)),
-        "members": [{"uncalibrated": summary_metrics(r, labels), "calibrated": summary_metrics(c, labels)}
-                    for r, c in zip(raw, calibrated)],
+        "members": [
+            {"uncalibrated": summary_metrics(r, labels), "calibrated": summary_metrics(c, labels)}
+            for r, c in zip(raw, calibrated)
+        ],
         "ensemble_uncalibrated": summary_metrics(weighted_mean(raw, equal), labels),
         "ensemble_equal_weights": summary_metrics(weighted_mean(calibrated, equal), labels),
         "ensemble": summary_metrics(ensemble, labels) | selective_metrics(ensemble, labels, threshold),
     }
-    return {"temperatures": temperatures, "weights": weights.tolist(), "equal_weights": equal.tolist(),
-            "threshold": threshold, "metrics": metrics}
+    return {
+        "temperatures": temperatures,
+        "weights": weights.tolist(),
+        "equal_weights": equal.tolist(),
+        "threshold": threshold,
+        "metrics": metrics,
+    }
 
 
 def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config) -> dict:
@@ -145,46 +153,79 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     from skinray.bundle import built_before, write_bundle
     from skinray.cluster import connect, reserved_cpus
     from skinray.data.ingest import ImageSource
-    from skinray.storage import absolute, redact
     from skinray.inference import labelled_logits
+    from skinray.storage import absolute, redact
 
     member_paths = [absolute(p) for p in member_paths]  # the actors open them from their own folders
     previous = built_before(out, member_paths, archive)  # before any work: bundles are never overwritten
     if previous is not None:
-        print(f"[skinray] {out} holds the bundle of these members already (version {previous['version'][:16]})")
+        print(
+            f"[skinray] {out} holds the bundle of these members already (version {previous['version'][:16]})"
+        )
         return previous
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus(cfg, "ensemble"))
     source = ImageSource.of(catalog, predictor.config.data.max_pixels)
-    logits, labels, _ = labelled_logits(table, member_paths, predictor.sizes, source, cfg.score, "the validation split")
+    logits, labels, _ = labelled_logits(
+        table, member_paths, predictor.sizes, source, cfg.score, "the validation split"
+    )
     fitted = fit(logits, labels, cfg.ensemble.coverage)
-    entries = [{"name": m.name, "backbone": m.backbone, "image_size": m.image_size, "temperature": t,
-                "weight": w, "source": redact(path), "validation": metrics}
-               for m, t, w, path, metrics in zip(predictor.members, fitted["temperatures"], fitted["weights"],
-                                                  member_paths, fitted["metrics"]["members"])]
+    entries = [
+        {
+            "name": m.name,
+            "backbone": m.backbone,
+            "image_size": m.image_size,
+            "temperature": t,
+            "weight": w,
+            "source": redact(path),
+            "validation": metrics,
+        }
+        for m, t, w, path, metrics in zip(
+            predictor.members,
+            fitted["temperatures"],
+            fitted["weights"],
+            member_paths,
+            fitted["metrics"]["members"],
+        )
+    ]
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "classes": predictor.classes, "threshold": fitted["threshold"], "coverage": cfg.ensemble.coverage,
+        "classes": predictor.classes,
+        "threshold": fitted["threshold"],
+        "coverage": cfg.ensemble.coverage,
         "equal_weights": fitted["equal_weights"],
-        "validation": {"archive": redact(archive), "val_fraction": predictor.config.data.val_fraction,
-                       "seed": predictor.config.data.seed, **fitted["metrics"]},
+        "validation": {
+            "archive": redact(archive),
+            "val_fraction": predictor.config.data.val_fraction,
+            "seed": predictor.config.data.seed,
+            **fitted["metrics"],
+        },
     }
-    return write_bundle(out, entries, [m.file for m in predictor.members], [m.config for m in predictor.members],
-                        manifest)
+    return write_bundle(
+        out, entries, [m.file for m in predictor.members], [m.config for m in predictor.members], manifest
+    )
 
 
 def format_manifest(manifest: dict, out: str) -> str:
     """What `skinray ensemble` prints: the bundle, each member's calibration, the ensemble's scores."""
     v = manifest["validation"]
-    lines = [f"bundle {manifest['version'][:16]} written to {out} ({len(manifest['members'])} members, "
-             f"{v['images']} validation images)"]
+    lines = [
+        f"bundle {manifest['version'][:16]} written to {out} ({len(manifest['members'])} members, "
+        f"{v['images']} validation images)"
+    ]
     for member in manifest["members"]:
         cal, raw = member["validation"]["calibrated"], member["validation"]["uncalibrated"]
-        lines.append(f"  {member['name']:24s} T {member['temperature']:.3f}  weight {member['weight']:.3f}  "
-                     f"acc {cal['accuracy']:.3f}  ECE {raw['ece']:.3f} -> {cal['ece']:.3f}")
+        lines.append(
+            f"  {member['name']:24s} T {member['temperature']:.3f}  weight {member['weight']:.3f}  "
+            f"acc {cal['accuracy']:.3f}  ECE {raw['ece']:.3f} -> {cal['ece']:.3f}"
+        )
     e, eq = v["ensemble"], v["ensemble_equal_weights"]
-    lines.append(f"  ensemble: acc {e['accuracy']:.3f}, macro-F1 {e['macro_f1']:.3f}, log-loss {e['log_loss']:.4f} "
-                 f"(equal weights {eq['log_loss']:.4f}), ECE {v['ensemble_uncalibrated']['ece']:.3f} -> {e['ece']:.3f}")
-    lines.append(f"  abstains below {e['threshold']:.3f}: answers {e['coverage']:.1%} of validation images, "
-                 f"{e['answered_accuracy']:.3f} of them correctly")
+    lines.append(
+        f"  ensemble: acc {e['accuracy']:.3f}, macro-F1 {e['macro_f1']:.3f}, log-loss {e['log_loss']:.4f} "
+        f"(equal weights {eq['log_loss']:.4f}), ECE {v['ensemble_uncalibrated']['ece']:.3f} -> {e['ece']:.3f}"
+    )
+    lines.append(
+        f"  abstains below {e['threshold']:.3f}: answers {e['coverage']:.1%} of validation images, "
+        f"{e['answered_accuracy']:.3f} of them correctly"
+    )
     return "\n".join(lines)

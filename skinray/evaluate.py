@@ -19,7 +19,6 @@ from skinray.config import Config
 from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
 from skinray.storage import join_uri, redact
 
-
 # === Writing ===
 
 
@@ -35,8 +34,9 @@ def write_report(report: dict, out: str | Path) -> dict[str, Path]:
         "reliability_png": out / "reliability.png",
     }
     paths["json"].write_text(json.dumps(report, indent=2))
-    paths["confusion_json"].write_text(json.dumps(
-        {"classes": report["classes"], "matrix": report["confusion_matrix"]}, indent=2))
+    paths["confusion_json"].write_text(
+        json.dumps({"classes": report["classes"], "matrix": report["confusion_matrix"]}, indent=2)
+    )
     paths["markdown"].write_text(_markdown(report))
     _plot_confusion(np.array(report["confusion_matrix"]), report["classes"], paths["confusion_png"])
     _plot_reliability(report["calibration"]["reliability"], paths["reliability_png"])
@@ -47,36 +47,55 @@ def _markdown(report: dict) -> str:
     lines = [f"# Evaluation: {report.get('model', 'model')} on {report.get('split', 'split')}", ""]
     if report.get("model_version"):
         lines.append(f"model version `{report['model_version']}`")
-    lines.append(f"{report['num_images']} images; accuracy **{report['accuracy']:.4f}**, "
-                 f"macro-F1 **{report['macro_f1']:.4f}**, weighted-F1 {report['weighted_f1']:.4f}")
+    lines.append(
+        f"{report['num_images']} images; accuracy **{report['accuracy']:.4f}**, "
+        f"macro-F1 **{report['macro_f1']:.4f}**, weighted-F1 {report['weighted_f1']:.4f}"
+    )
     for key in sorted(k for k in report if k.startswith("top_")):
         lines.append(f"- {key.replace('_', ' ')}: {report[key]:.4f}")
     if report.get("failed_files"):
         lines.append(f"- unreadable files (not scored): {len(report['failed_files'])}")
     calibration, abstention = report.get("calibration"), report.get("abstention")
     if calibration:
-        lines.append(f"- expected calibration error: {calibration['ece_before']:.4f} before calibration, "
-                     f"{calibration['ece_after']:.4f} after (log-loss {calibration['log_loss_before']:.4f} -> "
-                     f"{calibration['log_loss_after']:.4f})")
+        lines.append(
+            f"- expected calibration error: {calibration['ece_before']:.4f} before calibration, "
+            f"{calibration['ece_after']:.4f} after (log-loss {calibration['log_loss_before']:.4f} -> "
+            f"{calibration['log_loss_after']:.4f})"
+        )
     if abstention:
-        lines.append(f"- abstention threshold {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
-                     f"of the images, accuracy on those {abstention['answered_accuracy']:.4f}")
+        lines.append(
+            f"- abstention threshold {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
+            f"of the images, accuracy on those {abstention['answered_accuracy']:.4f}"
+        )
     members = report.get("members", {})
     if len(members) > 1:
-        lines += ["", "| model | accuracy | macro-F1 | log-loss | ECE (uncalibrated -> calibrated) |",
-                  "|---|---:|---:|---:|---|"]
-        lines.append(f"| **ensemble** | {report['accuracy']:.4f} | {report['macro_f1']:.4f} | "
-                     f"{calibration['log_loss_after']:.4f} | {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} |")
+        lines += [
+            "",
+            "| model | accuracy | macro-F1 | log-loss | ECE (uncalibrated -> calibrated) |",
+            "|---|---:|---:|---:|---|",
+        ]
+        lines.append(
+            f"| **ensemble** | {report['accuracy']:.4f} | {report['macro_f1']:.4f} | "
+            f"{calibration['log_loss_after']:.4f} | {calibration['ece_before']:.4f} -> "
+            f"{calibration['ece_after']:.4f} |"
+        )
         for name, m in members.items():
-            lines.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['log_loss']:.4f} | "
-                         f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} |")
+            lines.append(
+                f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['log_loss']:.4f} | "
+                f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} |"
+            )
     member_names = list(members) if len(members) > 1 else []
-    lines += ["", "| class | precision | recall | F1 | " + "".join(f"F1 {n} | " for n in member_names) + "support |",
-              "|---|---:|---:|---:|" + "---:|" * len(member_names) + "---:|"]
+    lines += [
+        "",
+        "| class | precision | recall | F1 | " + "".join(f"F1 {n} | " for n in member_names) + "support |",
+        "|---|---:|---:|---:|" + "---:|" * len(member_names) + "---:|",
+    ]
     for name, row in report["per_class"].items():
         member_f1 = "".join(f"{members[n]['per_class_f1'][name]['f1']:.3f} | " for n in member_names)
-        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {member_f1}"
-                     f"{row['support']} |")
+        lines.append(
+            f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {member_f1}"
+            f"{row['support']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -96,8 +115,15 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_yticks(range(len(classes)), labels, fontsize=7)
     for (i, j), count in np.ndenumerate(matrix):
         if count:
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=6,
-                    color="white" if normalised[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if normalised[i, j] > 0.5 else "black",
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (colour: share of the true class)")
@@ -144,25 +170,40 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
     from skinray.cluster import connect, reserved_cpus
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.ingest import ImageSource
+    from skinray.inference import labelled_logits
     from skinray.predictor import Predictor
     from skinray.storage import absolute
-    from skinray.inference import labelled_logits
 
     model_path = absolute(model_path)  # the actors open it from their own working directories
     expected = cfg.score.expect_version if cfg else ""
-    predictor = Predictor.from_path(model_path, load_models=False, expect_version=expected)  # actors load them
+    predictor = Predictor.from_path(
+        model_path, load_models=False, expect_version=expected
+    )  # actors load them
     catalog = list_archive(archive)
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
     cfg = cfg or predictor.config
     connect(reserved_cpus(cfg, "evaluate"))
-    logits, labels, failed = labelled_logits(table, [model_path], predictor.sizes,
-                                             ImageSource.of(catalog, predictor.config.data.max_pixels), cfg.score,
-                                             f"the {split} split", predictor.bundle_version)
-    report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels)
-    report |= {"model": predictor.source, "model_version": predictor.version, "split": split,
-               "archive": redact(archive),
-               "failed_files": [{"path": p, "reason": r} for p, r in
-                                zip(failed["path"].to_pylist(), failed["error"].to_pylist())]}
+    logits, labels, failed = labelled_logits(
+        table,
+        [model_path],
+        predictor.sizes,
+        ImageSource.of(catalog, predictor.config.data.max_pixels),
+        cfg.score,
+        f"the {split} split",
+        predictor.bundle_version,
+    )
+    report = model_report(
+        predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels
+    )
+    report |= {
+        "model": predictor.source,
+        "model_version": predictor.version,
+        "split": split,
+        "archive": redact(archive),
+        "failed_files": [
+            {"path": p, "reason": r} for p, r in zip(failed["path"].to_pylist(), failed["error"].to_pylist())
+        ],
+    }
     _store(report, predictor.config, out)
     return report
 
@@ -185,31 +226,44 @@ def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dic
     report = build_report(labels, calibrated.probabilities, predictor.classes)
     report["members"] = {
         m.name: summary_metrics(calibrated.member_probabilities[k], labels)
-        | {"ece_uncalibrated": summary_metrics(uncalibrated.member_probabilities[k], labels)["ece"],
-           "per_class_f1": build_report(labels, calibrated.member_probabilities[k], predictor.classes,
-                                        top_k=())["per_class"]}
-        for k, m in enumerate(predictor.members)}
+        | {
+            "ece_uncalibrated": summary_metrics(uncalibrated.member_probabilities[k], labels)["ece"],
+            "per_class_f1": build_report(
+                labels, calibrated.member_probabilities[k], predictor.classes, top_k=()
+            )["per_class"],
+        }
+        for k, m in enumerate(predictor.members)
+    }
     before, after = uncalibrated.probabilities, calibrated.probabilities
     scores_before, scores_after = summary_metrics(before, labels), summary_metrics(after, labels)
     report["calibration"] = {
-        "ece_before": scores_before["ece"], "ece_after": scores_after["ece"],
-        "log_loss_before": scores_before["log_loss"], "log_loss_after": scores_after["log_loss"],
-        "reliability": {"before calibration": reliability_bins(before, labels),
-                        "after calibration": reliability_bins(after, labels)}}
+        "ece_before": scores_before["ece"],
+        "ece_after": scores_after["ece"],
+        "log_loss_before": scores_before["log_loss"],
+        "log_loss_after": scores_after["log_loss"],
+        "reliability": {
+            "before calibration": reliability_bins(before, labels),
+            "after calibration": reliability_bins(after, labels),
+        },
+    }
     report["abstention"] = selective_metrics(after, labels, predictor.threshold)
     return report
 
 
 def format_report(report: dict, out: str) -> str:
     """What `skinray evaluate` prints: the headline scores, each member's, calibration, abstention."""
-    lines = [f"{report['num_images']} images of the {report['split']} split: accuracy {report['accuracy']:.4f}, "
-             f"macro-F1 {report['macro_f1']:.4f}; {len(report['failed_files'])} unreadable"]
+    lines = [
+        f"{report['num_images']} images of the {report['split']} split: accuracy {report['accuracy']:.4f}, "
+        f"macro-F1 {report['macro_f1']:.4f}; {len(report['failed_files'])} unreadable"
+    ]
     if len(report["members"]) > 1:
         for name, m in report["members"].items():
             lines.append(f"  member {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
     calibration, abstention = report["calibration"], report["abstention"]
-    lines.append(f"ECE {calibration['ece_before']:.4f} before calibration, {calibration['ece_after']:.4f} after; "
-                 f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
-                 f"{abstention['answered_accuracy']:.4f} of them correctly")
+    lines.append(
+        f"ECE {calibration['ece_before']:.4f} before calibration, {calibration['ece_after']:.4f} after; "
+        f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
+        f"{abstention['answered_accuracy']:.4f} of them correctly"
+    )
     lines.append(f"report: {join_uri(out, 'report.md')}")
     return "\n".join(lines)

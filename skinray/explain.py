@@ -15,7 +15,6 @@ The server's `POST /v1/explain` and the upload page draw the same overlay (`rend
 
 from __future__ import annotations
 
-
 import io
 import sys
 from pathlib import Path
@@ -43,8 +42,10 @@ class Explainer:
     def cams(self, views: dict[int, np.ndarray], classes: np.ndarray) -> list[np.ndarray]:
         """uint8 views keyed by input size, the class to explain per image -> per member, (n, h, w)
         maps (h, w: that member's feature-map size), not yet scaled."""
-        return [_grad_cam(parts, views[m.image_size], np.asarray(classes))
-                for m, parts in zip(self.members, self._parts)]
+        return [
+            _grad_cam(parts, views[m.image_size], np.asarray(classes))
+            for m, parts in zip(self.members, self._parts)
+        ]
 
 
 def _split(model, layer: str):
@@ -55,11 +56,13 @@ def _split(model, layer: str):
     backbone = model.get_layer("backbone")
     try:
         feature_map = backbone.get_layer(layer).output
-    except ValueError:  # saved before its registry entry named the layer: the backbone's own output is that map
+    except (
+        ValueError
+    ):  # saved before its registry entry named the layer: the backbone's own output is that map
         feature_map = backbone.outputs[0]
     probe = keras.Model(backbone.inputs, [feature_map, backbone.outputs[0]])
     names = [lyr.name for lyr in model.layers]
-    return model.get_layer("preprocessing"), probe, model.layers[names.index("backbone") + 1:]
+    return model.get_layer("preprocessing"), probe, model.layers[names.index("backbone") + 1 :]
 
 
 def _grad_cam(parts, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -104,12 +107,15 @@ def overlay(photo: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return (photo * (1 - alpha) + colour(heat) * alpha).astype(np.uint8)
 
 
-def render(image: Image.Image, member_cams: list[np.ndarray], weights, caption: list[str] = ()) -> Image.Image:
+def render(
+    image: Image.Image, member_cams: list[np.ndarray], weights, caption: list[str] = ()
+) -> Image.Image:
     """A photo (decoded, upright RGB), one image's member maps and their weights -> the drawn
     explanation: the photo with its heat overlay, a colour legend under it, then the caption lines."""
     scale = DISPLAY_SIDE / max(image.size)
-    photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         Image.Resampling.BILINEAR)
+    photo = image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
+    )
     heat = heat_map(member_cams, weights, photo.width, photo.height)
     drawn = overlay(np.asarray(photo), heat)
     font = _font(14)
@@ -146,8 +152,11 @@ def caption_lines(answer: dict, version: str) -> list[str]:
     """What a reader needs beside the picture (`Prediction.answers`' answer): the answer (or the
     referral), the runners-up, the model."""
     label, confidence = answer["label"], answer["confidence"]
-    first = (f"uncertain, refer (most likely {label}, {confidence:.0%})" if answer["abstained"]
-             else f"{label} ({confidence:.0%} confidence)")
+    first = (
+        f"uncertain, refer (most likely {label}, {confidence:.0%})"
+        if answer["abstained"]
+        else f"{label} ({confidence:.0%} confidence)"
+    )
     top = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in answer["top_k"])
     return [first, f"top: {top}", f"model {version}"]
 
@@ -167,8 +176,10 @@ def explain_files(cfg, model: str, names: list[str], out: str, overwrite: bool =
     inputs = _inputs(names)
     there = [name for _, name in inputs if (Path(out) / f"{name}.png").exists()]
     if there and not overwrite:
-        raise UserError(f"{len(there)} explanation(s) are in {out} already (e.g. {there[0]}.png): pass "
-                        "--overwrite to replace them, or give another --out")
+        raise UserError(
+            f"{len(there)} explanation(s) are in {out} already (e.g. {there[0]}.png): pass "
+            "--overwrite to replace them, or give another --out"
+        )
     load_tensorflow(expect_gpu=False)
     predictor = Predictor.from_path(model, expect_version=cfg.score.expect_version)
     explainer, weights = Explainer(predictor.members), [m.weight for m in predictor.members]
@@ -191,7 +202,10 @@ def explain_files(cfg, model: str, names: list[str], out: str, overwrite: bool =
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(png(render(image, cams, weights, caption)))
         print(f"{path}: {caption[0]} -> {target}")
-    print(f"{len(inputs) - failed} explanation(s) written to {out}" + (f"; {failed} input(s) failed" if failed else ""))
+    print(
+        f"{len(inputs) - failed} explanation(s) written to {out}"
+        + (f"; {failed} input(s) failed" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -38,16 +38,22 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
     }
 
 
-def build_report(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                 top_k: tuple[int, ...] = (3, 5)) -> dict:
+def build_report(
+    y_true: np.ndarray, probabilities: np.ndarray, classes: list[str], top_k: tuple[int, ...] = (3, 5)
+) -> dict:
     """The full report for integer labels and per-class probabilities (scikit-learn's numbers)."""
-    from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
-                                 top_k_accuracy_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
 
     labels = np.arange(len(classes))
     y_pred = probabilities.argmax(axis=1)
     precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
+        y_true, y_pred, labels=labels, zero_division=0
+    )
     report = {"num_images": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
     # Averages over the classes that occur in the truth or the predictions (scikit-learn's default).
     for average in ("macro", "weighted"):
@@ -55,7 +61,9 @@ def build_report(y_true: np.ndarray, probabilities: np.ndarray, classes: list[st
         report |= {f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)}
     for k in top_k:
         if k < len(classes):
-            report[f"top_{k}_accuracy"] = float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))
+            report[f"top_{k}_accuracy"] = float(
+                top_k_accuracy_score(y_true, probabilities, k=k, labels=labels)
+            )
     report["per_class"] = {
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for name, p, r, f, s in zip(classes, precision, recall, f1, support)
@@ -81,9 +89,15 @@ def reliability_bins(probabilities: np.ndarray, y_true: np.ndarray, bins: int = 
     for b in range(bins):
         members = which == b
         count = int(members.sum())
-        rows.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count,
-                     "confidence": float(confidence[members].mean()) if count else 0.0,
-                     "accuracy": float(correct[members].mean()) if count else 0.0})
+        rows.append(
+            {
+                "lower": float(edges[b]),
+                "upper": float(edges[b + 1]),
+                "count": count,
+                "confidence": float(confidence[members].mean()) if count else 0.0,
+                "accuracy": float(correct[members].mean()) if count else 0.0,
+            }
+        )
     return rows
 
 
@@ -106,8 +120,11 @@ def selective_metrics(probabilities: np.ndarray, y_true: np.ndarray, threshold: 
     """Coverage (share answered: top probability >= threshold) and accuracy on the answered images."""
     answered = probabilities.max(axis=1) >= threshold
     correct = probabilities.argmax(axis=1) == y_true
-    return {"threshold": float(threshold), "coverage": float(answered.mean()) if len(y_true) else 0.0,
-            "answered_accuracy": float(correct[answered].mean()) if answered.any() else 0.0}
+    return {
+        "threshold": float(threshold),
+        "coverage": float(answered.mean()) if len(y_true) else 0.0,
+        "answered_accuracy": float(correct[answered].mean()) if answered.any() else 0.0,
+    }
 
 
 def summary_metrics(probabilities: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
@@ -115,7 +132,9 @@ def summary_metrics(probabilities: np.ndarray, y_true: np.ndarray) -> dict[str, 
     from sklearn.metrics import accuracy_score, f1_score
 
     y_pred = probabilities.argmax(axis=1)
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "log_loss": negative_log_likelihood(probabilities, y_true),
-            "ece": expected_calibration_error(probabilities, y_true)}
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "log_loss": negative_log_likelihood(probabilities, y_true),
+        "ece": expected_calibration_error(probabilities, y_true),
+    }

@@ -35,23 +35,33 @@ class MemberSpec:
     tune: bool = True
 
     @classmethod
-    def of_file(cls, path: str) -> "MemberSpec":
+    def of_file(cls, path: str) -> MemberSpec:
         if not Path(path).is_file():
             raise UserError(f"member config '{path}' not found (see configs/)")
         return cls(Path(path).stem, path)
 
 
-def member_configs(archive: str, members: list[MemberSpec], settings: list[str] = (),
-                   base_config: str | None = None) -> list[Config]:
+def member_configs(
+    archive: str, members: list[MemberSpec], settings: list[str] = (), base_config: str | None = None
+) -> list[Config]:
     """Each member's config: `base_config`, then its own file, then its settings, then `settings`."""
     if len({m.name for m in members}) != len(members):
         raise UserError("two members share a name: give each member config its own file name")
-    return [load_config(m.config, [*m.settings, *settings, f"data.archive={archive}"], base=base_config)
-            for m in members]
+    return [
+        load_config(m.config, [*m.settings, *settings, f"data.archive={archive}"], base=base_config)
+        for m in members
+    ]
 
 
-def run_pipeline(archive: str, out: str, members: list[MemberSpec], settings: list[str] = (), tune: bool = True,
-                 say=print, base_config: str | None = None) -> dict:
+def run_pipeline(
+    archive: str,
+    out: str,
+    members: list[MemberSpec],
+    settings: list[str] = (),
+    tune: bool = True,
+    say=print,
+    base_config: str | None = None,
+) -> dict:
     """Runs (or continues) every stage; returns the test-split report of the bundle."""
     configs = member_configs(archive, members, settings, base_config)  # bad settings fail here
     out = absolute(out)
@@ -77,8 +87,10 @@ def check_stage(archive: str, out: str, max_pixels: int, say) -> dict:
     report = check_archive(archive, max_pixels)
     say(format_report(report))
     if not report["ok"]:
-        raise UserError("the archive has unreadable files or images in two splits (report above): "
-                        "fix the archive, then run the pipeline again")
+        raise UserError(
+            "the archive has unreadable files or images in two splits (report above): "
+            "fix the archive, then run the pipeline again"
+        )
     write_json(join_uri(out, "check.json"), report)
     return report
 
@@ -109,14 +121,19 @@ def train_stage(member: MemberSpec, cfg: Config, out: str, say) -> str:
     run_dir = join_uri(join_uri(out, "runs"), member.name)
     summary = read_marker(join_uri(run_dir, "summary.json"))
     if summary is None:
-        say(f"[pipeline] {member.name}: training ({cfg.model.backbone} at {cfg.model.image_size or 'native'} px, "
-            f"{cfg.train.workers} workers, {cfg.train.epochs} epochs)")
+        say(
+            f"[pipeline] {member.name}: training ({cfg.model.backbone} at "
+            f"{cfg.model.image_size or 'native'} px, "
+            f"{cfg.train.workers} workers, {cfg.train.epochs} epochs)"
+        )
         result = train(cfg, join_uri(out, "runs"), member.name)
         summary = {"best_metrics": result.best_metrics}
     else:
         say(f"[pipeline] {member.name}: trained before ({run_dir})")
-    say(f"[pipeline] {member.name}: best {cfg.train.monitor} "
-        f"{summary['best_metrics'].get(cfg.train.monitor, float('nan')):.4f}")
+    say(
+        f"[pipeline] {member.name}: best {cfg.train.monitor} "
+        f"{summary['best_metrics'].get(cfg.train.monitor, float('nan')):.4f}"
+    )
     return run_dir
 
 
@@ -139,10 +156,14 @@ def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config, say) -> dic
     if report is None:
         say("[pipeline] evaluation of the bundle and its members on the test split")
         report = evaluate(bundle, archive, "test", where, cfg)
-    lines = [f"[pipeline] test split, {report['num_images']} images: ensemble accuracy {report['accuracy']:.3f}, "
-             f"macro-F1 {report['macro_f1']:.3f}"]
-    lines += [f"[pipeline]   member {name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
-              for name, m in report["members"].items()]
+    lines = [
+        f"[pipeline] test split, {report['num_images']} images: ensemble accuracy {report['accuracy']:.3f}, "
+        f"macro-F1 {report['macro_f1']:.3f}"
+    ]
+    lines += [
+        f"[pipeline]   member {name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+        for name, m in report["members"].items()
+    ]
     say("\n".join(lines) + f"\n[pipeline] report: {join_uri(where, 'report.md')}")
     return report
 

@@ -52,8 +52,9 @@ class Member:
             import tensorflow as tf
 
             spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.uint8)
-            self._forward = tf.function(lambda x: self.model(x, training=False), input_signature=[spec],
-                                        jit_compile=False)
+            self._forward = tf.function(
+                lambda x: self.model(x, training=False), input_signature=[spec], jit_compile=False
+            )
         return np.asarray(self._forward(images), dtype=np.float32)
 
 
@@ -88,9 +89,17 @@ class Prediction:
         """One {label, confidence, top_k: [{label, probability}], abstained} per image: what the
         endpoint answers and an explanation's caption says."""
         order, probs = self.top_k(k)
-        return [{"label": classes[int(self.labels[i])], "confidence": float(self.confidence[i]),
-                 "top_k": [{"label": classes[int(j)], "probability": float(p)} for j, p in zip(order[i], probs[i])],
-                 "abstained": bool(self.abstained[i])} for i in range(len(self.probabilities))]
+        return [
+            {
+                "label": classes[int(self.labels[i])],
+                "confidence": float(self.confidence[i]),
+                "top_k": [
+                    {"label": classes[int(j)], "probability": float(p)} for j, p in zip(order[i], probs[i])
+                ],
+                "abstained": bool(self.abstained[i]),
+            }
+            for i in range(len(self.probabilities))
+        ]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -132,7 +141,7 @@ class Predictor:
             name = files.get(member.name)
             data = None
             if name is not None:
-                data = read_verified(Path(str(member.file)[:-len(name)]), self.manifest, name)
+                data = read_verified(Path(str(member.file)[: -len(name)]), self.manifest, name)
             member.model = load_model(member.file, data)
 
     @property
@@ -147,7 +156,7 @@ class Predictor:
         return self.members[0].config
 
     @classmethod
-    def from_path(cls, path: str, load_models: bool = True, expect_version: str = "") -> "Predictor":
+    def from_path(cls, path: str, load_models: bool = True, expect_version: str = "") -> Predictor:
         """Loads a bundle, a run directory, a checkpoint directory or a `.keras` file.
 
         With `load_models=False` the members carry everything but their Keras models (which take
@@ -157,30 +166,51 @@ class Predictor:
         local = _local_copy(path)
         shown = redact(path)  # the source and a run's version are printed, stored and served
         if (local / MANIFEST).is_file():
-            return cls.from_bundle(local, source=shown, load_models=load_models, expect_version=expect_version)
+            return cls.from_bundle(
+                local, source=shown, load_models=load_models, expect_version=expect_version
+            )
         if expect_version:
             raise UserError(f"'{shown}' is not a bundle: an expected version applies to bundles only")
         return cls.from_checkpoint(local, source=shown, load_models=load_models)
 
     @classmethod
-    def from_bundle(cls, folder: Path, source: str = "", load_models: bool = True,
-                    expect_version: str = "") -> "Predictor":
+    def from_bundle(
+        cls, folder: Path, source: str = "", load_models: bool = True, expect_version: str = ""
+    ) -> Predictor:
         """A bundle folder (local), verified against its manifest first (`skinray.bundle.verify`); each
         model is loaded from the bytes its digest was checked on."""
         manifest = verify(folder)
         check_version(manifest, expect_version, source or str(folder))
         members = []
         for entry in manifest["members"]:
-            model = (load_model(folder / entry["file"], read_verified(folder, manifest, entry["file"]))
-                     if load_models else None)
-            members.append(Member(entry["name"], model, entry["backbone"], int(entry["image_size"]),
-                                  float(entry["temperature"]), float(entry["weight"]),
-                                  load_config(folder / entry["config"]), folder / entry["file"]))
-        return cls(members, list(manifest["classes"]), source or str(folder), float(manifest["threshold"]),
-                   manifest["version"], manifest)
+            model = (
+                load_model(folder / entry["file"], read_verified(folder, manifest, entry["file"]))
+                if load_models
+                else None
+            )
+            members.append(
+                Member(
+                    entry["name"],
+                    model,
+                    entry["backbone"],
+                    int(entry["image_size"]),
+                    float(entry["temperature"]),
+                    float(entry["weight"]),
+                    load_config(folder / entry["config"]),
+                    folder / entry["file"],
+                )
+            )
+        return cls(
+            members,
+            list(manifest["classes"]),
+            source or str(folder),
+            float(manifest["threshold"]),
+            manifest["version"],
+            manifest,
+        )
 
     @classmethod
-    def from_paths(cls, paths: list[str], load_models: bool = True, expect_version: str = "") -> "Predictor":
+    def from_paths(cls, paths: list[str], load_models: bool = True, expect_version: str = "") -> Predictor:
         """One path as `from_path`; several runs or checkpoints as an uncalibrated, equally weighted
         ensemble (what `skinray ensemble` fits the calibration of)."""
         if len(paths) == 1:
@@ -191,15 +221,17 @@ class Predictor:
                 raise UserError(f"'{path}' is a bundle: it cannot be combined with other models")
         for path, part in zip(paths[1:], parts[1:]):
             if part.classes != parts[0].classes:
-                raise UserError(f"'{paths[0]}' and '{path}' have different classes: "
-                                f"{describe_difference(parts[0].classes, part.classes)}")
+                raise UserError(
+                    f"'{paths[0]}' and '{path}' have different classes: "
+                    f"{describe_difference(parts[0].classes, part.classes)}"
+                )
         members = [m for part in parts for m in part.members]
         for i, member in enumerate(members):
             member.name = f"{i:02d}-{member.backbone}"
         return cls(members, parts[0].classes, ",".join(paths), version="uncalibrated")
 
     @classmethod
-    def from_checkpoint(cls, local: Path, source: str = "", load_models: bool = True) -> "Predictor":
+    def from_checkpoint(cls, local: Path, source: str = "", load_models: bool = True) -> Predictor:
         """A run directory, checkpoint or `.keras` file (local) as a one-member, uncalibrated ensemble."""
         checkpoint = _checkpoint_dir(local) if local.is_dir() else local.parent
         model_file = checkpoint / "model.keras" if local.is_dir() else local
@@ -216,8 +248,10 @@ class Predictor:
             size = int(model.input_shape[1])
         else:
             model, size = None, int(json.loads(described.read_text())["image_size"])
-        member = Member(config.model.backbone, model, config.model.backbone, size, config=config, file=model_file)
-        # Named by where it came from (a remote run is read from a temporary copy): the run and its checkpoint.
+        member = Member(
+            config.model.backbone, model, config.model.backbone, size, config=config, file=model_file
+        )
+        # Named by where it came from (a remote run is read from a local copy): the run and its checkpoint.
         version = source or str(checkpoint)
         if local.is_dir() and checkpoint != local:
             from skinray.storage import join_uri
@@ -298,4 +332,7 @@ def _checkpoint_dir(folder: Path) -> Path:
         raise UserError(f"'{folder}' is neither a bundle, a checkpoint nor a run directory with checkpoints")
     config = load_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else load_config()
     sign = -1 if config.train.monitor_mode == "min" else 1
-    return max(checkpoints, key=lambda p: sign * json.loads((p / "model.json").read_text())["metrics"]["checkpoint_score"])
+    return max(
+        checkpoints,
+        key=lambda p: sign * json.loads((p / "model.json").read_text())["metrics"]["checkpoint_score"],
+    )

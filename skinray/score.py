@@ -33,8 +33,20 @@ from skinray.config import Config
 from skinray.data.catalog import is_hidden
 from skinray.data.ingest import ImageSource
 from skinray.inference import predict_rows
-from skinray.storage import (absolute, clear_dir, join_uri, kind, list_files, lock, make_dir, read_marker, redact,
-                             resolve, without_credentials, write_json)
+from skinray.storage import (
+    absolute,
+    clear_dir,
+    join_uri,
+    kind,
+    list_files,
+    lock,
+    make_dir,
+    read_marker,
+    redact,
+    resolve,
+    without_credentials,
+    write_json,
+)
 
 PREDICTIONS, LISTING, CHECKPOINT, RUN, LOCK = "predictions", "_listing", "_checkpoint", "run.json", ".lock"
 
@@ -106,8 +118,11 @@ def _write_listing(paths: list[str], output: str, rows_per_file: int) -> tuple[s
     clear_dir(join_uri(output, LISTING))
     make_dir(join_uri(output, LISTING))
     for part, start in enumerate(range(0, len(paths), rows_per_file)):
-        pq.write_table(pa.table({"path": paths[start:start + rows_per_file]}),
-                       f"{listing}/part-{part:06d}.parquet", filesystem=fs)
+        pq.write_table(
+            pa.table({"path": paths[start : start + rows_per_file]}),
+            f"{listing}/part-{part:06d}.parquet",
+            filesystem=fs,
+        )
     return join_uri(output, LISTING), part + 1
 
 
@@ -134,15 +149,21 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
 def _claim(output: str, predictor, input_uri: str) -> None:
     """OUTPUT/run.json names the model version and input whose rows the output holds; another model
     or input is refused, naming both, so that rows of two models never mix in one output."""
-    run = {"model_version": predictor.version, "model": predictor.source, "input": redact(absolute(input_uri))}
+    run = {
+        "model_version": predictor.version,
+        "model": predictor.source,
+        "input": redact(absolute(input_uri)),
+    }
     previous = read_marker(join_uri(output, RUN))
     if previous is None:
         write_json(join_uri(output, RUN), run)
         return
     if (previous.get("model_version"), previous.get("input")) != (run["model_version"], run["input"]):
-        raise UserError(f"{redact(output)} holds the rows of model {previous.get('model_version')} on "
-                        f"{previous.get('input')}; this run is model {run['model_version']} on {run['input']}: "
-                        "give it another --output (rows of two models or inputs never mix in one)")
+        raise UserError(
+            f"{redact(output)} holds the rows of model {previous.get('model_version')} on "
+            f"{previous.get('input')}; this run is model {run['model_version']} on {run['input']}: "
+            "give it another --output (rows of two models or inputs never mix in one)"
+        )
 
 
 def _score(cfg: Config, model: str, predictor, source: ImageSource, paths: list[str], output: str) -> dict:
@@ -156,17 +177,26 @@ def _score(cfg: Config, model: str, predictor, source: ImageSource, paths: list[
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config, context.use_datasource_v2
     context.checkpoint_config = CheckpointConfig(
-        id_column="path", checkpoint_path=_checkpoint_uri(output), delete_checkpoint_on_success=False,
-        override_filesystem=fs)
+        id_column="path",
+        checkpoint_path=_checkpoint_uri(output),
+        delete_checkpoint_on_success=False,
+        override_filesystem=fs,
+    )
     # One read task, and so one output file, per listing part. The V2 Parquet reader (Ray 2.60's
     # default) packs small files into one task: a killed job would then keep nothing.
     context.use_datasource_v2 = False
     started = time.perf_counter()
     try:
         rows = ray.data.read_parquet(_path_of(listing), filesystem=fs, override_num_blocks=parts)
-        predict_rows(rows, [model], predictor.sizes, source, score_cfg,
-                     task_options=cfg.data.task_options, version=predictor.bundle_version).write_parquet(_path_of(join_uri(output, PREDICTIONS)),
-                                                                         filesystem=fs)
+        predict_rows(
+            rows,
+            [model],
+            predictor.sizes,
+            source,
+            score_cfg,
+            task_options=cfg.data.task_options,
+            version=predictor.bundle_version,
+        ).write_parquet(_path_of(join_uri(output, PREDICTIONS)), filesystem=fs)
     finally:
         context.checkpoint_config, context.use_datasource_v2 = previous
     summary = summarise(output, len(paths), predictor, time.perf_counter() - started)
@@ -212,11 +242,18 @@ def summarise(output: str, listed: int, predictor, seconds: float) -> dict:
     per_class = {k.removeprefix("label:"): v for k, v in sorted(totals.items()) if k.startswith("label:")}
     reasons = Counter({k.removeprefix("error:"): v for k, v in totals.items() if k.startswith("error:")})
     return {
-        "model": predictor.source, "model_version": predictor.version, "listed": listed,
-        "rows": totals["rows"], "unique_paths": totals["rows"] - extra_rows,
-        "scored": sum(per_class.values()), "failed": sum(reasons.values()), "abstained": totals["abstained"],
-        "per_class": per_class, "failure_reasons": dict(reasons.most_common()),
-        "seconds": round(seconds, 2), "predictions": redact(join_uri(output, PREDICTIONS)),
+        "model": predictor.source,
+        "model_version": predictor.version,
+        "listed": listed,
+        "rows": totals["rows"],
+        "unique_paths": totals["rows"] - extra_rows,
+        "scored": sum(per_class.values()),
+        "failed": sum(reasons.values()),
+        "abstained": totals["abstained"],
+        "per_class": per_class,
+        "failure_reasons": dict(reasons.most_common()),
+        "seconds": round(seconds, 2),
+        "predictions": redact(join_uri(output, PREDICTIONS)),
     }
 
 
@@ -224,7 +261,10 @@ def _block_counts(block: pa.Table) -> pa.Table:
     """One block's counts as one row: rows, abstained, per label and per failure reason."""
     abstained = pc.sum(block["abstained"].cast(pa.int64())).as_py() or 0
     counts = Counter({"rows": block.num_rows, "abstained": int(abstained)})
-    for key, column in (("label", block["label"]), ("error", pc.split_pattern(block["error"], ":", max_splits=1))):
+    for key, column in (
+        ("label", block["label"]),
+        ("error", pc.split_pattern(block["error"], ":", max_splits=1)),
+    ):
         values = column if key == "label" else pc.list_element(column, 0)
         for item in pc.value_counts(values.drop_null()).to_pylist():
             counts[f"{key}:{item['values']}"] += item["counts"]
@@ -232,8 +272,10 @@ def _block_counts(block: pa.Table) -> pa.Table:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{summary['rows']} rows for {summary['listed']} files: {summary['scored']} scored, "
-             f"{summary['failed']} failed, {summary['abstained']} abstained ({summary['seconds']:.1f} s)"]
+    lines = [
+        f"{summary['rows']} rows for {summary['listed']} files: {summary['scored']} scored, "
+        f"{summary['failed']} failed, {summary['abstained']} abstained ({summary['seconds']:.1f} s)"
+    ]
     for label, count in summary["per_class"].items():
         lines.append(f"  {count:6d}  {label}")
     for reason, count in summary["failure_reasons"].items():

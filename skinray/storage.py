@@ -36,8 +36,10 @@ HIDDEN = "***"
 # `scheme://key:secret@` (the secret may hold '/') or `scheme://token@` (no '/' or ':'), before a host.
 USERINFO = re.compile(r"""(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s'"@/]*:[^\s'"@]*|[^\s'"@/:]+)@""")
 # URI query options that carry a secret (pyarrow's S3 and GCS options, and the usual spellings).
-SECRET_QUERY = re.compile(r"""(?i)([?&](?:access_key|secret_key|session_token|access_token|token|password|"""
-                          r"""secret|credentials|key)=)[^&\s'"#]*""")
+SECRET_QUERY = re.compile(
+    r"""(?i)([?&](?:access_key|secret_key|session_token|access_token|token|password|"""
+    r"""secret|credentials|key)=)[^&\s'"#]*"""
+)
 
 
 # === Locations ===
@@ -90,14 +92,14 @@ def _credentials_end(location: str) -> int:
 def without_credentials(path: str) -> str:
     """`bucket/key` from `KEY:SECRET@bucket/key` (a path after a URI's scheme), as it is opened on
     a filesystem that already holds the credentials."""
-    return path[_credentials_end(path) + 1:]
+    return path[_credentials_end(path) + 1 :]
 
 
 # === Reading ===
 
 
 def kind(location: str) -> str | None:
-    """"file", "dir", or None when nothing is there."""
+    """ "file", "dir", or None when nothing is there."""
     fs, path, _ = resolve(location)
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(fs.get_file_info(path).type)
 
@@ -107,14 +109,20 @@ def is_empty(location: str) -> bool:
     fs, path, _ = resolve(location)
     found = fs.get_file_info(path).type
     return found == pafs.FileType.NotFound or (
-        found == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(path)))
+        found == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(path))
+    )
 
 
 def list_files(location: str) -> tuple[pafs.FileSystem, str, str, list[str]]:
     """Every file below a folder, recursively: (filesystem, root, prefix, paths relative to root)."""
     fs, root, prefix = resolve(location)
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return fs, root, prefix, [e.path[len(root):].lstrip("/") for e in entries if e.type == pafs.FileType.File]
+    return (
+        fs,
+        root,
+        prefix,
+        [e.path[len(root) :].lstrip("/") for e in entries if e.type == pafs.FileType.File],
+    )
 
 
 def list_dirs(location: str) -> list[str]:
@@ -129,7 +137,7 @@ def list_dirs(location: str) -> list[str]:
 
 def read_bytes(fs: pafs.FileSystem, prefix: str, path: str) -> bytes:
     """Reads one file named by a full path or URI (a catalog's `path` column) on its filesystem."""
-    with fs.open_input_file(path[len(prefix):]) as f:
+    with fs.open_input_file(path[len(prefix) :]) as f:
         return f.read()
 
 
@@ -158,8 +166,11 @@ def read_marker(location: str) -> dict | None:
         marker = "unreadable"
     if marker is None or isinstance(marker, dict):
         return marker
-    print(f"[skinray] warning: {redact(location)} is unreadable (cut short, or edited): treating its step "
-          "as not finished", flush=True)
+    print(
+        f"[skinray] warning: {redact(location)} is unreadable (cut short, or edited): treating its step "
+        "as not finished",
+        flush=True,
+    )
     return None
 
 
@@ -218,8 +229,10 @@ def upload_folder(folder: str | Path, location: str, last: tuple[str, ...] = ())
     """Copies a local folder's files into `location`, each written whole (`write_file`); the files
     named in `last` (a step's marker) after all others, so that a marker never precedes its files."""
     folder = Path(folder)
-    files = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
-                   key=lambda name: (name in last, name))
+    files = sorted(
+        (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+        key=lambda name: (name in last, name),
+    )
     make_dir(location)
     for name in files:
         write_file(folder / name, join_uri(location, name))
@@ -246,8 +259,10 @@ def lock(location: str, what: str):
         held = _live_owner(location, local)
         if held:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("since", 0)))
-            raise UserError(f"{what} is being written by another run (pid {held.get('pid')} on {held.get('host')}, "
-                            f"since {since}): wait for it, or remove {redact(location)} if that run is gone")
+            raise UserError(
+                f"{what} is being written by another run (pid {held.get('pid')} on {held.get('host')}, "
+                f"since {since}): wait for it, or remove {redact(location)} if that run is gone"
+            )
         if not local:
             write_json(location, owner)
             break
@@ -320,10 +335,14 @@ def local_copy(location: str) -> Path:
     found = fs.get_file_info(remote)
     if found.type == pafs.FileType.NotFound:
         raise FileNotFoundError(location)
-    files = (fs.get_file_info(pafs.FileSelector(remote, recursive=True)) if found.type == pafs.FileType.Directory
-             else [found])
+    files = (
+        fs.get_file_info(pafs.FileSelector(remote, recursive=True))
+        if found.type == pafs.FileType.Directory
+        else [found]
+    )
     signature = [fs.type_name, remote] + sorted(
-        (f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
+        (f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File
+    )
     key = hashlib.sha256(json.dumps(signature, default=str).encode()).hexdigest()[:24]
     cache = model_cache()
     entry = cache / key
@@ -336,8 +355,12 @@ def local_copy(location: str) -> Path:
     try:
         if found.type == pafs.FileType.Directory:
             (partial / name).mkdir()
-            pafs.copy_files(remote, str(partial / name), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                remote,
+                str(partial / name),
+                source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
         else:
             with fs.open_input_stream(remote) as src, open(partial / name, "wb") as out:
                 shutil.copyfileobj(src, out)

@@ -10,8 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Credentials for the loopback S3 (moto) of test_object_store.py, set before Ray starts so that its
 # workers have them too; no test talks to real AWS.
-for key, value in {"AWS_ACCESS_KEY_ID": "skinray-test", "AWS_SECRET_ACCESS_KEY": "skinray-test",
-                   "AWS_EC2_METADATA_DISABLED": "true"}.items():
+for key, value in {
+    "AWS_ACCESS_KEY_ID": "skinray-test",
+    "AWS_SECRET_ACCESS_KEY": "skinray-test",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
     os.environ[key] = value
 # Remote models are cached per node: the tests' cache is their own (also for Ray's workers).
 os.environ["SKINRAY_MODEL_CACHE"] = tempfile.mkdtemp(prefix="skinray-test-models-")
@@ -26,8 +29,12 @@ def ray_cluster():
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
+    )
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -68,8 +75,9 @@ def s3_server():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    fs = pafs.S3FileSystem(endpoint_override=f"http://{host}:{port}", region="us-east-1",
-                           allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"http://{host}:{port}", region="us-east-1", allow_bucket_creation=True
+    )
     yield fs, f"endpoint_override=http://{host}:{port}&region=us-east-1"  # credentials: set above
     server.stop()
 
@@ -88,10 +96,19 @@ def members(ray_cluster, tmp_path_factory):
     write_sample(archive, per_class=40, classes=4, seed=1)  # 160 train (112 + 48 val), 40 test
     runs = []
     for name, size in (("small", 48), ("large", 64)):
-        cfg = load_config(overrides=[
-            f"data.archive={archive}", "data.val_fraction=0.3", "model.backbone=tiny", "model.weights=none",
-            f"model.image_size={size}", "train.workers=1", "train.batch_size=16", "train.epochs=5",
-            "train.finetune_lr=0.004"])
+        cfg = load_config(
+            overrides=[
+                f"data.archive={archive}",
+                "data.val_fraction=0.3",
+                "model.backbone=tiny",
+                "model.weights=none",
+                f"model.image_size={size}",
+                "train.workers=1",
+                "train.batch_size=16",
+                "train.epochs=5",
+                "train.finetune_lr=0.004",
+            ]
+        )
         runs.append(train(cfg, str(root / "runs"), name).run_dir)
     return {"archive": archive, "runs": runs, "root": root}
 
@@ -103,8 +120,12 @@ def bundle(members, ray_cluster, tmp_path_factory):
     from skinray.ensemble import build_ensemble
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    build_ensemble(members["runs"], str(members["archive"]), str(out), load_config(overrides=[
-        "score.max_actors=1", "score.batch_size=8", "score.rows_per_file=8"]))
+    build_ensemble(
+        members["runs"],
+        str(members["archive"]),
+        str(out),
+        load_config(overrides=["score.max_actors=1", "score.batch_size=8", "score.rows_per_file=8"]),
+    )
     return out
 
 
@@ -116,13 +137,12 @@ def serve_url(ray_cluster):
     """Serve on the shared cluster, its proxy on a free loopback port; shut down after the module,
     so that its replicas do not hold the cluster's CPUs while training and scoring tests run."""
     from ray import serve
-
     from serving import free_port
 
     port = free_port()
     from skinray.serve.app import serve_section
 
-    # A short request timeout, so that the slow-upload test ends soon (the slowest request here takes seconds).
+    # A short request timeout, so that the slow-upload test ends soon (the slowest request takes seconds).
     serve.start(http_options=serve_section({"port": port, "request_timeout_s": 15}).http_options)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

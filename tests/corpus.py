@@ -33,7 +33,12 @@ def bomb_png(width=50_000, height=50_000) -> bytes:
     """A tiny, valid-looking PNG whose header claims width x height pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def red_square(size=(120, 80)) -> Image.Image:
@@ -75,7 +80,9 @@ def png16() -> bytes:
 def dds_without_pixel_format() -> bytes:
     """A 128-byte DDS texture whose pixel-format flags are 0: Pillow identifies it by content and
     raised NotImplementedError while decoding it, whatever the file was called."""
-    header = struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 0) + bytes(48)
+    header = (
+        struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 0) + bytes(48)
+    )
     return b"DDS " + header
 
 

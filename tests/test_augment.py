@@ -93,20 +93,32 @@ def test_draws_stay_in_the_configured_ranges():
 
 def test_augmentation_inside_a_ray_dataset_equals_the_eager_call(ray_cluster, tmp_path):
     """The same function, eagerly and inside a 4-row Ray Dataset, gives the same pixels."""
-    from skinray.data.ingest import ImageSource, iter_stream, load_batch, stream
     import pyarrow.fs as pafs
+
+    from skinray.data.ingest import ImageSource, iter_stream, load_batch, stream
 
     paths = []
     for i in range(4):
         path = tmp_path / f"{i}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(path)
         paths.append(str(path))
-    table = pa.table({"path": paths, "label": ["a"] * 4, "label_index": pa.array([0, 1, 0, 1], pa.int32()),
-                      "epoch": pa.array([2] * 4, pa.int32())})
+    table = pa.table(
+        {
+            "path": paths,
+            "label": ["a"] * 4,
+            "label_index": pa.array([0, 1, 0, 1], pa.int32()),
+            "epoch": pa.array([2] * 4, pa.int32()),
+        }
+    )
     source = ImageSource(pafs.LocalFileSystem())
     cfg = AugmentConfig()
-    eager = load_batch({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names},
-                       source=source, size=48, augment=cfg, seed=7)
+    eager = load_batch(
+        {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names},
+        source=source,
+        size=48,
+        augment=cfg,
+        seed=7,
+    )
     batches = list(iter_stream(stream(table, source=source, size=48, batch_size=2, augment=cfg, seed=7), 2))
     piped = {p: img for b in batches for p, img in zip(b["path"], b["image"])}
     assert sum(len(b["path"]) for b in batches) == 4

@@ -7,8 +7,11 @@ from skinray.models.backbones import REGISTRY, BackboneError, get_backbone, inpu
 
 def test_registry_entries_carry_what_the_pipeline_needs():
     assert {"resnet50", "inception_v3", "efficientnetv2s", "tiny"} <= set(REGISTRY)
-    assert (REGISTRY["resnet50"].input_size, REGISTRY["inception_v3"].input_size,
-            REGISTRY["efficientnetv2s"].input_size) == (224, 299, 384)
+    assert (
+        REGISTRY["resnet50"].input_size,
+        REGISTRY["inception_v3"].input_size,
+        REGISTRY["efficientnetv2s"].input_size,
+    ) == (224, 299, 384)
     assert REGISTRY["efficientnetv2s"].preprocessing == "raw"  # it normalises itself
 
 
@@ -70,7 +73,9 @@ def test_classifier_saves_and_loads_with_the_same_outputs(tmp_path):
 
     from skinray.models.classifier import build_classifier
 
-    model = build_classifier(get_backbone("tiny"), 5, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 48, None)
+    model = build_classifier(
+        get_backbone("tiny"), 5, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 48, None
+    )
     images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
@@ -81,7 +86,9 @@ def test_classifier_saves_and_loads_with_the_same_outputs(tmp_path):
 def test_two_phase_freezing():
     from skinray.models.classifier import build_classifier, freeze_backbone, unfreeze_top
 
-    model = build_classifier(get_backbone("tiny"), 3, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 32, None)
+    model = build_classifier(
+        get_backbone("tiny"), 3, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 32, None
+    )
     freeze_backbone(model)
     names = {w.path.split("/")[0] for w in model.trainable_weights}
     assert names == {"hidden", "logits"}
@@ -93,11 +100,17 @@ def test_two_phase_freezing():
     assert all(layer.trainable for layer in backbone.layers if layer.weights)
 
 
-@pytest.mark.parametrize("name, size, precision, xla", [
-    ("resnet50", 64, "float32", False), ("inception_v3", 75, "float32", False),
-    ("efficientnetv2s", 64, "float32", False), ("tiny", 32, "float32", False),
-    ("tiny", 32, "mixed_float16", False), ("tiny", 32, "mixed_bfloat16", True),
-])
+@pytest.mark.parametrize(
+    "name, size, precision, xla",
+    [
+        ("resnet50", 64, "float32", False),
+        ("inception_v3", 75, "float32", False),
+        ("efficientnetv2s", 64, "float32", False),
+        ("tiny", 32, "float32", False),
+        ("tiny", 32, "mixed_float16", False),
+        ("tiny", 32, "mixed_bfloat16", True),
+    ],
+)
 def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precision, xla):
     """The real train step under MultiWorkerMirroredStrategy, in a fresh process per case; mixed
     precision (with loss scaling for float16) and XLA are the same step with other settings."""
@@ -114,7 +127,13 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precis
         keras.config.set_dtype_policy(precision)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         with strategy.scope():
-            model = build_classifier(get_backbone(name), 4, Config(model=ModelConfig(backbone=name, weights="none")).model, size, None)
+            model = build_classifier(
+                get_backbone(name),
+                4,
+                Config(model=ModelConfig(backbone=name, weights="none")).model,
+                size,
+                None,
+            )
             optimizer = keras.optimizers.Adam(1e-3)
             if precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

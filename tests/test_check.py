@@ -34,7 +34,9 @@ def test_report(ray_cluster, messy_archive):
     reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in report["unreadable"]}
     assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png", "texture.jpg"}
     assert "empty file" in reasons["empty.jpg"]
-    assert "not an image skinray reads" in reasons["texture.jpg"]  # a DDS texture: its report line, not a crash
+    assert (
+        "not an image skinray reads" in reasons["texture.jpg"]
+    )  # a DDS texture: its report line, not a crash
     assert [m["path"].rsplit("/", 1)[-1] for m in report["misnamed"]] == ["really_png.jpg"]
     assert report["ok"] is False
     text = format_report(report)
@@ -42,21 +44,37 @@ def test_report(ray_cluster, messy_archive):
 
 
 def test_cli_json_and_exit_codes(ray_env, messy_archive, sample_archive):
-    proc = subprocess.run([sys.executable, "-m", "skinray", "data", "check", str(messy_archive), "--json"],
-                          capture_output=True, text=True, timeout=300, env=ray_env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "skinray", "data", "check", str(messy_archive), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ray_env,
+    )
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["duplicates_across_splits"] == 1
-    clean = subprocess.run([sys.executable, "-m", "skinray", "data", "check", str(sample_archive)],
-                           capture_output=True, text=True, timeout=300, env=ray_env)
+    clean = subprocess.run(
+        [sys.executable, "-m", "skinray", "data", "check", str(sample_archive)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ray_env,
+    )
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.strip().endswith("ok")
 
 
 def test_console_shows_rays_info_logs_only_when_verbose(ray_env, sample_archive):
     """By default Ray Data's INFO lines (execution plans) go to Ray's log files; --verbose shows them."""
+
     def check(*flags):
-        proc = subprocess.run([sys.executable, "-m", "skinray", *flags, "data", "check", str(sample_archive)],
-                              capture_output=True, text=True, timeout=300, env=ray_env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "skinray", *flags, "data", "check", str(sample_archive)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=ray_env,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout + proc.stderr
 

@@ -5,7 +5,9 @@ from skinray import __version__
 
 
 def _skinray(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "skinray", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "skinray", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_every_command():
@@ -23,7 +25,9 @@ def test_version():
 
 
 def test_bad_configuration_is_one_clear_line(sample_archive, tmp_path):
-    proc = _skinray("train", "--data", str(sample_archive), "--out", str(tmp_path), "--set", "train.batch_sise=8")
+    proc = _skinray(
+        "train", "--data", str(sample_archive), "--out", str(tmp_path), "--set", "train.batch_sise=8"
+    )
     assert proc.returncode == 2
     assert "train.batch_sise" in proc.stderr and "unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -36,8 +40,9 @@ def test_unknown_backbone(sample_archive, tmp_path):
 
 def test_missing_imagenet_weights_fail_before_training(sample_archive, tmp_path):
     """No network here: the run stops before any cluster starts, saying where the file goes."""
-    proc = _skinray("train", "--backbone", "resnet50", "--data", str(sample_archive), "--out", str(tmp_path),
-                    timeout=120)
+    proc = _skinray(
+        "train", "--backbone", "resnet50", "--data", str(sample_archive), "--out", str(tmp_path), timeout=120
+    )
     assert proc.returncode == 2
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr
@@ -45,8 +50,17 @@ def test_missing_imagenet_weights_fail_before_training(sample_archive, tmp_path)
 
 
 def test_missing_archive(tmp_path):
-    proc = _skinray("train", "--backbone", "tiny", "--weights", "none", "--data", str(tmp_path / "nope"),
-                    "--out", str(tmp_path / "runs"))
+    proc = _skinray(
+        "train",
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--data",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "runs"),
+    )
     assert proc.returncode == 2 and "not a folder" in proc.stderr
 
 
@@ -72,7 +86,9 @@ def test_each_flag_takes_its_help_and_default_from_the_config_field():
     from skinray.config import describe_key
 
     for command, flags in COMMAND_FLAGS.items():
-        text = " ".join(_skinray(*(["data", "check"] if command == "check" else [command]), "--help").stdout.split())
+        text = " ".join(
+            _skinray(*(["data", "check"] if command == "check" else [command]), "--help").stdout.split()
+        )
         for flag, key in flags.items():
             info = describe_key(key)
             assert flag in text and key in text and f"default {info.default!r}" in text, (command, flag)
@@ -84,8 +100,21 @@ def test_a_flag_wins_over_set_which_wins_over_the_file(tmp_path):
 
     file = tmp_path / "c.yaml"
     file.write_text("train:\n  epochs: 7\n  workers: 3\n  head_epochs: 2\n")
-    args = build_parser().parse_args(["train", "--config", str(file), "--set", "train.epochs=5",
-                                      "--set", "train.workers=4", "--epochs", "1", "--out", "x"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(file),
+            "--set",
+            "train.epochs=5",
+            "--set",
+            "train.workers=4",
+            "--epochs",
+            "1",
+            "--out",
+            "x",
+        ]
+    )
     cfg = config_of(args)
     assert (cfg.train.epochs, cfg.train.workers, cfg.train.head_epochs) == (1, 4, 1)
 
@@ -94,21 +123,45 @@ def test_evaluate_takes_the_score_settings_its_job_documents():
     """jobs/evaluate.py tells cluster users to pass --set score.gpus_per_actor=1 (argparse refused it)."""
     from skinray.cli import build_parser, config_of
 
-    args = build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "8",
-                                      "--set", "score.gpus_per_actor=1"])
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--batch-size",
+            "8",
+            "--set",
+            "score.gpus_per_actor=1",
+        ]
+    )
     cfg = config_of(args)
     assert (cfg.score.gpus_per_actor, cfg.score.batch_size) == (1.0, 8)
 
 
 def test_a_bad_setting_on_evaluate_is_one_line(tmp_path):
-    proc = _skinray("evaluate", "--model", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                    "--set", "score.gpus_per_actr=1")
+    proc = _skinray(
+        "evaluate",
+        "--model",
+        str(tmp_path),
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        "score.gpus_per_actr=1",
+    )
     assert proc.returncode == 2 and "score.gpus_per_actr" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_bad_sample_flags_are_one_line(tmp_path):
-    for flags, message in ((["--classes", "99"], "--classes must be between 1 and 23"),
-                           (["--per-class", "0"], "--per-class must be at least 1")):
+    for flags, message in (
+        (["--classes", "99"], "--classes must be between 1 and 23"),
+        (["--per-class", "0"], "--per-class must be at least 1"),
+    ):
         proc = _skinray("data", "sample", "--dest", str(tmp_path / "s"), *flags)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -2,11 +2,11 @@ import io
 
 import numpy as np
 import pytest
+from corpus import CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from corpus import CASES
 from skinray.data.decode import FORMATS, DecodeError, decode, is_image_name
 
 
@@ -156,7 +156,7 @@ def test_each_format_truncated_or_with_a_corrupt_header_is_that_files_error(name
         _decodes_or_refuses(data[:length])
     for start in range(0, min(len(data), 96), 5):
         corrupt = bytearray(data)
-        corrupt[start:start + 3] = bytes(b ^ 0xA5 for b in corrupt[start:start + 3])
+        corrupt[start : start + 3] = bytes(b ^ 0xA5 for b in corrupt[start : start + 3])
         _decodes_or_refuses(bytes(corrupt))
 
 
@@ -191,7 +191,9 @@ print((peak() - before) / 6e6)
 """
 
 
-@pytest.mark.parametrize("mode, fmt", [("RGBA", "WEBP"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG"), ("RGB", "JPEG")])
+@pytest.mark.parametrize(
+    "mode, fmt", [("RGBA", "WEBP"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG"), ("RGB", "JPEG")]
+)
 def test_one_decode_holds_at_most_peak_bytes_per_pixel(mode, fmt, tmp_path):
     """The growth of a fresh process's peak resident set while one 6 MP image decodes, per pixel."""
     import subprocess
@@ -199,13 +201,17 @@ def test_one_decode_holds_at_most_peak_bytes_per_pixel(mode, fmt, tmp_path):
 
     from skinray.data.decode import PEAK_BYTES_PER_PIXEL
 
-    image = Image.new(mode, (3000, 2000), 1 if mode == "P" else (200, 90, 60, 200)[:len(mode)])
+    image = Image.new(mode, (3000, 2000), 1 if mode == "P" else (200, 90, 60, 200)[: len(mode)])
     if mode == "P":
         image.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
     image.save(tmp_path / "big", fmt, **({"transparency": 0} if mode == "P" else {}))
     Image.new("RGB", (64, 64)).save(tmp_path / "small.png")
-    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(tmp_path / "big"), str(tmp_path / "small.png")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE, str(tmp_path / "big"), str(tmp_path / "small.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     per_pixel = float(out.stdout)
     assert per_pixel <= PEAK_BYTES_PER_PIXEL, f"{mode} {fmt}: {per_pixel:.1f} bytes per pixel"

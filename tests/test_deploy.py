@@ -2,8 +2,8 @@
 container image, the KubeRay manifests (KubeRay's own CRD schemas), the Serve config and the jobs."""
 
 import functools
-import json
 import gzip
+import json
 import re
 import subprocess
 import sys
@@ -17,9 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CRDS = Path(__file__).resolve().parent / "data" / "kuberay"
 JOBS = ("pipeline", "tune", "train", "ensemble", "evaluate", "score", "deploy", "data_check")
 # The command deploy/serve.yaml says it was written by.
-SERVE_SETTINGS = ["serve.host=0.0.0.0", "serve.gpus_per_replica=1", "serve.cpus_per_replica=1", "serve.max_replicas=4",
-                  "serve.max_batch_size=32", "serve.batch_wait_s=0.01", "serve.resources.gpu_node=0.001",
-                  "serve.api_keys_file=/etc/skinray/api-keys"]
+SERVE_SETTINGS = [
+    "serve.host=0.0.0.0",
+    "serve.gpus_per_replica=1",
+    "serve.cpus_per_replica=1",
+    "serve.max_replicas=4",
+    "serve.max_batch_size=32",
+    "serve.batch_wait_s=0.01",
+    "serve.resources.gpu_node=0.001",
+    "serve.api_keys_file=/etc/skinray/api-keys",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +65,16 @@ def test_cluster_yaml_keeps_the_jobs_api_private_and_requires_the_token(cluster)
 def test_cluster_yaml_gives_each_node_least_privilege_and_ssh_only_to_admins(cluster):
     """Ray's default head role holds EC2 and S3 full access, and workers get none (s3:// reads there
     fail); SSH was open to the world by default."""
-    profiles = {name: t["node_config"]["IamInstanceProfile"]["Arn"] for name, t in cluster["available_node_types"].items()}
+    profiles = {
+        name: t["node_config"]["IamInstanceProfile"]["Arn"]
+        for name, t in cluster["available_node_types"].items()
+    }
     assert profiles["head"].endswith("/skinray-head") and profiles["cpu"] == profiles["gpu"]
     assert profiles["gpu"].endswith("/skinray-worker")
-    policies = {who: json.loads((ROOT / "deploy" / "aws" / f"skinray-{who}-policy.json").read_text())
-                for who in ("head", "worker")}
+    policies = {
+        who: json.loads((ROOT / "deploy" / "aws" / f"skinray-{who}-policy.json").read_text())
+        for who in ("head", "worker")
+    }
     for who, policy in policies.items():
         for statement in policy["Statement"]:
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
@@ -121,11 +133,17 @@ def test_one_set_of_versions_for_the_tests_and_the_image():
         assert name in locked and req.specifier.contains(locked[name][0]), spec
     assert {"tensorflow", "nvidia-cudnn-cu12"} <= set(gpu)
     assert {n: v for n, (v, _) in gpu.items() if n in locked} == {n: locked[n][0] for n in gpu if n in locked}
-    installed = {n: importlib.metadata.version(n) for n, (_, marker) in locked.items()
-                 if marker is None or marker.evaluate()}
+    installed = {
+        n: importlib.metadata.version(n)
+        for n, (_, marker) in locked.items()
+        if marker is None or marker.evaluate()
+    }
     assert installed == {n: v for n, (v, marker) in locked.items() if marker is None or marker.evaluate()}
     dev = (ROOT / "dev").read_text()
-    assert "pip install -r requirements.lock" in dev and "cat pyproject.toml requirements.lock | sha256sum" in dev
+    assert (
+        "pip install -r requirements.lock" in dev
+        and "cat pyproject.toml requirements.lock | sha256sum" in dev
+    )
 
 
 def test_the_image_is_rays_gpu_image_with_tensorflow_and_cuda():
@@ -137,7 +155,9 @@ def test_the_image_is_rays_gpu_image_with_tensorflow_and_cuda():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     tensorflow = next(d for d in project["dependencies"] if d.startswith("tensorflow"))
-    assert project["optional-dependencies"]["gpu"] == [tensorflow.replace("tensorflow", "tensorflow[and-cuda]")]
+    assert project["optional-dependencies"]["gpu"] == [
+        tensorflow.replace("tensorflow", "tensorflow[and-cuda]")
+    ]
     assert not re.search(r"(?i)(token|secret|password|api.?key)\s*=", dockerfile)
 
 
@@ -145,9 +165,13 @@ def test_the_image_is_rays_gpu_image_with_tensorflow_and_cuda():
 def _schemas() -> dict:
     schemas = {}
     for path in CRDS.glob("ray.io_*.yaml.gz"):
-        crd = yaml.load(gzip.decompress(path.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        crd = yaml.load(
+            gzip.decompress(path.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        )
         for version in crd["spec"]["versions"]:
-            schemas[(f"ray.io/{version['name']}", crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
+            schemas[(f"ray.io/{version['name']}", crd["spec"]["names"]["kind"])] = version["schema"][
+                "openAPIV3Schema"
+            ]
     return schemas
 
 
@@ -188,7 +212,9 @@ def test_the_serve_configs_are_what_skinray_serve_prints():
     from skinray.serve.app import serve_section
     from skinray.serve.command import app_args, serve_config_file
 
-    printed = yaml.safe_load(serve_config_file(app_args("s3://BUCKET/skinray/v1/bundle", load_config(overrides=SERVE_SETTINGS))))
+    printed = yaml.safe_load(
+        serve_config_file(app_args("s3://BUCKET/skinray/v1/bundle", load_config(overrides=SERVE_SETTINGS)))
+    )
     checked_in = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     service = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
     assert checked_in == printed
@@ -204,7 +230,9 @@ def test_each_job_says_how_to_submit_it_and_takes_its_commands_options(job):
     doc = text.split('"""')[1]
     assert "ray job submit" in doc and "--working-dir ." in doc
     assert "Expected" in doc or "expected" in doc.lower()
-    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert proc.returncode == 0 and "usage: skinray" in proc.stdout
 
 
@@ -215,9 +243,24 @@ def test_the_deploy_job_leaves_the_endpoint_running_on_the_cluster(ray_env, ray_
     from serving import free_port
 
     port = free_port()
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "deploy.py"), "--model", str(bundle), "--port", str(port),
-                           "--set", "serve.cpus_per_replica=0.5", "--set", "serve.ingress_cpus=0.25"],
-                          capture_output=True, text=True, timeout=300, env=ray_env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "deploy.py"),
+            "--model",
+            str(bundle),
+            "--port",
+            str(port),
+            "--set",
+            "serve.cpus_per_replica=0.5",
+            "--set",
+            "serve.ingress_cpus=0.25",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ray_env,
+    )
     try:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "deployed as Serve application 'skinray'" in proc.stdout
@@ -232,6 +275,11 @@ def test_detach_refuses_a_cluster_that_would_end_with_the_command(bundle):
     import os
 
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    proc = subprocess.run([sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--detach"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--detach"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2 and "--detach deploys onto a running cluster" in proc.stderr

@@ -53,9 +53,28 @@ def test_threshold_answers_at_least_the_asked_share_and_no_more_than_needed(cove
 def bundle(members, ray_env, tmp_path_factory):
     """`skinray ensemble` on the command line, joining the shared cluster."""
     out = tmp_path_factory.mktemp("bundles") / "v1"
-    proc = subprocess.run([sys.executable, "-m", "skinray", "ensemble", "--members", *members["runs"],
-                           "--data", str(members["archive"]), "--out", str(out), "--coverage", "0.8",
-                           "--set", "score.max_actors=1"], capture_output=True, text=True, timeout=600, env=ray_env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skinray",
+            "ensemble",
+            "--members",
+            *members["runs"],
+            "--data",
+            str(members["archive"]),
+            "--out",
+            str(out),
+            "--coverage",
+            "0.8",
+            "--set",
+            "score.max_actors=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ray_env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "abstains below" in proc.stdout
     return out
@@ -63,7 +82,9 @@ def bundle(members, ray_env, tmp_path_factory):
 
 def test_manifest_describes_every_member(bundle, members):
     manifest = json.loads((bundle / "bundle.json").read_text())
-    assert manifest["classes"] == json.loads((members["root"] / "runs" / "small" / "classes.json").read_text())
+    assert manifest["classes"] == json.loads(
+        (members["root"] / "runs" / "small" / "classes.json").read_text()
+    )
     assert [m["image_size"] for m in manifest["members"]] == [48, 64]
     assert [m["backbone"] for m in manifest["members"]] == ["tiny", "tiny"]
     assert sum(m["weight"] for m in manifest["members"]) == pytest.approx(1.0)
@@ -115,7 +136,10 @@ def test_a_tampered_bundle_is_refused(bundle, tmp_path):
         tamper(copy)
         with pytest.raises(BundleError, match=expected):
             Predictor.from_path(str(copy))
-    assert Predictor.from_path(str(bundle)).version == json.loads((bundle / "bundle.json").read_text())["version"]
+    assert (
+        Predictor.from_path(str(bundle)).version
+        == json.loads((bundle / "bundle.json").read_text())["version"]
+    )
 
 
 def test_a_resealed_bundle_pointing_outside_itself_is_refused(bundle, tmp_path):
@@ -147,7 +171,9 @@ def test_a_model_file_changed_after_verification_is_not_loaded(bundle, tmp_path)
     shutil.copytree(bundle, copy)
     planned = Predictor.from_path(str(copy), load_models=False)  # verified, models not yet loaded
     _flip_a_byte(copy / "members/01-tiny/model.keras")
-    with pytest.raises(BundleError, match="members/01-tiny/model.keras changed after the bundle was verified"):
+    with pytest.raises(
+        BundleError, match="members/01-tiny/model.keras changed after the bundle was verified"
+    ):
         planned.load_models(planned.members)
     planned = Predictor.from_path(str(bundle), load_models=False)
     planned.load_models(planned.members[:1])
@@ -178,8 +204,22 @@ def test_an_expected_version_refuses_any_other_bundle(bundle, members, tmp_path)
         "serve": ["--port", "0"],
     }
     for command, args in commands.items():
-        proc = subprocess.run([sys.executable, "-m", "skinray", command, "--model", str(bundle), *args,
-                               "--expect-version", other], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "skinray",
+                command,
+                "--model",
+                str(bundle),
+                *args,
+                "--expect-version",
+                other,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2, (command, proc.stderr[-2000:])
         assert proc.stderr.strip().splitlines()[-1].startswith("skinray: error: "), (command, proc.stderr)
         assert f"not the expected {other}" in proc.stderr, command
@@ -230,8 +270,12 @@ def test_a_bundle_is_never_overwritten(bundle, members, ray_cluster, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(bundle / "members", partial / "members")  # a write cut short before its manifest
     (partial / "members" / "00-tiny" / "model.keras").write_bytes(b"cut short")
-    resumed = build_ensemble(members["runs"], str(members["archive"]), str(partial), load_config(overrides=[
-        "score.max_actors=1", "score.batch_size=8"]))
+    resumed = build_ensemble(
+        members["runs"],
+        str(members["archive"]),
+        str(partial),
+        load_config(overrides=["score.max_actors=1", "score.batch_size=8"]),
+    )
     from skinray.predictor import Predictor
 
     assert Predictor.from_path(str(partial)).version == resumed["version"]  # verified: every file whole
@@ -289,4 +333,6 @@ def test_evaluate_reports_the_ensemble_beside_its_members(bundle, members, ray_c
     # Validation through the same path reproduces the numbers the bundle was fitted with.
     val = evaluate(str(bundle), str(members["archive"]), "val", str(tmp_path / "val"))
     assert val["accuracy"] == pytest.approx(manifest["validation"]["ensemble"]["accuracy"])
-    assert val["calibration"]["ece_after"] == pytest.approx(manifest["validation"]["ensemble"]["ece"], abs=1e-6)
+    assert val["calibration"]["ece_after"] == pytest.approx(
+        manifest["validation"]["ensemble"]["ece"], abs=1e-6
+    )

@@ -2,7 +2,13 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, top_k_accuracy_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 
 from skinray.evaluate import write_report
 from skinray.metrics import build_report, confusion_metrics
@@ -26,12 +32,18 @@ def test_report_equals_scikit_learn(predictions):
     report = build_report(y_true, probabilities, CLASSES)
     assert report["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert report["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
-    assert report["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted", zero_division=0))
-    assert report["top_3_accuracy"] == pytest.approx(top_k_accuracy_score(y_true, probabilities, k=3, labels=range(6)))
+    assert report["weighted_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, average="weighted", zero_division=0)
+    )
+    assert report["top_3_accuracy"] == pytest.approx(
+        top_k_accuracy_score(y_true, probabilities, k=3, labels=range(6))
+    )
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(6), zero_division=0)
     for i, name in enumerate(CLASSES):
         row = report["per_class"][name]
-        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
+            (p[i], r[i], f[i], s[i])
+        )
     assert report["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=range(6)).tolist()
 
 
@@ -50,9 +62,18 @@ def test_written_files_of_a_two_member_ensemble(predictions, tmp_path):
 
     y_true, probabilities = predictions
     logits = np.stack([np.log(probabilities) * 0.5, np.log(probabilities) * 2.0])  # under-, over-confident
-    predictor = Predictor([Member("00-a", None, "tiny", 48, temperature=0.5, weight=0.4),
-                           Member("01-b", None, "tiny", 64, temperature=2.0, weight=0.6)], CLASSES, "m", threshold=0.5)
-    report = model_report(predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), y_true)
+    predictor = Predictor(
+        [
+            Member("00-a", None, "tiny", 48, temperature=0.5, weight=0.4),
+            Member("01-b", None, "tiny", 64, temperature=2.0, weight=0.6),
+        ],
+        CLASSES,
+        "m",
+        threshold=0.5,
+    )
+    report = model_report(
+        predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), y_true
+    )
     report |= {"model": "m", "split": "test", "failed_files": []}
     # Both temperatures undo the distortion exactly: the calibrated ensemble is the original model.
     assert report["accuracy"] == pytest.approx(accuracy_score(y_true, probabilities.argmax(axis=1)))

@@ -19,8 +19,12 @@ def quadrant_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     for i, label in enumerate(labels):
         coarse = Image.fromarray(rng.integers(40, 216, (8, 8, 3), dtype=np.uint8)).resize((SIZE, SIZE))
         image = np.asarray(coarse, np.float32) + rng.normal(0, 12, (SIZE, SIZE, 3))
-        stripes = np.repeat(across[:, None], SIZE // 2, 1) if label == 0 else np.repeat(across[None], SIZE // 2, 0)
-        image[: SIZE // 2, : SIZE // 2] = 0.3 * image[: SIZE // 2, : SIZE // 2] + 90 * (1 + stripes[..., None])
+        stripes = (
+            np.repeat(across[:, None], SIZE // 2, 1) if label == 0 else np.repeat(across[None], SIZE // 2, 0)
+        )
+        image[: SIZE // 2, : SIZE // 2] = 0.3 * image[: SIZE // 2, : SIZE // 2] + 90 * (
+            1 + stripes[..., None]
+        )
         images[i] = image
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
@@ -37,8 +41,10 @@ def test_grad_cam_puts_the_heat_on_the_quadrant_that_decides_the_class():
     keras.utils.set_random_seed(0)
     cfg = load_config(overrides=["model.backbone=tiny", "model.head_units=32", "model.dropout=0.1"])
     model = build_classifier(get_backbone("tiny"), 2, cfg.model, SIZE, None)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     x, y = quadrant_images(320, seed=0)
     model.fit(x, y, batch_size=32, epochs=8, verbose=0)
     test_x, test_y = quadrant_images(40, seed=1)
@@ -51,7 +57,9 @@ def test_grad_cam_puts_the_heat_on_the_quadrant_that_decides_the_class():
     heat = np.stack([heat_map([c], [1.0], SIZE, SIZE) for c in cams])
     assert heat.min() >= 0 and heat.max() <= 1
     share = heat[:, : SIZE // 2, : SIZE // 2].sum(axis=(1, 2)) / heat.sum(axis=(1, 2))
-    assert np.median(share) > 0.6, share  # a quarter of the picture holds most of the evidence (seen: 0.83-0.9)
+    assert np.median(share) > 0.6, (
+        share
+    )  # a quarter of the picture holds most of the evidence (seen: 0.83-0.9)
 
 
 def test_heat_maps_combine_members_by_weight():
@@ -64,7 +72,9 @@ def test_heat_maps_combine_members_by_weight():
     assert heat[:, :5].mean() > 2 * heat[:, -5:].mean() > 0  # the heavier member's evidence weighs more
 
 
-def test_skinray_explain_writes_one_png_per_image_and_an_error_line_per_broken_one(bundle, photos, tmp_path, capsys):
+def test_skinray_explain_writes_one_png_per_image_and_an_error_line_per_broken_one(
+    bundle, photos, tmp_path, capsys
+):
     from skinray.cli import main
 
     folder = tmp_path / "in"

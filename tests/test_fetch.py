@@ -92,8 +92,13 @@ def test_credential_sources(tmp_path):
 def _run_fetch(tmp_path, env_extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE")}
     env.update(HOME=str(tmp_path / "home"), **env_extra)
-    return subprocess.run([sys.executable, "-m", "skinray", "data", "fetch", "--dest", str(tmp_path / "d")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "skinray", "data", "fetch", "--dest", str(tmp_path / "d")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _one_error_line(proc) -> str:
@@ -119,8 +124,12 @@ def test_no_network_is_a_short_message_that_never_shows_the_key(tmp_path):
 
 
 def _fetch_zip(zpath, dest, *flags):
-    return subprocess.run([sys.executable, "-m", "skinray", "data", "fetch", "--zip", str(zpath),
-                           "--dest", str(dest), *flags], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "skinray", "data", "fetch", "--zip", str(zpath), "--dest", str(dest), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_extracts_a_downloaded_zip(tmp_path):

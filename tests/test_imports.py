@@ -39,7 +39,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         state[node] = "done"
@@ -63,6 +63,11 @@ def test_a_cycle_is_found():
 
 
 def test_only_storage_touches_the_filesystem_layer():
-    users = [p.name for p in PACKAGE.rglob("*.py") if p.name != "storage.py" and "pyarrow.fs" in p.read_text()
-             and any("pyarrow.fs" in line and "import" in line for line in p.read_text().splitlines())]
+    users = [
+        p.name
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "storage.py"
+        and "pyarrow.fs" in p.read_text()
+        and any("pyarrow.fs" in line and "import" in line for line in p.read_text().splitlines())
+    ]
     assert users == []

@@ -1,12 +1,19 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from corpus import CASES
+
 from skinray.config import AugmentConfig
 from skinray.data.catalog import list_archive
-from skinray.data.ingest import (FailureLog, ImageSource, epochs_of_rows, iter_stream, shard,
-                                   steps_per_epoch, stream)
+from skinray.data.ingest import (
+    FailureLog,
+    ImageSource,
+    epochs_of_rows,
+    iter_stream,
+    shard,
+    steps_per_epoch,
+    stream,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +43,15 @@ def test_evaluation_shards_cover_every_row_once(catalog):
 def test_a_multi_epoch_stream_keeps_its_epochs_in_order(ray_cluster, catalog):
     table = epochs_of_rows(catalog.split("train"), rank=1, world=2, batch_size=8, seed=0, epochs=range(2, 5))
     assert table["epoch"].to_pylist() == [2] * 48 + [3] * 48 + [4] * 48
-    batches = list(iter_stream(stream(table, source=ImageSource.of(catalog), size=64, batch_size=8,
-                                      augment=AugmentConfig()), 8))
+    batches = list(
+        iter_stream(
+            stream(table, source=ImageSource.of(catalog), size=64, batch_size=8, augment=AugmentConfig()), 8
+        )
+    )
     assert len(batches) == 3 * steps_per_epoch(96, 2, 8)
     assert [b["path"].tolist() for b in batches] == [
-        table["path"].to_pylist()[i:i + 8] for i in range(0, table.num_rows, 8)]
+        table["path"].to_pylist()[i : i + 8] for i in range(0, table.num_rows, 8)
+    ]
     for batch in batches:
         assert batch["image"].shape == (8, 64, 64, 3) and batch["image"].dtype == np.uint8
         assert batch["ok"].all()
@@ -81,6 +92,8 @@ def test_bad_files_are_recorded_not_dropped_and_never_crash(ray_cluster, awkward
 
 
 def test_a_vanished_file_is_a_recorded_failure(ray_cluster, tmp_path, catalog):
-    table = pa.table({"path": [str(tmp_path / "gone.jpg")], "label": ["x"], "label_index": pa.array([0], pa.int32())})
+    table = pa.table(
+        {"path": [str(tmp_path / "gone.jpg")], "label": ["x"], "label_index": pa.array([0], pa.int32())}
+    )
     batch = next(iter(iter_stream(stream(table, source=ImageSource.of(catalog), size=32, batch_size=1), 1)))
     assert not batch["ok"][0] and "cannot read file" in batch["error"][0]

@@ -13,12 +13,17 @@ import pytest
 from skinray.data.catalog import list_archive
 from skinray.data.ingest import ImageSource, iter_stream, stream
 
+
 @pytest.fixture(scope="module")
 def bucket_uri(sample_archive, s3_server):
     fs, options = s3_server
     fs.create_dir("skin-bucket")
-    pafs.copy_files(str(sample_archive), "skin-bucket/dermnet", source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    pafs.copy_files(
+        str(sample_archive),
+        "skin-bucket/dermnet",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=fs,
+    )
     return f"s3://skin-bucket/dermnet?{options}"
 
 
@@ -36,8 +41,12 @@ def test_ray_tasks_read_the_bucket_and_decode_the_same_pixels(ray_cluster, bucke
     def images(catalog):
         rows = catalog.split("test").slice(0, 6)
         batches = iter_stream(stream(rows, source=ImageSource.of(catalog), size=48, batch_size=3), 3)
-        return {p.rsplit("/", 3)[-3:][-1]: img for b in batches for p, img in zip(b["path"], b["image"])
-                if b["ok"].all()}
+        return {
+            p.rsplit("/", 3)[-3:][-1]: img
+            for b in batches
+            for p, img in zip(b["path"], b["image"])
+            if b["ok"].all()
+        }
 
     from_bucket, from_disk = images(remote), images(local)
     assert len(from_bucket) == 6 and from_bucket.keys() == from_disk.keys()
@@ -57,15 +66,24 @@ def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bu
     object storage, through URIs that carry credentials: none of it, and no line printed, holds them."""
     from skinray.config import load_config
     from skinray.ensemble import build_ensemble
-    from skinray.storage import join_uri, resolve
     from skinray.evaluate import evaluate
+    from skinray.storage import join_uri, resolve
     from skinray.train.trainer import train
 
     keyed = bucket_uri.replace("s3://", f"s3://AKIAEXAMPLE:{quote(SECRET, safe='')}@")
     runs = keyed.replace("/dermnet?", "/runs?")
-    cfg = load_config(overrides=[f"data.archive={keyed}", "model.backbone=tiny", "model.weights=none",
-                                 "model.image_size=48", "train.workers=2", "train.batch_size=8",
-                                 "train.epochs=2", "train.head_epochs=1"])
+    cfg = load_config(
+        overrides=[
+            f"data.archive={keyed}",
+            "model.backbone=tiny",
+            "model.weights=none",
+            "model.image_size=48",
+            "train.workers=2",
+            "train.batch_size=8",
+            "train.epochs=2",
+            "train.head_epochs=1",
+        ]
+    )
     result = train(cfg, runs, "cloud")
     fs, path, _ = resolve(join_uri(runs, "cloud"))
     names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
@@ -76,7 +94,8 @@ def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bu
     fs, path, _ = resolve(reports)
     assert report["num_images"] == 24
     assert {"report.md", "report.json", "confusion_matrix.png", "reliability.png", "config.yaml"} <= {
-        info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
+        info.base_name for info in fs.get_file_info(pafs.FileSelector(path))
+    }
     bundle = keyed.replace("/dermnet?", "/bundles/cloud?")
     manifest = build_ensemble([join_uri(runs, "cloud")], keyed, bundle, cfg)
     assert manifest["members"][0]["source"].startswith("s3://***@skin-bucket/runs/cloud")
@@ -122,30 +141,45 @@ def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env,
     from pathlib import Path
     from urllib.parse import quote
 
-    import pyarrow.parquet as pq
-
     fs, options = s3_server
-    pafs.copy_files(str(bundle), "skin-bucket/bundles/v1", source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    pafs.copy_files(
+        str(bundle),
+        "skin-bucket/bundles/v1",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=fs,
+    )
 
     def uri(path):
         return f"s3://AKIAEXAMPLE:{quote(SECRET, safe='')}@skin-bucket/{path}?{options}"
 
     def skinray(*args, expect=0):
-        out = subprocess.run([sys.executable, "-m", "skinray", *args], capture_output=True, text=True,
-                             timeout=600, env=ray_env)
+        out = subprocess.run(
+            [sys.executable, "-m", "skinray", *args], capture_output=True, text=True, timeout=600, env=ray_env
+        )
         assert out.returncode == expect, out.stderr[-3000:]
         assert SECRET not in out.stdout + out.stderr and quote(SECRET, safe="") not in out.stdout + out.stderr
         return out
 
     check = json.loads(skinray("data", "check", uri("dermnet"), "--json").stdout)
     assert check["ok"] and check["archive"].startswith("s3://***@skin-bucket/dermnet")
-    scored = skinray("score", "--model", uri("bundles/v1"), "--input", uri("dermnet/test"),
-                     "--output", uri("scored"), "--set", "score.max_actors=1")
+    scored = skinray(
+        "score",
+        "--model",
+        uri("bundles/v1"),
+        "--input",
+        uri("dermnet/test"),
+        "--output",
+        uri("scored"),
+        "--set",
+        "score.max_actors=1",
+    )
     assert "24 scored" in scored.stdout
-    skinray("evaluate", "--model", uri("bundles/v1"), "--data", uri("dermnet"), "--out", uri("evaluation-keys"))
-    missing = skinray("evaluate", "--model", uri("bundles/v1"), "--data", uri("nowhere"), "--out", uri("x"),
-                      expect=2)
+    skinray(
+        "evaluate", "--model", uri("bundles/v1"), "--data", uri("dermnet"), "--out", uri("evaluation-keys")
+    )
+    missing = skinray(
+        "evaluate", "--model", uri("bundles/v1"), "--data", uri("nowhere"), "--out", uri("x"), expect=2
+    )
     assert "s3://***@skin-bucket/nowhere" in missing.stderr  # the error names the archive, not its secret
 
     # Serve would keep the URI in its application's stored config: refused, credentials unechoed.

@@ -16,13 +16,20 @@ from pathlib import Path
 import pytest
 import requests
 from playwright.sync_api import expect
-
 from serving import KEY
 
 ARTIFACTS = Path(os.environ.get("SKINRAY_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 # Headless, as root in a container, and quiet on a machine whose network is closed.
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def system_chromium() -> str:
@@ -60,8 +67,9 @@ def page(browser):
 
 
 def test_the_page_answers_an_upload_and_shows_a_readable_error(page, endpoint, photos, tmp_path):
-    expected = requests.post(f"{endpoint}/v1/predict", data=photos[0].read_bytes(),
-                             headers={"Content-Type": "image/jpeg"}).json()
+    expected = requests.post(
+        f"{endpoint}/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"}
+    ).json()
     page.goto(f"{endpoint}/")
     expect(page.locator("#version")).to_contain_text("member")
     page.set_input_files("#file", str(photos[0]))

@@ -1,4 +1,3 @@
-
 from PIL import Image
 
 from skinray.data.sample import DERMNET_CLASSES, write_sample

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-
 from corpus import dds_without_pixel_format
+
 from skinray.config import load_config
 from skinray.score import read_predictions
 
@@ -44,7 +44,9 @@ def scored(bundle, mixed_folder, ray_cluster, tmp_path_factory):
     from skinray.score import score
 
     out = tmp_path_factory.mktemp("scored")
-    summary = score(load_config(overrides=SMALL + ["score.top_k=2"]), str(bundle), str(mixed_folder), str(out))
+    summary = score(
+        load_config(overrides=SMALL + ["score.top_k=2"]), str(bundle), str(mixed_folder), str(out)
+    )
     return {"summary": summary, "table": read_predictions(str(out)), "out": out}
 
 
@@ -111,33 +113,59 @@ def test_a_training_run_scores_as_a_one_member_model(members, mixed_folder, ray_
 def test_a_manifest_lists_the_inputs(bundle, mixed_folder, ray_cluster, tmp_path):
     from skinray.score import score
 
-    pq.write_table(pa.table({"path": ["a/01.jpg", str(mixed_folder / "notes.txt")]}), mixed_folder / "list.parquet")
+    pq.write_table(
+        pa.table({"path": ["a/01.jpg", str(mixed_folder / "notes.txt")]}), mixed_folder / "list.parquet"
+    )
     (tmp_path / "list.csv").write_text(f"path,source\n{mixed_folder / 'a' / '01.jpg'},clinic\n")
-    summary = score(load_config(overrides=SMALL), str(bundle), str(mixed_folder / "list.parquet"), str(tmp_path / "o1"))
+    summary = score(
+        load_config(overrides=SMALL), str(bundle), str(mixed_folder / "list.parquet"), str(tmp_path / "o1")
+    )
     assert (summary["rows"], summary["scored"], summary["failed"]) == (2, 1, 1)
     assert str(mixed_folder / "a" / "01.jpg") in read_predictions(str(tmp_path / "o1"))["path"].to_pylist()
     (mixed_folder / "list.parquet").unlink()
-    summary = score(load_config(overrides=SMALL), str(bundle), str(tmp_path / "list.csv"), str(tmp_path / "o2"))
+    summary = score(
+        load_config(overrides=SMALL), str(bundle), str(tmp_path / "list.csv"), str(tmp_path / "o2")
+    )
     assert summary["scored"] == 1
 
 
 def test_bad_inputs_are_one_clear_line(bundle, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "skinray", "score", "--model", str(bundle), *args],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "skinray", "score", "--model", str(bundle), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     (tmp_path / "list.csv").write_text("file\nx.jpg\n")
     for args, message in [
         (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist"),
         (["--input", str(tmp_path / "list.csv"), "--output", str(tmp_path / "o")], "no 'path' column"),
-        (["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "score.max_actors=0"],
-         "score.max_actors"),
+        (
+            ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "score.max_actors=0"],
+            "score.max_actors",
+        ),
     ]:
         proc = run(*args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "skinray", "score", "--model", str(tmp_path / "nothing"),
-                           "--input", str(tmp_path), "--output", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skinray",
+            "score",
+            "--model",
+            str(tmp_path / "nothing"),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
@@ -150,9 +178,24 @@ def test_a_killed_driver_resumes_with_every_row_exactly_once(bundle, members, ra
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(photos[i % len(photos)], target)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "skinray", "score", "--model", str(bundle), "--input", str(archive),
-               "--output", str(out), "--set", "score.max_actors=1", "--set", "score.batch_size=4",
-               "--set", "score.rows_per_file=4"]
+    command = [
+        sys.executable,
+        "-m",
+        "skinray",
+        "score",
+        "--model",
+        str(bundle),
+        "--input",
+        str(archive),
+        "--output",
+        str(out),
+        "--set",
+        "score.max_actors=1",
+        "--set",
+        "score.batch_size=4",
+        "--set",
+        "score.rows_per_file=4",
+    ]
     first = subprocess.Popen(command, env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     committed = out / "_checkpoint"  # one file per part whose rows are written for good
     deadline = time.time() + 300
@@ -177,11 +220,19 @@ def test_scoring_reads_and_writes_an_object_store(bundle, mixed_folder, s3_serve
     fs, options = s3_server
     fs.create_dir("score-bucket")
     for local, remote in ((mixed_folder / "a", "photos"), (bundle, "bundles/v1")):
-        pafs.copy_files(str(local), f"score-bucket/{remote}", source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
+        pafs.copy_files(
+            str(local),
+            f"score-bucket/{remote}",
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=fs,
+        )
     output = f"s3://score-bucket/predictions-v1?{options}"
-    summary = score(load_config(overrides=SMALL), f"s3://score-bucket/bundles/v1?{options}",
-                    f"s3://score-bucket/photos?{options}", output)
+    summary = score(
+        load_config(overrides=SMALL),
+        f"s3://score-bucket/bundles/v1?{options}",
+        f"s3://score-bucket/photos?{options}",
+        output,
+    )
     assert (summary["rows"], summary["scored"], summary["failed"]) == (11, 10, 1)  # a/texture.jpg: a DDS file
     assert summary["model_version"] == json.loads((bundle / "bundle.json").read_text())["version"]
     table = read_predictions(output)
@@ -190,7 +241,9 @@ def test_scoring_reads_and_writes_an_object_store(bundle, mixed_folder, s3_serve
         assert json.loads(f.read())["rows"] == 11
 
 
-def test_another_model_or_input_is_refused_into_the_same_output(bundle, members, mixed_folder, ray_cluster, tmp_path):
+def test_another_model_or_input_is_refused_into_the_same_output(
+    bundle, members, mixed_folder, ray_cluster, tmp_path
+):
     """Rows of two model versions (or of two inputs) silently mixed in one output before."""
     from skinray import UserError
     from skinray.score import score
@@ -198,8 +251,10 @@ def test_another_model_or_input_is_refused_into_the_same_output(bundle, members,
     out = tmp_path / "out"
     score(load_config(overrides=SMALL), str(bundle), str(mixed_folder / "a"), str(out))
     run = json.loads((out / "run.json").read_text())
-    assert run["input"] == str(mixed_folder / "a") and run["model_version"] == read_predictions(
-        str(out))["model_version"][0].as_py()
+    assert (
+        run["input"] == str(mixed_folder / "a")
+        and run["model_version"] == read_predictions(str(out))["model_version"][0].as_py()
+    )
     with pytest.raises(UserError, match="give it another --output") as other_model:
         score(load_config(overrides=SMALL), members["runs"][0], str(mixed_folder / "a"), str(out))
     assert run["model_version"] in str(other_model.value) and members["runs"][0] in str(other_model.value)
@@ -225,21 +280,34 @@ def test_the_summary_is_counted_on_the_cluster_not_in_the_drivers_memory(ray_env
     folder.mkdir()
     for part in range(8):
         rows = range(part * n // 8, (part + 1) * n // 8)
-        pq.write_table(pa.table({
-            "path": [f"s3://archive/clinic-{i % 97:02d}/{'x' * 100}/{i:07d}.jpg" for i in rows],
-            "label": [None if i % 10 == 0 else f"class-{i % 3}" for i in rows],
-            "abstained": [i % 4 == 0 for i in rows],
-            "error": [f"unreadable image header: {i}" if i % 10 == 0 else None for i in rows],
-        }), folder / f"part-{part}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "path": [f"s3://archive/clinic-{i % 97:02d}/{'x' * 100}/{i:07d}.jpg" for i in rows],
+                    "label": [None if i % 10 == 0 else f"class-{i % 3}" for i in rows],
+                    "abstained": [i % 4 == 0 for i in rows],
+                    "error": [f"unreadable image header: {i}" if i % 10 == 0 else None for i in rows],
+                }
+            ),
+            folder / f"part-{part}.parquet",
+        )
     pq.write_table(pq.read_table(folder / "part-0.parquet").slice(0, 5), folder / "again.parquet")  # 5 twice
-    proc = subprocess.run([sys.executable, "-c", SUMMARY_PEAK, str(tmp_path), str(n)], env=ray_env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SUMMARY_PEAK, str(tmp_path), str(n)],
+        env=ray_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     summary = result["summary"]
     assert (summary["rows"], summary["unique_paths"], summary["failed"]) == (n + 5, n, n // 10 + 1)
     assert summary["failure_reasons"] == {"unreadable image header": n // 10 + 1}
-    assert summary["per_class"] == {f"class-{k}": sum(1 for i in range(n) if i % 10 and i % 3 == k)
-                                    + sum(1 for i in range(5) if i % 10 and i % 3 == k) for k in range(3)}
+    assert summary["per_class"] == {
+        f"class-{k}": sum(1 for i in range(n) if i % 10 and i % 3 == k)
+        + sum(1 for i in range(5) if i % 10 and i % 3 == k)
+        for k in range(3)
+    }
     assert summary["abstained"] == n // 4 + 2
     assert result["peak"] < 5_000_000, result["peak"]

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from PIL import Image
-
 from corpus import bomb_png, dds_without_pixel_format
+from PIL import Image
 from serving import ANOTHER_KEY, KEY, asgi_request, deploy, free_port, jpeg
+
 
 def triton(url: str, **kw):
     import tritonclient.http as http
@@ -58,7 +58,8 @@ def test_predict_answers_raw_bytes_and_multipart_alike(endpoint, bundle, photos)
     assert a["label"] == b["label"] == a["top_k"][0]["label"] and a["label"] in manifest["classes"]
     assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-6)
     assert len(a["top_k"]) == 3 and [t["probability"] for t in a["top_k"]] == sorted(
-        (t["probability"] for t in a["top_k"]), reverse=True)
+        (t["probability"] for t in a["top_k"]), reverse=True
+    )
     assert a["abstained"] == (a["confidence"] < manifest["threshold"])
     assert a["latency_ms"] > 0
 
@@ -97,13 +98,17 @@ def test_an_open_endpoint_on_loopback_answers_only_its_own_host_names(endpoint, 
     """DNS rebinding: a page on another site whose name resolves to 127.0.0.1 sends its own Host."""
     assert requests.get(f"{endpoint}/healthz", headers={"Host": "rebound.example"}).status_code == 400
     assert requests.get(f"{endpoint}/healthz", headers={"Host": "localhost"}).status_code == 200
-    assert requests.get(f"{keyed}/healthz", headers={"Host": "rebound.example"}).status_code == 200  # keys guard it
+    assert (
+        requests.get(f"{keyed}/healthz", headers={"Host": "rebound.example"}).status_code == 200
+    )  # keys guard it
 
 
 # === Parity ===
 
 
-def test_same_probabilities_as_the_predictor_and_bulk_scoring(endpoint, bundle, photos, ray_cluster, tmp_path):
+def test_same_probabilities_as_the_predictor_and_bulk_scoring(
+    endpoint, bundle, photos, ray_cluster, tmp_path
+):
     """HTTP (OIP, full vectors), an in-process Predictor and `skinray score` agree on the same files
     (to float32 rounding: oneDNN's results depend on the batch composition)."""
     from skinray.config import load_config
@@ -121,8 +126,15 @@ def test_same_probabilities_as_the_predictor_and_bulk_scoring(endpoint, bundle, 
     folder.mkdir()
     for p in photos:
         (folder / p.name).write_bytes(p.read_bytes())
-    score(load_config(overrides=["score.max_actors=1", "score.batch_size=8"]), str(bundle), str(folder), str(tmp_path / "out"))
-    rows = {Path(r["path"]).name: r["probabilities"] for r in read_predictions(str(tmp_path / "out")).to_pylist()}
+    score(
+        load_config(overrides=["score.max_actors=1", "score.batch_size=8"]),
+        str(bundle),
+        str(folder),
+        str(tmp_path / "out"),
+    )
+    rows = {
+        Path(r["path"]).name: r["probabilities"] for r in read_predictions(str(tmp_path / "out")).to_pylist()
+    }
     np.testing.assert_allclose(served, np.array([rows[p.name] for p in photos]), atol=1e-5)
 
 
@@ -188,10 +200,14 @@ def test_oip_through_tritonclient(endpoint, bundle, photos):
     probabilities = binary.as_numpy("probabilities")
     assert probabilities.shape == (2, len(classes)) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    assert [label.decode() for label in binary.as_numpy("label")] == [classes[i] for i in probabilities.argmax(1)]
+    assert [label.decode() for label in binary.as_numpy("label")] == [
+        classes[i] for i in probabilities.argmax(1)
+    ]
     assert binary.as_numpy("abstained").dtype == np.bool_ and binary.get_response()["id"] == "r1"
 
-    as_json = client.infer("skinray", [image], outputs=[http.InferRequestedOutput("probabilities", binary_data=False)])
+    as_json = client.infer(
+        "skinray", [image], outputs=[http.InferRequestedOutput("probabilities", binary_data=False)]
+    )
     np.testing.assert_allclose(as_json.as_numpy("probabilities"), probabilities, atol=1e-6)
     assert as_json.as_numpy("label") is None  # only what was asked for
 
@@ -216,16 +232,42 @@ def _post(url, path, **kw):
 
 BAD_REQUESTS = {
     "empty body": (dict(data=b"", headers={"Content-Type": "image/jpeg"}), 400, "empty body"),
-    "not an image": (dict(data=b"patient notes" * 20, headers={"Content-Type": "image/jpeg"}), 400, "not an image"),
-    "truncated image": (dict(data=jpeg((400, 300))[:700], headers={"Content-Type": "image/jpeg"}), 400, "truncated"),
+    "not an image": (
+        dict(data=b"patient notes" * 20, headers={"Content-Type": "image/jpeg"}),
+        400,
+        "not an image",
+    ),
+    "truncated image": (
+        dict(data=jpeg((400, 300))[:700], headers={"Content-Type": "image/jpeg"}),
+        400,
+        "truncated",
+    ),
     "json body": (dict(json={"image": "x"}), 415, "JSON body where an image is expected"),
-    "text/plain": (dict(data=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported content type"),
-    "decompression bomb": (dict(data=bomb_png(), headers={"Content-Type": "image/png"}), 400, "decompression bomb"),
-    "a format skinray does not read": (dict(data=dds_without_pixel_format(), headers={"Content-Type": "image/jpeg"}),
-                                       400, "not an image skinray reads"),
-    "over the size limit": (dict(data=b"\xff" * (2 << 20), headers={"Content-Type": "image/jpeg"}), 413, "limit of 1 MB"),
-    "over the limit, chunked": (dict(data=iter([b"\xff" * (256 << 10)] * 8), headers={"Content-Type": "image/jpeg"}),
-                                413, "limit of 1 MB"),
+    "text/plain": (
+        dict(data=b"hello", headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported content type",
+    ),
+    "decompression bomb": (
+        dict(data=bomb_png(), headers={"Content-Type": "image/png"}),
+        400,
+        "decompression bomb",
+    ),
+    "a format skinray does not read": (
+        dict(data=dds_without_pixel_format(), headers={"Content-Type": "image/jpeg"}),
+        400,
+        "not an image skinray reads",
+    ),
+    "over the size limit": (
+        dict(data=b"\xff" * (2 << 20), headers={"Content-Type": "image/jpeg"}),
+        413,
+        "limit of 1 MB",
+    ),
+    "over the limit, chunked": (
+        dict(data=iter([b"\xff" * (256 << 10)] * 8), headers={"Content-Type": "image/jpeg"}),
+        413,
+        "limit of 1 MB",
+    ),
     "multipart without a file": (dict(data={"note": "x"}, files={"x": ("", b"")}), 400, "empty body"),
 }
 
@@ -244,8 +286,12 @@ def test_urllib_sending_64_mb_reads_the_413(endpoint):
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(f"{endpoint}/v1/predict", data=b"\xff" * (64 << 20), method="POST",
-                                     headers={"Content-Type": "image/jpeg"})
+    request = urllib.request.Request(
+        f"{endpoint}/v1/predict",
+        data=b"\xff" * (64 << 20),
+        method="POST",
+        headers={"Content-Type": "image/jpeg"},
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=120)
     assert refused.value.code == 413 and "limit of 1 MB" in json.loads(refused.value.read())["error"]
@@ -259,34 +305,93 @@ def test_too_many_images_and_a_batch_that_is_not_multipart(endpoint):
     assert response.status_code == 415 and "multipart" in response.json()["error"]
 
 
-HEADER_99 = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                   "parameters": {"binary_data_size": 99}}]}).encode()
+HEADER_99 = json.dumps(
+    {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 99}}]}
+).encode()
 MALFORMED_OIP = {
     "not JSON": (dict(data=b"{oops"), 400, "not JSON"),
     "no inputs": (dict(json={"outputs": []}), 422, "'inputs' list"),
-    "unknown input": (dict(json={"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}),
-                      422, "unknown input"),
-    "wrong datatype": (dict(json={"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 2, 2, 3],
-                                              "data": [0] * 12}]}), 422, "must have datatype UINT8"),
-    "shape and data disagree": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
-                                                       "data": [0] * 11}]}), 400, "11 values for shape"),
-    "not base64": (dict(json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}),
-                   422, "not base64"),
-    "binary size past the body": (dict(data=HEADER_99 + b"\x00" * 10, headers={
-        "Inference-Header-Content-Length": str(len(HEADER_99))}), 400, "declares 99 binary bytes"),
-    "unknown output": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
-                                              "data": [0] * 12}], "outputs": [{"name": "secret"}]}), 422,
-                       "requested outputs"),
+    "unknown input": (
+        dict(json={"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}),
+        422,
+        "unknown input",
+    ),
+    "wrong datatype": (
+        dict(
+            json={"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 2, 2, 3], "data": [0] * 12}]}
+        ),
+        422,
+        "must have datatype UINT8",
+    ),
+    "shape and data disagree": (
+        dict(
+            json={
+                "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [0] * 11}]
+            }
+        ),
+        400,
+        "11 values for shape",
+    ),
+    "not base64": (
+        dict(json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}),
+        422,
+        "not base64",
+    ),
+    "binary size past the body": (
+        dict(data=HEADER_99 + b"\x00" * 10, headers={"Inference-Header-Content-Length": str(len(HEADER_99))}),
+        400,
+        "declares 99 binary bytes",
+    ),
+    "unknown output": (
+        dict(
+            json={
+                "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [0] * 12}],
+                "outputs": [{"name": "secret"}],
+            }
+        ),
+        422,
+        "requested outputs",
+    ),
     # Each of these answered a plain-text 500 before (tests/test_oip.py holds the parser to it).
     "nested JSON": (dict(data=b"[" * 50_000 + b"]" * 50_000), 400, "nested too deeply"),
-    "parameters as a list": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
-                                                    "data": [0] * 12, "parameters": [1]}]}), 422, "JSON object"),
-    "a pixel past 255": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
-                                                "data": [0] * 11 + [256]}]}), 422, "[0, 255]"),
-    "a zero-size image": (dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 0, 2, 3],
-                                                 "data": []}]}), 422, "height and a width"),
-    "a header length in other digits": (dict(data=b'{"inputs": []}', headers={
-        "Inference-Header-Content-Length": "\u00b2"}), 400, "does not fit"),  # sent as latin-1: "²".isdigit()
+    "parameters as a list": (
+        dict(
+            json={
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "UINT8",
+                        "shape": [1, 2, 2, 3],
+                        "data": [0] * 12,
+                        "parameters": [1],
+                    }
+                ]
+            }
+        ),
+        422,
+        "JSON object",
+    ),
+    "a pixel past 255": (
+        dict(
+            json={
+                "inputs": [
+                    {"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [0] * 11 + [256]}
+                ]
+            }
+        ),
+        422,
+        "[0, 255]",
+    ),
+    "a zero-size image": (
+        dict(json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 0, 2, 3], "data": []}]}),
+        422,
+        "height and a width",
+    ),
+    "a header length in other digits": (
+        dict(data=b'{"inputs": []}', headers={"Inference-Header-Content-Length": "\u00b2"}),
+        400,
+        "does not fit",
+    ),  # sent as latin-1: "²".isdigit()
 }
 
 
@@ -301,7 +406,9 @@ def test_a_malformed_inference_request_gets_a_clear_4xx(endpoint, case):
 def test_the_endpoint_still_answers_after_bad_requests(endpoint, photos):
     for kwargs, _, _ in list(BAD_REQUESTS.values())[:6]:
         _post(endpoint, "/v1/predict", **kwargs)
-    response = _post(endpoint, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"})
+    response = _post(
+        endpoint, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"}
+    )
     assert response.status_code == 200 and response.json()["label"]
 
 
@@ -312,14 +419,17 @@ def test_a_slow_upload_is_cut_off_with_a_408(endpoint):
 
     host, port = endpoint.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as slow:
-        slow.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
-                     f"Content-Length: 1000000\r\n\r\n".encode() + b"\xff" * 10)
+        slow.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: 1000000\r\n\r\n".encode()
+            + b"\xff" * 10
+        )
         started, answer = time.monotonic(), b""
         while not answer and time.monotonic() - started < 60:
             try:
                 slow.sendall(b"\xff")
                 answer = slow.recv(256)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:  # closed after the answer
                 break
@@ -357,7 +467,10 @@ def test_rotating_keys_is_a_redeploy(serve_url, bundle, tmp_path):
         keys.write_text(f"{ANOTHER_KEY}\n")
         deploy(bundle, "rotate", "/rotate", api_keys_file=str(keys))
         assert _post(url, "/v1/predict", data=jpeg(), headers={**jpg, "X-API-Key": KEY}).status_code == 401
-        assert _post(url, "/v1/predict", data=jpeg(), headers={**jpg, "X-API-Key": ANOTHER_KEY}).status_code == 200
+        assert (
+            _post(url, "/v1/predict", data=jpeg(), headers={**jpg, "X-API-Key": ANOTHER_KEY}).status_code
+            == 200
+        )
     finally:
         serve.delete("rotate")
 
@@ -368,8 +481,12 @@ def test_the_key_is_not_in_the_logs(keyed, ray_cluster, photos):
     import uuid
 
     marker = f"keylog-{uuid.uuid4().hex}"
-    response = _post(keyed, "/v1/predict", data=photos[0].read_bytes(),
-                     headers={"Content-Type": "image/jpeg", "X-API-Key": KEY, "X-Request-Id": marker})
+    response = _post(
+        keyed,
+        "/v1/predict",
+        data=photos[0].read_bytes(),
+        headers={"Content-Type": "image/jpeg", "X-API-Key": KEY, "X-Request-Id": marker},
+    )
     assert response.status_code == 200
     logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
 
@@ -391,9 +508,17 @@ def test_overload_gets_a_503_with_retry_after(serve_url, bundle):
     the third concurrent request has nowhere to go and is refused at once."""
     from ray import serve
 
-    deploy(bundle, "busy", "/busy", max_ongoing_requests=1, max_queued_requests=1, max_batch_size=8,
-           batch_wait_s=3.0)
+    deploy(
+        bundle,
+        "busy",
+        "/busy",
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        max_batch_size=8,
+        batch_wait_s=3.0,
+    )
     try:
+
         def one(_):
             r = _post(f"{serve_url}/busy", "/v1/predict", data=jpeg(), headers={"Content-Type": "image/jpeg"})
             return r.status_code, r.headers.get("Retry-After"), r.text
@@ -461,12 +586,15 @@ class StandIn:
                 async def answer():
                     await asyncio.sleep(0.05)
                     return True
+
                 return answer()
+
         self.ready = Ready()
 
     def remote(self, views):
         async def fail():
             raise self.error
+
         return fail()
 
 
@@ -481,9 +609,15 @@ def _ingress_app(bundle, handle):
 
 
 def test_an_unexpected_error_is_a_json_500_without_its_details(bundle, ray_cluster):
-    status, headers, body = asyncio.run(asgi_request(
-        _ingress_app(bundle, StandIn(RuntimeError("internal detail 0xdeadbeef"))), "POST", "/v1/predict",
-        jpeg(), {"content-type": "image/jpeg"}))
+    status, headers, body = asyncio.run(
+        asgi_request(
+            _ingress_app(bundle, StandIn(RuntimeError("internal detail 0xdeadbeef"))),
+            "POST",
+            "/v1/predict",
+            jpeg(),
+            {"content-type": "image/jpeg"},
+        )
+    )
     assert status == 500 and headers["content-type"] == "application/json"
     assert "log" in json.loads(body)["error"] and b"deadbeef" not in body and b"Traceback" not in body
 
@@ -491,8 +625,15 @@ def test_an_unexpected_error_is_a_json_500_without_its_details(bundle, ray_clust
 def test_a_dead_model_replica_is_a_json_503_with_retry_after(bundle, ray_cluster):
     from ray.exceptions import ActorDiedError
 
-    status, headers, body = asyncio.run(asgi_request(
-        _ingress_app(bundle, StandIn(ActorDiedError())), "POST", "/v1/predict", jpeg(), {"content-type": "image/jpeg"}))
+    status, headers, body = asyncio.run(
+        asgi_request(
+            _ingress_app(bundle, StandIn(ActorDiedError())),
+            "POST",
+            "/v1/predict",
+            jpeg(),
+            {"content-type": "image/jpeg"},
+        )
+    )
     assert status == 503 and headers["retry-after"] == "5" and "unavailable" in json.loads(body)["error"]
 
 
@@ -501,7 +642,9 @@ def test_a_flood_of_readiness_probes_asks_the_models_once_a_second(bundle, ray_c
     app = _ingress_app(bundle, handle)
 
     async def flood():
-        answers = await asyncio.gather(*(asgi_request(app, "GET", path) for path in ["/readyz", "/v2/health/ready"] * 25))
+        answers = await asyncio.gather(
+            *(asgi_request(app, "GET", path) for path in ["/readyz", "/v2/health/ready"] * 25)
+        )
         return answers, handle.ready_calls
 
     answers, calls = asyncio.run(flood())
@@ -514,8 +657,22 @@ def test_a_flood_of_readiness_probes_asks_the_models_once_a_second(bundle, ray_c
 def test_print_config_is_a_valid_serve_config(bundle):
     from ray.serve.schema import ServeDeploySchema
 
-    out = subprocess.run([sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--print-config",
-                          "--set", "serve.max_batch_size=4"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skinray",
+            "serve",
+            "--model",
+            str(bundle),
+            "--print-config",
+            "--set",
+            "serve.max_batch_size=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     config = ServeDeploySchema.parse_obj(yaml.safe_load(out.stdout))
     app = config.applications[0]
@@ -524,16 +681,27 @@ def test_print_config_is_a_valid_serve_config(bundle):
     assert (config.http_options.request_timeout_s, config.http_options.keep_alive_timeout_s) == (60, 15)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/nowhere/bundle"], "does not exist"),
-    (["--set", "serve.layout=sideways"], "serve.layout"),
-    (["--set", "serve.api_keys_file=/nowhere/keys"], "cannot read serve.api_keys_file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nowhere/bundle"], "does not exist"),
+        (["--set", "serve.layout=sideways"], "serve.layout"),
+        (["--set", "serve.api_keys_file=/nowhere/keys"], "cannot read serve.api_keys_file"),
+    ],
+)
 def test_bad_serve_arguments_are_one_line(bundle, args, message):
-    command = [sys.executable, "-m", "skinray", "serve", *(["--model", str(bundle)] if "--model" not in args else []),
-               *args]
+    command = [
+        sys.executable,
+        "-m",
+        "skinray",
+        "serve",
+        *(["--model", str(bundle)] if "--model" not in args else []),
+        *args,
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, (
+        out.stderr
+    )
 
 
 def test_keys_fail_closed(bundle, tmp_path, monkeypatch, caplog):
@@ -545,13 +713,22 @@ def test_keys_fail_closed(bundle, tmp_path, monkeypatch, caplog):
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
     empty.write_text("# keys, one per line\n\n")
     short.write_text("short-key-1234\n")
-    for settings, message in (([f"serve.api_keys_file={empty}"], "holds no key"),
-                              ([f"serve.api_keys_file={short}"], "shorter than 32 characters"),
-                              (["serve.host=0.0.0.0"], "reachable from other machines")):
+    for settings, message in (
+        ([f"serve.api_keys_file={empty}"], "holds no key"),
+        ([f"serve.api_keys_file={short}"], "shorter than 32 characters"),
+        (["serve.host=0.0.0.0"], "reachable from other machines"),
+    ):
         command = [sys.executable, "-m", "skinray", "serve", "--model", str(bundle)]
-        out = subprocess.run(command + [a for s in settings for a in ("--set", s)], capture_output=True, text=True,
-                             timeout=120, env={k: v for k, v in os.environ.items() if k != "SKINRAY_API_KEYS"})
-        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        out = subprocess.run(
+            command + [a for s in settings for a in ("--set", s)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={k: v for k, v in os.environ.items() if k != "SKINRAY_API_KEYS"},
+        )
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, (
+            out.stderr
+        )
     monkeypatch.delenv("SKINRAY_API_KEYS", raising=False)
     assert key_digests(serve_section({"host": "127.0.0.1"})) == set()
     with caplog.at_level("WARNING"):
@@ -569,8 +746,23 @@ def test_skinray_serve_stops_cleanly_on_sigterm(bundle, photos, tmp_path):
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}
     log = open(tmp_path / "serve.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--port", str(port),
-                                "--set", "serve.max_replicas=1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "skinray",
+            "serve",
+            "--model",
+            str(bundle),
+            "--port",
+            str(port),
+            "--set",
+            "serve.max_replicas=1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -582,7 +774,9 @@ def test_skinray_serve_stops_cleanly_on_sigterm(bundle, photos, tmp_path):
             except requests.RequestException:  # not listening yet, or the proxy has no route yet
                 pass
             time.sleep(2)
-        response = _post(url, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"})
+        response = _post(
+            url, "/v1/predict", data=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"}
+        )
         assert response.status_code == 200
         started = psutil.Process(process.pid).children(recursive=True)
         assert len(started) > 3  # Ray's GCS, raylet, Serve's controller, proxy, replicas ...

@@ -48,16 +48,21 @@ def test_locations():
         storage.local_copy("/nowhere/at/all")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("s3://AKIAX:wJalr/XUtnFEMI@bucket/dermnet", "s3://***@bucket/dermnet"),
-    ("s3://bucket/runs?region=eu-west-1&secret_key=S3CRET&access_key=AK",
-     "s3://bucket/runs?region=eu-west-1&secret_key=***&access_key=***"),
-    ("gs://bucket/x?access_token=ya29.tok", "gs://bucket/x?access_token=***"),
-    ("archive 's3://K:S@b/x' is not a folder", "archive 's3://***@b/x' is not a folder"),
-    ("input=s3://K:S@b/x", "input=s3://***@b/x"),
-    ("s3://bucket/plain/path?region=us-east-1", "s3://bucket/plain/path?region=us-east-1"),
-    ("/local/path/with:colon@at", "/local/path/with:colon@at"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("s3://AKIAX:wJalr/XUtnFEMI@bucket/dermnet", "s3://***@bucket/dermnet"),
+        (
+            "s3://bucket/runs?region=eu-west-1&secret_key=S3CRET&access_key=AK",
+            "s3://bucket/runs?region=eu-west-1&secret_key=***&access_key=***",
+        ),
+        ("gs://bucket/x?access_token=ya29.tok", "gs://bucket/x?access_token=***"),
+        ("archive 's3://K:S@b/x' is not a folder", "archive 's3://***@b/x' is not a folder"),
+        ("input=s3://K:S@b/x", "input=s3://***@b/x"),
+        ("s3://bucket/plain/path?region=us-east-1", "s3://bucket/plain/path?region=us-east-1"),
+        ("/local/path/with:colon@at", "/local/path/with:colon@at"),
+    ],
+)
 def test_credentials_in_uris_are_redacted(text, expected):
     assert storage.redact(text) == expected
 
@@ -74,7 +79,8 @@ def test_a_path_is_opened_without_the_credentials_its_uri_carried():
 def test_redaction_leaves_the_text_around_a_uri_alone():
     line = '{"archive": "s3://K:S/x@b/dermnet?endpoint_override=http://127.0.0.1:9000&secret_key=Z", "n": 1}'
     assert storage.redact(line) == (
-        '{"archive": "s3://***@b/dermnet?endpoint_override=http://127.0.0.1:9000&secret_key=***", "n": 1}')
+        '{"archive": "s3://***@b/dermnet?endpoint_override=http://127.0.0.1:9000&secret_key=***", "n": 1}'
+    )
 
 
 def test_a_remote_model_is_copied_once_per_node_and_anew_when_it_changes(s3_server, tmp_path, monkeypatch):
@@ -138,7 +144,9 @@ def test_a_lock_has_one_holder_and_a_dead_holder_is_replaced(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "since": 0}))
+        (tmp_path / ".lock").write_text(
+            json.dumps({"host": socket.gethostname(), "pid": alive.pid, "since": 0})
+        )
         with pytest.raises(UserError, match=f"pid {alive.pid}"):
             with storage.lock(lock, "output 'x'"):
                 pass

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from corpus import dds_without_pixel_format
+
 from skinray.config import load_config
 from skinray.train.monitor import Monitor, checkpoint_score
 from skinray.train.recipe import contradictions, describe
@@ -22,10 +22,19 @@ from skinray.train.trainer import KILL_ENV
 
 EPOCHS, HEAD_EPOCHS, KILL_STEP = 12, 2, 20
 # The transfer recipe on a random backbone, for its two phases and plateau rule (and its warnings).
-TINY = ["model.backbone=tiny", "model.weights=none", "model.image_size=64", "train.workers=2",
-        "train.recipe=transfer", "train.batch_size=8", "train.head_lr=0.004", "train.finetune_lr=0.004",
-        "train.unfreeze_top=100",
-        "train.early_stopping_patience=0", "train.plateau_patience=1"]
+TINY = [
+    "model.backbone=tiny",
+    "model.weights=none",
+    "model.image_size=64",
+    "train.workers=2",
+    "train.recipe=transfer",
+    "train.batch_size=8",
+    "train.head_lr=0.004",
+    "train.finetune_lr=0.004",
+    "train.unfreeze_top=100",
+    "train.early_stopping_patience=0",
+    "train.plateau_patience=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +53,28 @@ def run(ray_cluster, archive, tmp_path_factory):
     from skinray.train.trainer import train
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(overrides=TINY + [f"data.archive={archive}", f"train.epochs={EPOCHS}",
-                                        f"train.head_epochs={HEAD_EPOCHS}", "train.max_failures=1"])
+    cfg = load_config(
+        overrides=TINY
+        + [
+            f"data.archive={archive}",
+            f"train.epochs={EPOCHS}",
+            f"train.head_epochs={HEAD_EPOCHS}",
+            "train.max_failures=1",
+        ]
+    )
     os.environ[KILL_ENV] = f"1:{KILL_STEP}"  # read by the driver, handed to the workers
     try:
         result = train(cfg, str(out), "faulty")
     finally:
         del os.environ[KILL_ENV]
     final = sorted((out / "faulty").glob("checkpoint_epoch_*"))[-1]
-    return {"result": result, "dir": out / "faulty", "state": json.loads((final / "state.json").read_text()),
-            "cfg": cfg, "archive": archive}
+    return {
+        "result": result,
+        "dir": out / "faulty",
+        "state": json.loads((final / "state.json").read_text()),
+        "cfg": cfg,
+        "archive": archive,
+    }
 
 
 # === Pure logic ===
@@ -201,7 +222,9 @@ def test_best_checkpoint_is_the_best_epoch_and_evaluates_the_same(run, tmp_path)
 
 def test_run_directory_contents(run):
     folder = run["dir"]
-    assert {"config.yaml", "classes.json", "summary.json", "tensorboard"} <= {p.name for p in folder.iterdir()}
+    assert {"config.yaml", "classes.json", "summary.json", "tensorboard"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
     checkpoints = sorted(folder.glob("checkpoint_epoch_*"))
     assert len(checkpoints) <= 3 + 1  # keep_checkpoints best, plus the latest
@@ -214,9 +237,28 @@ def test_run_directory_contents(run):
 
 def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_env, archive, tmp_path):
     """max_failures=0: the kill ends the run; the same command then resumes from the latest checkpoint."""
-    command = [sys.executable, "-m", "skinray", "train", "--backbone", "tiny", "--data", str(archive),
-               "--out", str(tmp_path), "--name", "again", "--epochs", "3", "--workers", "2",
-               "--image-size", "32", "--weights", "none"]
+    command = [
+        sys.executable,
+        "-m",
+        "skinray",
+        "train",
+        "--backbone",
+        "tiny",
+        "--data",
+        str(archive),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "again",
+        "--epochs",
+        "3",
+        "--workers",
+        "2",
+        "--image-size",
+        "32",
+        "--weights",
+        "none",
+    ]
     for item in ["train.batch_size=8", "train.max_failures=0"]:
         command += ["--set", item]
     killed = {**ray_env, KILL_ENV: "1:20"}  # 8 steps an epoch: in the third epoch
@@ -238,7 +280,11 @@ def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_env, archi
     assert [h["phase"] for h in state["history"]] == ["scratch"] * 3
     base = scaled_learning_rate(cfg.train.finetune_lr, 16, cfg.train.base_batch, cfg.train.lr_scaling)
     assert [h["learning_rate"] for h in state["history"]] == pytest.approx(
-        [scheduled_learning_rate(base, e, 0, 3, cfg.train.warmup_epochs, cfg.train.min_lr, "cosine") for e in range(3)])
+        [
+            scheduled_learning_rate(base, e, 0, 3, cfg.train.warmup_epochs, cfg.train.min_lr, "cosine")
+            for e in range(3)
+        ]
+    )
     assert "[skinray] warning" not in first.stderr + second.stderr
     # From the second epoch's checkpoint, or the first's if the second's report was still in flight.
     assert [e["from_epoch"] for e in state["events"] if e["event"] == "resumed"] in ([1], [0])
@@ -257,7 +303,9 @@ def test_a_resume_on_other_classes_or_settings_is_refused_naming_the_difference(
     write_sample(tmp_path / "three", per_class=10, classes=3, seed=0)
     base = TINY + [f"train.epochs={EPOCHS}", f"train.head_epochs={HEAD_EPOCHS}"]
     other_classes = load_config(overrides=base + [f"data.archive={tmp_path / 'three'}"])
-    with pytest.raises(UserError, match=rf"other classes \(classes only before: \['{fourth}'\]; only now: none\)"):
+    with pytest.raises(
+        UserError, match=rf"other classes \(classes only before: \['{fourth}'\]; only now: none\)"
+    ):
         train(other_classes, str(folder.parent), "faulty")
     other_size = load_config(overrides=base + [f"data.archive={run['archive']}", "model.image_size=32"])
     with pytest.raises(UserError, match="other settings \\(model.image_size: 64 then, 32 now\\)"):

@@ -17,13 +17,41 @@ import pytest
 
 from skinray.config import load_config
 
-TUNE = ["--backbone", "tiny", "--weights", "none", "--image-size", "32",
-        "--set", "tune.views=2", "--set", "tune.max_epochs=6", "--set", "tune.grace_period=1",
-        "--set", "tune.reduction_factor=3", "--set", "tune.cpus_per_trial=0.5", "--set", "tune.batch_size=[16,32]"]
+TUNE = [
+    "--backbone",
+    "tiny",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--set",
+    "tune.views=2",
+    "--set",
+    "tune.max_epochs=6",
+    "--set",
+    "tune.grace_period=1",
+    "--set",
+    "tune.reduction_factor=3",
+    "--set",
+    "tune.cpus_per_trial=0.5",
+    "--set",
+    "tune.batch_size=[16,32]",
+]
 
 
 def _tune(ray_env, archive, out, *extra, timeout=900):
-    command = [sys.executable, "-m", "skinray", "tune", "--data", str(archive), "--out", str(out), *TUNE, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "skinray",
+        "tune",
+        "--data",
+        str(archive),
+        "--out",
+        str(out),
+        *TUNE,
+        *extra,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ray_env)
 
 
@@ -44,7 +72,9 @@ def test_a_cached_search_writes_its_trials_and_the_best_config(search):
     rows = _rows(search["dir"])
     assert len(rows) == 6
     assert all(0.0 <= float(r["val_macro_f1"]) <= 1.0 for r in rows)
-    assert [float(r["val_macro_f1"]) for r in rows] == sorted((float(r["val_macro_f1"]) for r in rows), reverse=True)
+    assert [float(r["val_macro_f1"]) for r in rows] == sorted(
+        (float(r["val_macro_f1"]) for r in rows), reverse=True
+    )
     assert "| trial |" in (search["dir"] / "trials.md").read_text()
     assert "embeddings written" in search["proc"].stdout
     assert "train with it: skinray train --config" in search["proc"].stdout
@@ -73,7 +103,9 @@ def test_skinray_train_accepts_the_best_config(search, ray_cluster, tmp_path):
 def test_running_the_search_again_reuses_everything(search, ray_env):
     trials = sorted((search["dir"] / "trials").glob("*/result.json"))
     before = {p: p.read_text() for p in trials}
-    proc = _tune(ray_env, search["archive"], search["out"], "--name", "s", "--trials", "6", "--max-concurrent", "2")
+    proc = _tune(
+        ray_env, search["archive"], search["out"], "--name", "s", "--trials", "6", "--max-concurrent", "2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "embeddings reused" in proc.stdout and "continuing the search" in proc.stdout
     assert {p: p.read_text() for p in trials} == before  # no trial ran again
@@ -94,17 +126,40 @@ def test_another_search_under_the_same_out_finds_the_embeddings(search, tmp_path
 
     cfg = load_config(search["dir"] / "config.yaml")
     _, train_rows, val_rows = _inputs(cfg)
-    location, reused = embed(cfg, 32, train_rows, val_rows, ImageSource.of(list_archive(cfg.data.archive)),
-                             str(tmp_path / "embeddings"), elsewhere=_sibling_embeddings(str(search["out"])))
+    location, reused = embed(
+        cfg,
+        32,
+        train_rows,
+        val_rows,
+        ImageSource.of(list_archive(cfg.data.archive)),
+        str(tmp_path / "embeddings"),
+        elsewhere=_sibling_embeddings(str(search["out"])),
+    )
     assert reused and location.startswith(str(search["dir"] / "embeddings"))
     assert not (tmp_path / "embeddings").exists()
 
 
 def test_an_interrupted_search_continues_without_rerunning_finished_trials(ray_env, sample_archive, tmp_path):
-    command = [sys.executable, "-m", "skinray", "tune", "--data", str(sample_archive), "--out", str(tmp_path),
-               "--name", "k", "--trials", "4", "--max-concurrent", "1", *TUNE]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_env,
-                              start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "skinray",
+        "tune",
+        "--data",
+        str(sample_archive),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "k",
+        "--trials",
+        "4",
+        "--max-concurrent",
+        "1",
+        *TUNE,
+    ]
+    driver = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_env, start_new_session=True
+    )
     finished = _wait_for_finished_trials(tmp_path / "k" / "trials", driver, count=1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -136,9 +191,25 @@ def _is_done(result_json):
 
 
 def test_full_mode_runs_ray_train_trials(ray_env, sample_archive, tmp_path):
-    proc = _tune(ray_env, sample_archive, tmp_path, "--name", "f", "--mode", "full", "--trials", "2",
-                 "--max-concurrent", "2", "--set", "tune.max_epochs=1", "--set", "tune.grace_period=1",
-                 "--set", "train.workers=1")
+    proc = _tune(
+        ray_env,
+        sample_archive,
+        tmp_path,
+        "--name",
+        "f",
+        "--mode",
+        "full",
+        "--trials",
+        "2",
+        "--max-concurrent",
+        "2",
+        "--set",
+        "tune.max_epochs=1",
+        "--set",
+        "tune.grace_period=1",
+        "--set",
+        "train.workers=1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(tmp_path / "f")
     assert len(rows) == 2 and all(r["error"] == "" for r in rows)
@@ -146,11 +217,14 @@ def test_full_mode_runs_ray_train_trials(ray_env, sample_archive, tmp_path):
     assert not (tmp_path / "f" / "embeddings").exists()
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--backbone", "vgg16"], "known: resnet50"),
-    (["--set", "data.val_fraction=0"], "no validation images"),
-    (["--set", "tune.dropout=[0.5,0.1]"], "tune.dropout"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--backbone", "vgg16"], "known: resnet50"),
+        (["--set", "data.val_fraction=0"], "no validation images"),
+        (["--set", "tune.dropout=[0.5,0.1]"], "tune.dropout"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(ray_env, sample_archive, tmp_path, extra, words):
     proc = _tune(ray_env, sample_archive, tmp_path / "out", *extra, timeout=300)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr

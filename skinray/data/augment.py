@@ -7,8 +7,9 @@ augmentation; here rotation, shear, zoom, shifts, flip and the resize are compos
 
 Each augmentation is a small named function returning a matrix that maps output coordinates to input
 coordinates (as Keras' `apply_affine_transform` does), in pixel units centred on the image, with
-pixel i covering [i, i + 1). OpenCV does the one resampling. Evaluation, bulk scoring and serving use `resize`, the same warp with
-the identity parameters, so every path produces the same pixels for the same image.
+pixel i covering [i, i + 1). OpenCV does the one resampling. Evaluation, bulk scoring and serving
+use `resize`, the same warp with the identity parameters, so every path produces the same pixels
+for the same image.
 
 Note: ImageDataGenerator's `shear_range` is an angle in degrees (0.2 degrees in the seed notebook, a
 no-op); skinray's `shear` is the shear factor (0.2 ~ 11 degrees), as Keras 3's RandomShear uses it.
@@ -120,7 +121,10 @@ def warp(image: Image.Image, params: AffineParams, size: int) -> np.ndarray:
     pixels = np.asarray(image)
     matrix = _FROM_CENTRES @ affine_matrix(params, size, image.size) @ _TO_CENTRES
     return cv2.warpAffine(
-        pixels, matrix[:2], (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        pixels,
+        matrix[:2],
+        (size, size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         # Outside the image: the nearest edge pixel, as ImageDataGenerator's fill_mode="nearest".
         borderMode=cv2.BORDER_REPLICATE,
     )

@@ -100,8 +100,10 @@ def list_archive(uri: str) -> Catalog:
         rows.append((prefix + f"{root}/{rel.as_posix()}", parts[0], split))
 
     if not rows:
-        raise ArchiveError(f"archive '{uri}' holds no images in class folders "
-                           "(expected <class>/<image> or train/<class>/<image>)")
+        raise ArchiveError(
+            f"archive '{uri}' holds no images in class folders "
+            "(expected <class>/<image> or train/<class>/<image>)"
+        )
     rows.sort()
     classes = sorted({label for _, label, _ in rows})
     index = {name: i for i, name in enumerate(classes)}
@@ -168,8 +170,11 @@ def model_split(catalog: Catalog, split: str, classes: list[str], data_cfg) -> p
         raise ArchiveError(f"the model does not know the archive's classes: {', '.join(unknown)}")
     index = {name: i for i, name in enumerate(classes)}
     table = parts[split]
-    return table.set_column(table.schema.get_field_index("label_index"), "label_index",
-                            pa.array([index[c] for c in table["label"].to_pylist()], pa.int32()))
+    return table.set_column(
+        table.schema.get_field_index("label_index"),
+        "label_index",
+        pa.array([index[c] for c in table["label"].to_pylist()], pa.int32()),
+    )
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:

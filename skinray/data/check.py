@@ -57,8 +57,11 @@ def check_archive(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     catalog = list_archive(uri)
     connect()
     source = ImageSource.of(catalog, max_pixels)
-    rows = dataset(catalog.table, 32).map_batches(inspect_batch, batch_size=None,
-                                                   fn_kwargs={"source": source}).take_all()
+    rows = (
+        dataset(catalog.table, 32)
+        .map_batches(inspect_batch, batch_size=None, fn_kwargs={"source": source})
+        .take_all()
+    )
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {c: 0 for c in catalog.classes})
     by_digest: dict[str, list[dict]] = defaultdict(list)
     unreadable, misnamed = [], []
@@ -71,9 +74,9 @@ def check_archive(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
         if not format_matches(row["path"], row["format"]):
             misnamed.append({"path": row["path"], "format": row["format"]})
     duplicates = [
-        {"sha256": digest, "paths": [r["path"] for r in group],
-         "splits": sorted({r["split"] for r in group})}
-        for digest, group in sorted(by_digest.items()) if len(group) > 1
+        {"sha256": digest, "paths": [r["path"] for r in group], "splits": sorted({r["split"] for r in group})}
+        for digest, group in sorted(by_digest.items())
+        if len(group) > 1
     ]
     across = sum(1 for d in duplicates if len(d["splits"]) > 1)
     return {
@@ -105,13 +108,19 @@ def format_report(report: dict) -> str:
     lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
     for cls in report["classes"]:
         lines.append(f"{cls:<{width}}  " + "  ".join(f"{report['counts'][s][cls]:>6}" for s in splits))
-    lines.append(f"{'total':<{width}}  " + "  ".join(f"{sum(report['counts'][s].values()):>6}" for s in splits))
-    lines.append("imbalance (largest / smallest class): "
-                 + ", ".join(f"{s} {r}" for s, r in report["imbalance"].items()))
+    lines.append(
+        f"{'total':<{width}}  " + "  ".join(f"{sum(report['counts'][s].values()):>6}" for s in splits)
+    )
+    lines.append(
+        "imbalance (largest / smallest class): "
+        + ", ".join(f"{s} {r}" for s, r in report["imbalance"].items())
+    )
     if report["skipped"]:
         lines.append("skipped: " + ", ".join(f"{n} {why}" for why, n in report["skipped"].items()))
-    lines.append(f"duplicate groups: {report['duplicates_within_split']} within a split, "
-                 f"{report['duplicates_across_splits']} across splits")
+    lines.append(
+        f"duplicate groups: {report['duplicates_within_split']} within a split, "
+        f"{report['duplicates_across_splits']} across splits"
+    )
     for dup in report["duplicates"][:20]:
         lines.append(f"  same content ({', '.join(dup['splits'])}): " + " | ".join(dup["paths"]))
     lines.append(f"unreadable files: {len(report['unreadable'])}")

@@ -92,8 +92,9 @@ def _kaggle_api():
 # === Verification and extraction ===
 
 
-def extract(zip_path: str | Path, dest: str | Path, verify_dermnet: bool = True,
-            dataset: str = DATASET) -> dict:
+def extract(
+    zip_path: str | Path, dest: str | Path, verify_dermnet: bool = True, dataset: str = DATASET
+) -> dict:
     """Verifies a DermNet-layout zip and extracts it to `dest/train/<class>/...`, atomically.
 
     The zip may wrap the splits in a top folder. Checks: the zip's CRCs, `train/` and `test/`
@@ -107,7 +108,9 @@ def extract(zip_path: str | Path, dest: str | Path, verify_dermnet: bool = True,
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise FetchError(f"'{zip_path}' is not a readable zip file ({exc}); delete it and fetch again")
+        raise FetchError(
+            f"'{zip_path}' is not a readable zip file ({exc}); delete it and fetch again"
+        ) from None
     with archive:
         bad = archive.testzip()
         if bad is not None:
@@ -118,7 +121,9 @@ def extract(zip_path: str | Path, dest: str | Path, verify_dermnet: bool = True,
         if verify_dermnet:
             _verify_dermnet(zip_path, counts, classes)
         dest.mkdir(parents=True, exist_ok=True)
-        _check_free_space(zip_path, dest, sum(info.file_size for files in members.values() for info, _ in files))
+        _check_free_space(
+            zip_path, dest, sum(info.file_size for files in members.values() for info, _ in files)
+        )
         staging = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
         try:
             for split, files in members.items():
@@ -149,25 +154,33 @@ def _refuse_foreign_splits(dest: Path) -> None:
     for split in EXPECTED_COUNTS:
         folder = dest / split
         if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
-            raise FetchError(f"'{folder}' already holds files that skinray did not extract there (no {MARKER} "
-                             "beside it): give another --dest, or move or delete that folder")
+            raise FetchError(
+                f"'{folder}' already holds files that skinray did not extract there (no {MARKER} "
+                "beside it): give another --dest, or move or delete that folder"
+            )
 
 
 def _check_free_space(zip_path, dest: Path, needed: int) -> None:
     free = shutil.disk_usage(dest).free
     if needed > free:
-        raise FetchError(f"'{zip_path}' extracts to {needed / 1e9:.2f} GB but {dest} has {free / 1e9:.2f} GB free: "
-                         "free some space or give another --dest")
+        raise FetchError(
+            f"'{zip_path}' extracts to {needed / 1e9:.2f} GB but {dest} has {free / 1e9:.2f} GB free: "
+            "free some space or give another --dest"
+        )
 
 
 def _verify_dermnet(zip_path, counts: dict[str, int], classes: list[str]) -> None:
     unexpected = set(classes) ^ set(DERMNET_CLASSES)
     if unexpected:
-        raise FetchError(f"'{zip_path}' does not hold DermNet's 23 classes (differs in: "
-                         f"{', '.join(sorted(unexpected)[:5])}); is it the right dataset?")
+        raise FetchError(
+            f"'{zip_path}' does not hold DermNet's 23 classes (differs in: "
+            f"{', '.join(sorted(unexpected)[:5])}); is it the right dataset?"
+        )
     if counts != EXPECTED_COUNTS:
-        raise FetchError(f"'{zip_path}' holds {counts} images, DermNet has {EXPECTED_COUNTS}: "
-                         "the download is incomplete; delete it and fetch again")
+        raise FetchError(
+            f"'{zip_path}' holds {counts} images, DermNet has {EXPECTED_COUNTS}: "
+            "the download is incomplete; delete it and fetch again"
+        )
 
 
 def _split_members(archive: zipfile.ZipFile) -> dict[str, list[tuple[zipfile.ZipInfo, PurePosixPath]]]:
@@ -183,8 +196,10 @@ def _split_members(archive: zipfile.ZipFile) -> dict[str, list[tuple[zipfile.Zip
         split_at = next((i for i, p in enumerate(parts) if p.lower() in members), None)
         if split_at is None or len(parts) - split_at < 3:
             continue  # not <split>/<class>/<file>: licence files, READMEs, stray files
-        members[parts[split_at].lower()].append((info, PurePosixPath(*parts[split_at + 1:])))
+        members[parts[split_at].lower()].append((info, PurePosixPath(*parts[split_at + 1 :])))
     missing = [split for split, files in members.items() if not files]
     if missing:
-        raise FetchError(f"zip has no {' or '.join(missing)}/<class>/<image> files: not a DermNet-layout archive")
+        raise FetchError(
+            f"zip has no {' or '.join(missing)}/<class>/<image> files: not a DermNet-layout archive"
+        )
     return members

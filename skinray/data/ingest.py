@@ -47,7 +47,7 @@ class ImageSource:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
-    def of(cls, catalog: Catalog, max_pixels: int = DEFAULT_MAX_PIXELS) -> "ImageSource":
+    def of(cls, catalog: Catalog, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSource:
         return cls(catalog.filesystem, catalog.prefix, max_pixels)
 
 
@@ -99,7 +99,9 @@ def load_batch(
 # === Scoring: decode once, one view per input size ===
 
 
-def decode_views(data: bytes, sizes: tuple[int, ...], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[int, np.ndarray]:
+def decode_views(
+    data: bytes, sizes: tuple[int, ...], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[int, np.ndarray]:
     """Image bytes -> one uint8 (size, size, 3) view per input size; raises DecodeError.
 
     What bulk scoring, evaluation and serving feed a `Predictor`: the image is decoded once, for
@@ -123,7 +125,9 @@ def view_column(size: int) -> str:
     return f"image_{size}"
 
 
-def load_views(batch: dict[str, np.ndarray], *, source: ImageSource, sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
+def load_views(
+    batch: dict[str, np.ndarray], *, source: ImageSource, sizes: tuple[int, ...]
+) -> dict[str, np.ndarray]:
     """The Ray Data map function of scoring: rows with a `path` -> `image_<size>` views, `ok`, `error`.
 
     Every other input column passes through. A file that cannot be read or decoded keeps its row,
@@ -140,8 +144,12 @@ def load_views(batch: dict[str, np.ndarray], *, source: ImageSource, sizes: tupl
             continue
         for size, view in views_of(image, sizes).items():
             views[size][i] = view
-    return {**batch, **{view_column(s): v for s, v in views.items()}, "ok": ok,
-            "error": np.asarray(errors, dtype=object)}
+    return {
+        **batch,
+        **{view_column(s): v for s, v in views.items()},
+        "ok": ok,
+        "error": np.asarray(errors, dtype=object),
+    }
 
 
 # === Which rows a consumer gets ===

@@ -89,16 +89,22 @@ def _draw_lesion(draw, pattern, colour, cx, cy, r, rng) -> None:
             s = rng.uniform(0.06, 0.14) * r
             draw.ellipse([x - s, y - s, x + s, y + s], fill=colour)
     elif pattern == "ring":
-        draw.ellipse([cx - r, cy - r * 0.8, cx + r, cy + r * 0.8], outline=colour, width=max(4, int(r * 0.25)))
+        draw.ellipse(
+            [cx - r, cy - r * 0.8, cx + r, cy + r * 0.8], outline=colour, width=max(4, int(r * 0.25))
+        )
     else:  # stripes
         for k in range(-3, 4):
             off = k * r * 0.3
-            draw.line([cx - r, cy + off - r * 0.4, cx + r, cy + off + r * 0.4], fill=colour,
-                      width=max(3, int(r * 0.12)))
+            draw.line(
+                [cx - r, cy + off - r * 0.4, cx + r, cy + off + r * 0.4],
+                fill=colour,
+                width=max(3, int(r * 0.12)),
+            )
 
 
-def write_sample(dest: str | Path, per_class: int = 40, classes: int = 23, seed: int = 0,
-                 test_fraction: float = 0.25) -> dict[str, int]:
+def write_sample(
+    dest: str | Path, per_class: int = 40, classes: int = 23, seed: int = 0, test_fraction: float = 0.25
+) -> dict[str, int]:
     """Writes the sample archive; returns the number of images written per split.
 
     `per_class` training images per class and round(per_class * test_fraction) test images (at

@@ -10,9 +10,9 @@ probabilities. `tiny` is a small CNN in the same registry for tests and smoke ru
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 
@@ -92,19 +92,36 @@ REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
         BackboneSpec(
-            "resnet50", _resnet50, 224, "caffe", 2048, "conv5_block3_out",
+            "resnet50",
+            _resnet50,
+            224,
+            "caffe",
+            2048,
+            "conv5_block3_out",
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=KERAS_APPLICATIONS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_hash="4d473c1dd8becc155b73f8504c6f6626",
         ),
         BackboneSpec(
-            "inception_v3", _inception_v3, 299, "tf", 2048, "mixed10", min_size=75,
+            "inception_v3",
+            _inception_v3,
+            299,
+            "tf",
+            2048,
+            "mixed10",
+            min_size=75,
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            weights_url=KERAS_APPLICATIONS + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=KERAS_APPLICATIONS
+            + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_hash="bcbd6486424b2319ff4ef7d526e38f63",
         ),
         BackboneSpec(
-            "efficientnetv2s", _efficientnetv2s, 384, "raw", 1280, "top_activation",
+            "efficientnetv2s",
+            _efficientnetv2s,
+            384,
+            "raw",
+            1280,
+            "top_activation",
             weights_file="efficientnetv2-s_notop.h5",
             weights_url=KERAS_APPLICATIONS + "efficientnet_v2/efficientnetv2-s_notop.h5",
             weights_hash="af0682fb74e8c54910f2d4393339c070",
@@ -155,8 +172,9 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> str | None:
     if cached.is_file():
         return str(cached)
     try:
-        return keras.utils.get_file(spec.weights_file, spec.weights_url, cache_subdir="models",
-                                    file_hash=spec.weights_hash)
+        return keras.utils.get_file(
+            spec.weights_file, spec.weights_url, cache_subdir="models", file_hash=spec.weights_hash
+        )
     except Exception as exc:  # urllib raises several types; all mean "could not fetch"
         raise BackboneError(
             f"ImageNet weights for {spec.name} could not be downloaded ({type(exc).__name__}). "

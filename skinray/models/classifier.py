@@ -51,8 +51,9 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, size: int,
-                     weights: str | None) -> keras.Model:
+def build_classifier(
+    spec: BackboneSpec, num_classes: int, cfg: ModelConfig, size: int, weights: str | None
+) -> keras.Model:
     """uint8 images (size x size x 3) -> logits over `num_classes`.
 
     The backbone is a nested model named "backbone", so freezing can address it as a whole.
@@ -82,8 +83,9 @@ def head(features, num_classes: int, cfg: ModelConfig):
     """
     regularizer = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
     x = keras.layers.Dropout(cfg.dropout, name="dropout")(features)
-    x = keras.layers.Dense(cfg.head_units, activation=cfg.head_activation, kernel_regularizer=regularizer,
-                           name="hidden")(x)
+    x = keras.layers.Dense(
+        cfg.head_units, activation=cfg.head_activation, kernel_regularizer=regularizer, name="hidden"
+    )(x)
     x = keras.layers.Dropout(cfg.head_dropout, name="head_dropout")(x)
     return keras.layers.Dense(num_classes, kernel_regularizer=regularizer, dtype="float32", name="logits")(x)
 

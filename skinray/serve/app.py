@@ -35,8 +35,15 @@ class Model:
     concatenated per size and each member runs once over them.
     """
 
-    def __init__(self, model: str, version: str, members: list[int], max_batch_size: int, batch_wait_s: float,
-                 gpus: float):
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        members: list[int],
+        max_batch_size: int,
+        batch_wait_s: float,
+        gpus: float,
+    ):
         from skinray.console import load_tensorflow, quiet_process
 
         quiet_process()
@@ -56,7 +63,9 @@ class Model:
         self.batch_sizes = batch_size_histogram()
         # Warm-up: the first call of a Keras model traces it. Serve routes no request to a replica
         # before this constructor returns, so readiness means "loaded and answered".
-        self._run([{m.image_size: np.zeros((1, m.image_size, m.image_size, 3), np.uint8) for m in self.members}])
+        self._run(
+            [{m.image_size: np.zeros((1, m.image_size, m.image_size, 3), np.uint8) for m in self.members}]
+        )
 
     async def __call__(self, views: dict[int, np.ndarray]) -> np.ndarray:
         """(members here, n, classes) logits for n images."""
@@ -77,8 +86,9 @@ class Model:
     def _run(self, requests: list[dict[int, np.ndarray]]) -> list[np.ndarray]:
         counts = [len(next(iter(r.values()))) for r in requests]
         self.batch_sizes.observe(sum(counts))
-        logits = np.stack([m.logits(np.concatenate([r[m.image_size] for r in requests]))
-                           for m in self.members])
+        logits = np.stack(
+            [m.logits(np.concatenate([r[m.image_size] for r in requests])) for m in self.members]
+        )
         return np.split(logits, np.cumsum(counts)[:-1], axis=1)
 
 
@@ -87,8 +97,15 @@ class Model:
 class Ingress:
     """The HTTP front: request guards, decoding, and the models' answers turned into responses."""
 
-    def __init__(self, model: str, version: str, handles: list, groups: list[list[int]], key_digests: list[str],
-                 cfg: dict):
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        handles: list,
+        groups: list[list[int]],
+        key_digests: list[str],
+        cfg: dict,
+    ):
         from skinray.console import quiet_process
         from skinray.predictor import Predictor
         from skinray.serve.ingress import Service
@@ -118,15 +135,24 @@ def build_app(args: dict) -> serve.Application:
     # A bad path or version fails here, before deploying.
     predictor = Predictor.from_path(model, load_models=False, expect_version=cfg.expect_version)
     version = predictor.bundle_version
-    groups = ([[i] for i in range(len(predictor.members))] if cfg.layout == "per_member"
-              else [list(range(len(predictor.members)))])
+    groups = (
+        [[i] for i in range(len(predictor.members))]
+        if cfg.layout == "per_member"
+        else [list(range(len(predictor.members)))]
+    )
     names = ["Model"] if len(groups) == 1 else [f"Model-{predictor.members[g[0]].name}" for g in groups]
-    handles = [_model_deployment(cfg, name).bind(model, version, g, cfg.max_batch_size, cfg.batch_wait_s,
-                                                 cfg.gpus_per_replica)
-               for name, g in zip(names, groups)]
-    ingress = Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options=cfg.ingress_options,
-                              max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-                              max_queued_requests=cfg.ingress_max_ongoing_requests)
+    handles = [
+        _model_deployment(cfg, name).bind(
+            model, version, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica
+        )
+        for name, g in zip(names, groups)
+    ]
+    ingress = Ingress.options(
+        num_replicas=cfg.ingress_replicas,
+        ray_actor_options=cfg.ingress_options,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        max_queued_requests=cfg.ingress_max_ongoing_requests,
+    )
     return ingress.bind(model, version, handles, groups, sorted(key_digests(cfg)), settings)
 
 
@@ -138,8 +164,14 @@ def serve_section(settings: dict) -> ServeConfig:
 def _model_deployment(cfg: ServeConfig, name: str):
     return Model.options(
         name=name,
-        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                            "target_ongoing_requests": cfg.target_ongoing_requests,
-                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
-        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options=cfg.replica_options)
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+        },
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options=cfg.replica_options,
+    )

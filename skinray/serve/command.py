@@ -16,31 +16,45 @@ import time
 import yaml
 
 from skinray import UserError
-from skinray.storage import absolute, redact
 from skinray.serve.app import APP_NAME, build_app, serve_section
+from skinray.storage import absolute, redact
 
 
 def app_args(model: str, cfg) -> dict:
     """The application's arguments, which Serve stores (its config, the controller's checkpoint) and
     shows: a model URI carrying credentials is refused rather than stored there."""
     if redact(model) != model:
-        raise UserError(f"the model URI carries credentials ({redact(model)}), which Serve would store in the "
-                        "application's config: give them to the cluster instead (an instance role, or "
-                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment)")
+        raise UserError(
+            f"the model URI carries credentials ({redact(model)}), which Serve would store in the "
+            "application's config: give them to the cluster instead (an instance role, or "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment)"
+        )
     return {"model": absolute(model), "serve": dataclasses.asdict(cfg.serve)}
 
 
 def serve_config_file(args: dict) -> str:
     """A Serve config file (for `serve deploy` or a RayService's serveConfigV2) of this application."""
     s = args["serve"]
-    document = {"proxy_location": "EveryNode", "http_options": serve_section(s).http_options,
-                "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "skinray.serve.app:build_app",
-                                  "args": args}]}
-    return ("# skinray's online endpoint as a Ray Serve application.\n"
-            "#   serve deploy THIS_FILE            (with the dashboard reachable: `ray dashboard cluster.yaml`)\n"
-            "# The model path must be readable from every node (shared storage or an object store URI).\n"
-            "# API keys: SKINRAY_API_KEYS (comma separated) or serve.api_keys_file, read where the\n"
-            "# application is built (the cluster), never written here.\n" + yaml.safe_dump(document, sort_keys=False))
+    document = {
+        "proxy_location": "EveryNode",
+        "http_options": serve_section(s).http_options,
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "skinray.serve.app:build_app",
+                "args": args,
+            }
+        ],
+    }
+    return (
+        "# skinray's online endpoint as a Ray Serve application.\n"
+        "#   serve deploy THIS_FILE            (with the dashboard reachable: `ray dashboard cluster.yaml`)\n"
+        "# The model path must be readable from every node (shared storage or an object store URI).\n"
+        "# API keys: SKINRAY_API_KEYS (comma separated) or serve.api_keys_file, read where the\n"
+        "# application is built (the cluster), never written here.\n"
+        + yaml.safe_dump(document, sort_keys=False)
+    )
 
 
 def serve_command(cfg, model: str, print_config: bool = False, detach: bool = False) -> int:
@@ -67,7 +81,10 @@ def serve_command(cfg, model: str, print_config: bool = False, detach: bool = Fa
         serve.run(application, name=APP_NAME, route_prefix="/")
         url = f"http://{cfg.serve.host}:{cfg.serve.port}"
         api = f"{url}/docs" if cfg.serve.docs else f"{url}/v1"
-        print(f"skinray serve: {arguments['model']} at {url} (page {url}/, API {api}); Ctrl-C stops it", flush=True)
+        print(
+            f"skinray serve: {arguments['model']} at {url} (page {url}/, API {api}); Ctrl-C stops it",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -84,12 +101,17 @@ def _deploy(application, cfg, arguments: dict, started_cluster: bool) -> int:
 
     if started_cluster:
         ray.shutdown()
-        raise UserError("--detach deploys onto a running cluster, and none was found: set RAY_ADDRESS "
-                        "(or run `ray start --head`), or leave --detach out to serve in the foreground")
+        raise UserError(
+            "--detach deploys onto a running cluster, and none was found: set RAY_ADDRESS "
+            "(or run `ray start --head`), or leave --detach out to serve in the foreground"
+        )
     serve.start(http_options=cfg.serve.http_options)
     serve.run(application, name=APP_NAME, route_prefix="/")  # returns once every replica is up
-    print(f"skinray serve: {arguments['model']} deployed as Serve application '{APP_NAME}' "
-          f"on port {cfg.serve.port} of every node ({cfg.serve.host}); `serve status` shows it", flush=True)
+    print(
+        f"skinray serve: {arguments['model']} deployed as Serve application '{APP_NAME}' "
+        f"on port {cfg.serve.port} of every node ({cfg.serve.host}); `serve status` shows it",
+        flush=True,
+    )
     return 0
 
 

@@ -46,8 +46,11 @@ def overloaded(what: str) -> ApiError:
 
 
 def unavailable(what: str) -> ApiError:
-    return ApiError(503, f"{what} is unavailable (a replica is starting or being replaced): retry shortly",
-                    {"Retry-After": str(LOADING_RETRY_AFTER_S)})
+    return ApiError(
+        503,
+        f"{what} is unavailable (a replica is starting or being replaced): retry shortly",
+        {"Retry-After": str(LOADING_RETRY_AFTER_S)},
+    )
 
 
 def not_ready() -> JSONResponse:
@@ -115,7 +118,9 @@ class BodyLimit:
 # === API keys ===
 
 
-MIN_KEY_LENGTH = 32  # a key a client cannot guess: `python -c "import secrets; print(secrets.token_urlsafe(32))"`
+MIN_KEY_LENGTH = (
+    32  # a key a client cannot guess: `python -c "import secrets; print(secrets.token_urlsafe(32))"`
+)
 
 
 def key_digests(cfg: ServeConfig) -> set[str]:
@@ -135,19 +140,27 @@ def key_digests(cfg: ServeConfig) -> set[str]:
             raise UserError(f"cannot read serve.api_keys_file '{path}': {exc.strerror}") from None
         in_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
         if not in_file:
-            raise UserError(f"serve.api_keys_file '{path}' holds no key: refusing to serve every route openly "
-                            "(put one key per line, or leave serve.api_keys_file empty)")
+            raise UserError(
+                f"serve.api_keys_file '{path}' holds no key: refusing to serve every route openly "
+                "(put one key per line, or leave serve.api_keys_file empty)"
+            )
         keys += in_file
     short = sum(len(k) < MIN_KEY_LENGTH for k in keys)
     if short:
-        raise UserError(f"{short} API key(s) shorter than {MIN_KEY_LENGTH} characters: make each with "
-                        "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`")
+        raise UserError(
+            f"{short} API key(s) shorter than {MIN_KEY_LENGTH} characters: make each with "
+            '`python -c "import secrets; print(secrets.token_urlsafe(32))"`'
+        )
     if not keys and not is_loopback(cfg.host):
         if not cfg.allow_unauthenticated:
-            raise UserError(f"serve.host {cfg.host} is reachable from other machines and no API key is set: "
-                            f"set serve.api_keys_file or {KEYS_ENV}, or serve.allow_unauthenticated: true "
-                            "behind a gateway that authenticates")
-        log.warning("serving on %s without API keys (serve.allow_unauthenticated): every route is open", cfg.host)
+            raise UserError(
+                f"serve.host {cfg.host} is reachable from other machines and no API key is set: "
+                f"set serve.api_keys_file or {KEYS_ENV}, or serve.allow_unauthenticated: true "
+                "behind a gateway that authenticates"
+            )
+        log.warning(
+            "serving on %s without API keys (serve.allow_unauthenticated): every route is open", cfg.host
+        )
     return {digest(k) for k in keys}
 
 
@@ -184,8 +197,11 @@ class Keys:
             return
         presented = _presented_key(request)
         if presented is None:
-            raise ApiError(401, "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                {"WWW-Authenticate": "Bearer"},
+            )
         candidate = digest(presented)
         matched = False
         for known in self.digests:
@@ -213,12 +229,18 @@ class RequestMetrics:
     def __init__(self):
         from ray.serve import metrics
 
-        self.requests = metrics.Counter("skinray_requests", "HTTP requests by route and status",
-                                        tag_keys=("route", "status"))
-        self.latency = metrics.Histogram("skinray_request_latency_ms", "HTTP request latency (ms) by route",
-                                         boundaries=LATENCY_MS, tag_keys=("route",))
-        self.predictions = metrics.Counter("skinray_predictions", "images answered, by predicted class",
-                                           tag_keys=("label", "abstained"))
+        self.requests = metrics.Counter(
+            "skinray_requests", "HTTP requests by route and status", tag_keys=("route", "status")
+        )
+        self.latency = metrics.Histogram(
+            "skinray_request_latency_ms",
+            "HTTP request latency (ms) by route",
+            boundaries=LATENCY_MS,
+            tag_keys=("route",),
+        )
+        self.predictions = metrics.Counter(
+            "skinray_predictions", "images answered, by predicted class", tag_keys=("label", "abstained")
+        )
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.inc(1, {"route": route, "status": str(status)})
@@ -231,8 +253,11 @@ class RequestMetrics:
 def batch_size_histogram():
     from ray.serve import metrics
 
-    return metrics.Histogram("skinray_batch_size", "images per model call (dynamic batching)",
-                             boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+    return metrics.Histogram(
+        "skinray_batch_size",
+        "images per model call (dynamic batching)",
+        boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+    )
 
 
 def timed(metrics: RequestMetrics):

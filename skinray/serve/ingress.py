@@ -3,8 +3,9 @@
 Decoding runs here (in a thread, off the event loop), with `decode_views`: the decode and warp of
 bulk scoring and evaluation. At most `serve.decode_slots` images decode at once in a replica, each
 refused from its header past `serve.max_pixels`, so that a flood of small files claiming many pixels
-cannot take more memory than the replica reserved; a request waits for a slot, one image at a time. The model deployments return raw logits; `Predictor.combine` calibrates
-and weights them, so an image gets the probabilities `skinray score` gives it.
+cannot take more memory than the replica reserved; a request waits for a slot, one image at a time.
+The model deployments return raw logits; `Predictor.combine` calibrates and weights them, so an
+image gets the probabilities `skinray score` gives it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ READY_CACHE_S = 1.0  # a flood of readiness probes asks the model replicas at mo
 
 
 class Service:
-    def __init__(self, predictor: Predictor, models: list[tuple[object, list[int]]], cfg, key_digests: set[str]):
+    def __init__(
+        self, predictor: Predictor, models: list[tuple[object, list[int]]], cfg, key_digests: set[str]
+    ):
         self.predictor, self.models, self.cfg = predictor, models, cfg
         self.keys = Keys(key_digests)
         self.metrics = RequestMetrics()
@@ -55,17 +58,23 @@ class Service:
 
     async def pixel_views(self, pixels: np.ndarray) -> list[dict[int, np.ndarray]]:
         """uint8 (n, height, width, 3) images -> each one's views (the same warp as decoded files)."""
-        return await asyncio.to_thread(lambda: [views_of(Image.fromarray(p, "RGB"), self.sizes) for p in pixels])
+        return await asyncio.to_thread(
+            lambda: [views_of(Image.fromarray(p, "RGB"), self.sizes) for p in pixels]
+        )
 
     # === The models ===
 
     async def predict(self, views: list[dict[int, np.ndarray]]) -> Prediction:
         """Views of n images -> the ensemble's calibrated prediction (n may be 0)."""
         if not views:
-            return self.predictor.combine(np.zeros((len(self.predictor.members), 0, len(self.predictor.classes))))
+            return self.predictor.combine(
+                np.zeros((len(self.predictor.members), 0, len(self.predictor.classes)))
+            )
         stacked = {size: np.stack([v[size] for v in views]) for size in self.sizes}
-        calls = [handle.remote({m_size: stacked[m_size] for m_size in self._sizes_of(group)})
-                 for handle, group in self.models]
+        calls = [
+            handle.remote({m_size: stacked[m_size] for m_size in self._sizes_of(group)})
+            for handle, group in self.models
+        ]
         try:
             parts = await asyncio.gather(*calls)
         except Exception as exc:
@@ -79,8 +88,10 @@ class Service:
         prediction = await self.predict([views])
         (answer,) = self.answers(prediction)
         one = {size: view[None] for size, view in views.items()}
-        calls = [handle.explain.remote({s: one[s] for s in self._sizes_of(group)}, prediction.labels)
-                 for handle, group in self.models]
+        calls = [
+            handle.explain.remote({s: one[s] for s in self._sizes_of(group)}, prediction.labels)
+            for handle, group in self.models
+        ]
         try:
             parts = await asyncio.gather(*calls)
         except Exception as exc:
@@ -104,7 +115,9 @@ class Service:
 
     async def _ask_ready(self) -> bool:
         try:
-            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h, _ in self.models)), READY_TIMEOUT_S)
+            await asyncio.wait_for(
+                asyncio.gather(*(h.ready.remote() for h, _ in self.models)), READY_TIMEOUT_S
+            )
             return True
         except Exception:
             return False
@@ -120,11 +133,25 @@ class Service:
 
     def model_info(self) -> dict:
         p = self.predictor
-        return {"version": p.version, "classes": p.classes, "threshold": p.threshold,
-                "members": [{"name": m.name, "backbone": m.backbone, "image_size": m.image_size,
-                             "temperature": m.temperature, "weight": m.weight} for m in p.members],
-                "validation": p.manifest.get("validation", {}), "created": p.manifest.get("created", ""),
-                "layout": self.cfg.layout, "max_batch_size": self.cfg.max_batch_size}
+        return {
+            "version": p.version,
+            "classes": p.classes,
+            "threshold": p.threshold,
+            "members": [
+                {
+                    "name": m.name,
+                    "backbone": m.backbone,
+                    "image_size": m.image_size,
+                    "temperature": m.temperature,
+                    "weight": m.weight,
+                }
+                for m in p.members
+            ],
+            "validation": p.manifest.get("validation", {}),
+            "created": p.manifest.get("created", ""),
+            "layout": self.cfg.layout,
+            "max_batch_size": self.cfg.max_batch_size,
+        }
 
 
 def since_ms(started: float) -> float:

@@ -60,13 +60,21 @@ def oip_router(service: Service, authorized) -> APIRouter:
 
     @router.get(f"/models/{MODEL}", dependencies=[authorized])
     async def metadata():
-        return {"name": MODEL, "versions": [version], "platform": "skinray-ensemble",
-                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                           {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
-                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(service.predictor.classes)]},
-                            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                            {"name": "abstained", "datatype": "BOOL", "shape": [-1]}],
-                "parameters": {"classes": service.predictor.classes}}
+        return {
+            "name": MODEL,
+            "versions": [version],
+            "platform": "skinray-ensemble",
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [-1]},
+                {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
+            ],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(service.predictor.classes)]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
+            ],
+            "parameters": {"classes": service.predictor.classes},
+        }
 
     @router.post(f"/models/{MODEL}/infer", dependencies=[authorized])
     async def infer(request: Request):
@@ -74,9 +82,11 @@ def oip_router(service: Service, authorized) -> APIRouter:
         views = await _views(service, tensors)
         prediction = await service.predict(views)
         answers = service.answers(prediction)
-        outputs = {"probabilities": ("FP32", prediction.probabilities),
-                   "label": ("BYTES", [a["label"].encode() for a in answers]),
-                   "abstained": ("BOOL", prediction.abstained)}
+        outputs = {
+            "probabilities": ("FP32", prediction.probabilities),
+            "label": ("BYTES", [a["label"].encode() for a in answers]),
+            "abstained": ("BOOL", prediction.abstained),
+        }
         body, header_length = encode_response(request_json, outputs, version)
         if header_length is None:
             return JSONResponse(json.loads(body))
@@ -117,7 +127,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict, dict]:
         # ASCII digits only: "²".isdigit() is True, and int() refuses it.
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise ApiError(400, f"{HEADER} {header_length!r} does not fit a body of {len(body)} bytes")
-        json_part, binary = body[:int(header_length)], body[int(header_length):]
+        json_part, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         request = json.loads(json_part)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -134,7 +144,9 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict, dict]:
     if len(tensors) != 1:
         raise ApiError(422, f"send exactly one input, 'image' or 'pixels' (got {sorted(tensors) or 'none'})")
     if offset != len(binary):
-        raise ApiError(400, f"{len(binary) - offset} bytes of binary data follow the tensors the request declares")
+        raise ApiError(
+            400, f"{len(binary) - offset} bytes of binary data follow the tensors the request declares"
+        )
     return request, tensors
 
 
@@ -155,8 +167,11 @@ def _is_count(value) -> bool:
 def _input(entry, binary: bytes, offset: int):
     name = entry.get("name") if isinstance(entry, dict) else None
     if not isinstance(name, str) or name not in INPUTS:
-        raise ApiError(422, f"unknown input {name if isinstance(entry, dict) else entry!r:.100}: "
-                            "send 'image' (BYTES) or 'pixels' (UINT8)")
+        raise ApiError(
+            422,
+            f"unknown input {name if isinstance(entry, dict) else entry!r:.100}: "
+            "send 'image' (BYTES) or 'pixels' (UINT8)",
+        )
     datatype, shape = entry.get("datatype"), entry.get("shape")
     if datatype != INPUTS[name]:
         raise ApiError(422, f"input '{name}' must have datatype {INPUTS[name]}, not {datatype!r:.40}")
@@ -165,9 +180,19 @@ def _input(entry, binary: bytes, offset: int):
     size = _parameters(entry, f"input '{name}'").get("binary_data_size")
     if size is not None:
         if not _is_count(size) or offset + size > len(binary):
-            raise ApiError(400, f"input '{name}' declares {size!r} binary bytes; the body has {len(binary) - offset}")
-        raw, offset = binary[offset:offset + size], offset + size
-        return name, (_bytes_elements(raw, shape) if name == "image" else _pixels(np.frombuffer(raw, np.uint8), shape)), offset
+            raise ApiError(
+                400, f"input '{name}' declares {size!r} binary bytes; the body has {len(binary) - offset}"
+            )
+        raw, offset = binary[offset : offset + size], offset + size
+        return (
+            name,
+            (
+                _bytes_elements(raw, shape)
+                if name == "image"
+                else _pixels(np.frombuffer(raw, np.uint8), shape)
+            ),
+            offset,
+        )
     if "data" not in entry:
         raise ApiError(422, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
     if name == "image":
@@ -213,7 +238,7 @@ def _bytes_elements(raw: bytes, shape: list[int]) -> list[bytes]:
         (length,) = struct.unpack_from("<I", raw, offset)
         if offset + 4 + length > len(raw):
             raise ApiError(400, "input 'image': an element's length runs past its binary data")
-        items.append(raw[offset + 4:offset + 4 + length])
+        items.append(raw[offset + 4 : offset + 4 + length])
         offset += 4 + length
     if len(items) != _count(shape):
         raise ApiError(400, f"input 'image' has {len(items)} elements for shape {shape}")
@@ -241,21 +266,31 @@ def encode_response(request: dict, outputs: dict, version: str) -> tuple[bytes, 
         binary_all = bool(_parameters(request, "the request").get("binary_data_output", False))
         wanted = [{"name": name, "parameters": {"binary_data": binary_all}} for name in OUTPUTS]
     if not isinstance(wanted, list) or not all(
-            isinstance(w, dict) and isinstance(w.get("name"), str) and w["name"] in outputs for w in wanted):
+        isinstance(w, dict) and isinstance(w.get("name"), str) and w["name"] in outputs for w in wanted
+    ):
         raise ApiError(422, f"requested outputs must be among {', '.join(OUTPUTS)}")
     entries, chunks = [], []
     for w in wanted:
         datatype, value = outputs[w["name"]]
-        entry = {"name": w["name"], "datatype": datatype, "shape": list(np.shape(value)) if datatype != "BYTES"
-                 else [len(value)]}
+        entry = {
+            "name": w["name"],
+            "datatype": datatype,
+            "shape": list(np.shape(value)) if datatype != "BYTES" else [len(value)],
+        }
         if _parameters(w, f"output '{w['name']}'").get("binary_data", False):
-            raw = (b"".join(struct.pack("<I", len(v)) + v for v in value) if datatype == "BYTES"
-                   else np.ascontiguousarray(value, NUMERIC[datatype]).tobytes())
+            raw = (
+                b"".join(struct.pack("<I", len(v)) + v for v in value)
+                if datatype == "BYTES"
+                else np.ascontiguousarray(value, NUMERIC[datatype]).tobytes()
+            )
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = ([v.decode() for v in value] if datatype == "BYTES"
-                             else np.asarray(value, NUMERIC[datatype]).reshape(-1).tolist())
+            entry["data"] = (
+                [v.decode() for v in value]
+                if datatype == "BYTES"
+                else np.asarray(value, NUMERIC[datatype]).reshape(-1).tolist()
+            )
         entries.append(entry)
     response = {"model_name": MODEL, "model_version": version, "outputs": entries}
     if "id" in request:

@@ -1,14 +1,14 @@
 """The ingress's FastAPI application: the /v1 routes, health, and the pieces every route shares.
 
-    POST /v1/predict         one image: raw bytes (image/*, application/octet-stream) or multipart
-    POST /v1/predict/batch   several images in one multipart request: one result or error each
-    POST /v1/explain         one image: the answer and its Grad-CAM overlay (PNG: base64 in JSON,
-                             or the PNG itself for `Accept: image/png`)
-    GET  /                   the upload page (page/: plain HTML, CSS and JavaScript)
-    GET  /v1/model           classes, version, members, validation metrics
-    GET  /healthz, /readyz   alive; ready once every model is loaded and answered its warm-up
-    /v2/...                  the Open Inference Protocol (routes_oip.py)
-    GET  /docs, /openapi.json   OpenAPI (with serve.docs: true)
+POST /v1/predict         one image: raw bytes (image/*, application/octet-stream) or multipart
+POST /v1/predict/batch   several images in one multipart request: one result or error each
+POST /v1/explain         one image: the answer and its Grad-CAM overlay (PNG: base64 in JSON,
+                         or the PNG itself for `Accept: image/png`)
+GET  /                   the upload page (page/: plain HTML, CSS and JavaScript)
+GET  /v1/model           classes, version, members, validation metrics
+GET  /healthz, /readyz   alive; ready once every model is loaded and answered its warm-up
+/v2/...                  the Open Inference Protocol (routes_oip.py)
+GET  /docs, /openapi.json   OpenAPI (with serve.docs: true)
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -37,14 +37,34 @@ log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
-IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "string", "format": "binary"}}}}}}}
-BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class Probability(BaseModel):
@@ -86,10 +106,18 @@ def make_app(service: Service) -> FastAPI:
 
     cfg = service.cfg
     # The interactive docs load scripts from a CDN, so they are off unless serve.docs asks for them.
-    docs = {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"} if cfg.docs else \
-        {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="skinray", version="1", description="Skin-disease image classification: an ensemble "
-                  "of calibrated CNNs. Send an image, get the label, its confidence and the top classes.", **docs)
+    docs = (
+        {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"}
+        if cfg.docs
+        else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    )
+    app = FastAPI(
+        title="skinray",
+        version="1",
+        description="Skin-disease image classification: an ensemble "
+        "of calibrated CNNs. Send an image, get the label, its confidence and the top classes.",
+        **docs,
+    )
 
     def check_key(request: Request) -> None:
         service.keys.check(request)
@@ -109,8 +137,13 @@ def make_app(service: Service) -> FastAPI:
         (answer,) = service.answers(await service.predict([views]))
         return {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
 
-    @app.post("/v1/predict/batch", response_model=BatchAnswer, response_model_exclude_none=True,
-              dependencies=[authorized], openapi_extra=BATCH_BODY)
+    @app.post(
+        "/v1/predict/batch",
+        response_model=BatchAnswer,
+        response_model_exclude_none=True,
+        dependencies=[authorized],
+        openapi_extra=BATCH_BODY,
+    )
     async def predict_batch(request: Request):
         """Several images (multipart) -> one result per image, or the reason it has none."""
         started = time.perf_counter()
@@ -120,12 +153,24 @@ def make_app(service: Service) -> FastAPI:
         decoded = await service.decode([data for _, data in files])
         good = [v for v in decoded if not isinstance(v, DecodeError)]
         answers = iter(service.answers(await service.predict(good)))
-        results = [{"filename": name, "error": f"not a readable image: {v.reason}"} if isinstance(v, DecodeError)
-                   else {"filename": name, **next(answers)} for (name, _), v in zip(files, decoded)]
-        return {"results": results, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
+        results = [
+            {"filename": name, "error": f"not a readable image: {v.reason}"}
+            if isinstance(v, DecodeError)
+            else {"filename": name, **next(answers)}
+            for (name, _), v in zip(files, decoded)
+        ]
+        return {
+            "results": results,
+            "model_version": service.predictor.version,
+            "latency_ms": since_ms(started),
+        }
 
-    @app.post("/v1/explain", response_model=Explanation, dependencies=[authorized], openapi_extra={
-        **IMAGE_BODY, "responses": {"200": {"content": {"image/png": {}}}}})
+    @app.post(
+        "/v1/explain",
+        response_model=Explanation,
+        dependencies=[authorized],
+        openapi_extra={**IMAGE_BODY, "responses": {"200": {"content": {"image/png": {}}}}},
+    )
     async def explain(request: Request):
         """One image -> its answer and where the models found the evidence for it (Grad-CAM over the
         photo, with a legend): base64 PNG in JSON, or the PNG itself when the client accepts only
@@ -141,11 +186,21 @@ def make_app(service: Service) -> FastAPI:
         answer, picture = await service.explain(image, views)
         answer = {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
         if _wants_png(request):
-            return Response(picture, media_type="image/png", headers={
-                "X-Skinray-Label": quote(answer["label"]), "X-Skinray-Confidence": f"{answer['confidence']:.6f}",
-                "X-Skinray-Abstained": str(answer["abstained"]).lower(),
-                "X-Skinray-Model-Version": quote(answer["model_version"])})
-        return {**answer, "explained_label": answer["label"], "explanation_png": base64.b64encode(picture).decode()}
+            return Response(
+                picture,
+                media_type="image/png",
+                headers={
+                    "X-Skinray-Label": quote(answer["label"]),
+                    "X-Skinray-Confidence": f"{answer['confidence']:.6f}",
+                    "X-Skinray-Abstained": str(answer["abstained"]).lower(),
+                    "X-Skinray-Model-Version": quote(answer["model_version"]),
+                },
+            )
+        return {
+            **answer,
+            "explained_label": answer["label"],
+            "explanation_png": base64.b64encode(picture).decode(),
+        }
 
     @app.get("/v1/model", dependencies=[authorized])
     async def model():
@@ -169,13 +224,20 @@ def make_app(service: Service) -> FastAPI:
 
 
 PAGE = Path(__file__).parent / "page"
-PAGE_FILES = {"index.html": "text/html; charset=utf-8", "page.css": "text/css; charset=utf-8",
-              "page.js": "text/javascript; charset=utf-8"}
+PAGE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "page.css": "text/css; charset=utf-8",
+    "page.js": "text/javascript; charset=utf-8",
+}
 # The page runs only its own script and style, sends requests only to this server, and frames nothing.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; "
-                "base-uri 'self'", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                "Cache-Control": "no-cache"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; "
+    "base-uri 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def _page_routes(app: FastAPI) -> None:
@@ -189,12 +251,16 @@ def _page_routes(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def index(request: Request):
         base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
-        return Response(pages["index.html"].replace(b"__BASE__", base.encode()), media_type=PAGE_FILES["index.html"],
-                        headers=PAGE_HEADERS)
+        return Response(
+            pages["index.html"].replace(b"__BASE__", base.encode()),
+            media_type=PAGE_FILES["index.html"],
+            headers=PAGE_HEADERS,
+        )
 
     def static(name: str):
         async def serve_file():
             return Response(pages[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
         return serve_file
 
     for name in ("page.css", "page.js"):
@@ -207,8 +273,9 @@ def _wants_png(request: Request) -> bool:
 
 
 def _install_guards(app: FastAPI, service: Service) -> None:
-    app.add_middleware(BodyLimit, limit=int(service.cfg.max_request_mb * 2**20),
-                       drain=int(service.cfg.max_drain_mb * 2**20))
+    app.add_middleware(
+        BodyLimit, limit=int(service.cfg.max_request_mb * 2**20), drain=int(service.cfg.max_drain_mb * 2**20)
+    )
     app.middleware("http")(timed(service.metrics))
     if is_loopback(service.cfg.host) and not service.keys.enabled:
         # Open on this machine only: a page elsewhere could still reach it through DNS rebinding
@@ -230,7 +297,9 @@ def _install_guards(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
-        return error_response(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return error_response(
+            422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        )
 
 
 # === Reading images from a request ===
@@ -244,8 +313,11 @@ async def read_images(request: Request, max_images: int) -> list[tuple[str, byte
     elif kind == "" or kind.startswith(IMAGE_TYPES):
         files = [("", await request.body())]
     elif kind == "application/json":
-        raise ApiError(415, "a JSON body where an image is expected: send the image's bytes (Content-Type "
-                            "image/jpeg, image/png or application/octet-stream) or a multipart upload")
+        raise ApiError(
+            415,
+            "a JSON body where an image is expected: send the image's bytes (Content-Type "
+            "image/jpeg, image/png or application/octet-stream) or a multipart upload",
+        )
     else:
         raise ApiError(415, f"unsupported content type '{kind}': send image bytes or a multipart upload")
     if not files or all(not data for _, data in files):
@@ -261,8 +333,11 @@ async def _multipart_files(request: Request, max_images: int) -> list[tuple[str,
         if message.startswith("Too many"):
             raise ApiError(413, f"{message} (serve.max_images)") from None
         raise ApiError(400, f"malformed multipart upload: {message}") from None
-    files = [(part.filename or name, await part.read()) for name, part in form.multi_items()
-             if isinstance(part, UploadFile)]
+    files = [
+        (part.filename or name, await part.read())
+        for name, part in form.multi_items()
+        if isinstance(part, UploadFile)
+    ]
     if not files:
         raise ApiError(422, "the multipart upload has no file part")
     return files

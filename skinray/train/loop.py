@@ -1,11 +1,11 @@
 """What runs inside each Ray Train worker: the epochs of a recipe (transfer: two phases; scratch: one).
 
 The step itself is in `step.py`, the early-stopping and plateau decisions in `monitor.py`, the
-TensorBoard writer in `tensorboard.py`. Each worker streams its own equal shard of the training set (skinray.data.ingest), so every
-worker takes the same number of steps; validation metrics are all-reduced so that every worker
-makes the same early-stopping and learning-rate decisions. Every epoch ends with a checkpoint
-reported together with its metrics (Train V2 keeps only those), and a restarted worker group
-resumes from the latest one.
+TensorBoard writer in `tensorboard.py`. Each worker streams its own equal shard of the training set
+(skinray.data.ingest), so every worker takes the same number of steps; validation metrics are
+all-reduced so that every worker makes the same early-stopping and learning-rate decisions. Every
+epoch ends with a checkpoint reported together with its metrics (Train V2 keeps only those), and a
+restarted worker group resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import numpy as np
 import pyarrow as pa
 
 from skinray.config import Config, save_config
-from skinray.data.ingest import FailureLog, ImageSource, epochs_of_rows, iter_stream, shard, steps_per_epoch, stream
+from skinray.data.ingest import (
+    FailureLog,
+    ImageSource,
+    epochs_of_rows,
+    iter_stream,
+    shard,
+    steps_per_epoch,
+    stream,
+)
 from skinray.metrics import confusion_metrics
 from skinray.storage import join_uri, kind, write_text
 from skinray.train.monitor import Monitor, checkpoint_score
@@ -91,10 +99,9 @@ class WorkerLoop:
         self.saved_optimizer = None  # optimizer state from a checkpoint, applied by the next phase
         # One stream per worker: Ray's per-operator progress bars from every worker would interleave.
         import ray.data
+        from ray.util.debug import log_once
 
         from skinray.console import quiet_process
-
-        from ray.util.debug import log_once
 
         ray.data.DataContext.get_current().enable_progress_bars = False
         log_once("ray_data_progress_manager_disabled")  # the choice is ours: no "bars disabled" warning
@@ -118,12 +125,15 @@ class WorkerLoop:
         if self.cfg.train.memory_growth:
             for gpu in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(gpu, True)
-        keras.config.set_dtype_policy("float32" if self.cfg.train.mixed_precision == "none"
-                                      else self.cfg.train.mixed_precision)
+        keras.config.set_dtype_policy(
+            "float32" if self.cfg.train.mixed_precision == "none" else self.cfg.train.mixed_precision
+        )
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
         self.local_replicas = len(self.strategy.extended.worker_devices)
         if self.batch % self.local_replicas:
-            raise ValueError(f"train.batch_size {self.batch} must divide over {self.local_replicas} local GPUs")
+            raise ValueError(
+                f"train.batch_size {self.batch} must divide over {self.local_replicas} local GPUs"
+            )
 
     def _build(self) -> None:
         import keras
@@ -157,7 +167,9 @@ class WorkerLoop:
             self.best_weights = self._load_best(folder)
             self.saved_optimizer = dict(np.load(folder / "optimizer.npz"))
         state.events.append({"event": "resumed", "from_epoch": state.epoch, "time": time.time()})
-        self._log(f"resumed from the checkpoint of epoch {state.epoch + 1} ({self._phase_label(state.phase)} phase)")
+        self._log(
+            f"resumed from the checkpoint of epoch {state.epoch + 1} ({self._phase_label(state.phase)} phase)"
+        )
         return state
 
     def _load_best(self, folder: Path):
@@ -183,9 +195,11 @@ class WorkerLoop:
             freeze_backbone(self.model)
         else:
             count = unfreeze_top(self.model, train.unfreeze_top, keep_batchnorm_frozen=self.pretrained)
-            self._log(f"every layer trains ({count} backbone layers, BatchNormalization included)"
-                      if train.unfreeze_top < 0 and not self.pretrained else
-                      f"fine-tuning: top {count} backbone layers unfrozen")
+            self._log(
+                f"every layer trains ({count} backbone layers, BatchNormalization included)"
+                if train.unfreeze_top < 0 and not self.pretrained
+                else f"fine-tuning: top {count} backbone layers unfrozen"
+            )
         if learning_rate is None:
             learning_rate = self._base_lr(phase)
         with self.strategy.scope():
@@ -199,21 +213,39 @@ class WorkerLoop:
                 variable.assign(saved[f"v{i}"])
         self.saved_optimizer = None
         self.optimizer = optimizer
-        self.train_step = make_train_step(self.strategy, self.model, optimizer, self.inputs.class_weights,
-                                          train.label_smoothing, self.global_batch, train.xla)
+        self.train_step = make_train_step(
+            self.strategy,
+            self.model,
+            optimizer,
+            self.inputs.class_weights,
+            train.label_smoothing,
+            self.global_batch,
+            train.xla,
+        )
         return learning_rate
 
     def _base_lr(self, phase: str) -> float:
         train = self.cfg.train
-        return scaled_learning_rate(train.head_lr if phase == "head" else train.finetune_lr,
-                                    self.global_batch, train.base_batch, train.lr_scaling)
+        return scaled_learning_rate(
+            train.head_lr if phase == "head" else train.finetune_lr,
+            self.global_batch,
+            train.base_batch,
+            train.lr_scaling,
+        )
 
     def _scheduled_lr(self, state: LoopState, epoch: int, lr: float) -> float:
         """The epoch's rate under `train.schedule`, applied to the optimizer."""
         train = self.cfg.train
         end = train.head_epochs if state.phase == "head" else train.epochs
-        scheduled = scheduled_learning_rate(self._base_lr(state.phase), epoch, state.phase_start, end,
-                                            train.warmup_epochs, train.min_lr, train.schedule)
+        scheduled = scheduled_learning_rate(
+            self._base_lr(state.phase),
+            epoch,
+            state.phase_start,
+            end,
+            train.warmup_epochs,
+            train.min_lr,
+            train.schedule,
+        )
         if scheduled is not None and scheduled != lr:
             lr = scheduled
             self.optimizer.learning_rate = lr
@@ -229,7 +261,7 @@ class WorkerLoop:
 
         def part(ctx):
             i = ctx.replica_id_in_sync_group % self.local_replicas
-            return tuple(a[i * n:(i + 1) * n] for a in arrays)
+            return tuple(a[i * n : (i + 1) * n] for a in arrays)
 
         return self.strategy.experimental_distribute_values_from_function(part)
 
@@ -243,7 +275,9 @@ class WorkerLoop:
         def all_sum(vector):
             # tf.identity places the value on the replica's device; all_reduce needs one.
             summed = strategy.run(
-                lambda v: tf.distribute.get_replica_context().all_reduce("SUM", tf.identity(v)), args=(vector,))
+                lambda v: tf.distribute.get_replica_context().all_reduce("SUM", tf.identity(v)),
+                args=(vector,),
+            )
             return strategy.experimental_local_results(summed)[0]
 
         # Each local replica contributes the worker's vector once: divide by their number.
@@ -253,20 +287,47 @@ class WorkerLoop:
 
     def _train(self, state: LoopState) -> None:
         train = self.cfg.train
-        monitor = Monitor(**state.monitor) if state.monitor else Monitor(
-            mode=train.monitor_mode,
-            patience=train.early_stopping_patience, plateau_patience=train.plateau_patience)
+        monitor = (
+            Monitor(**state.monitor)
+            if state.monitor
+            else Monitor(
+                mode=train.monitor_mode,
+                patience=train.early_stopping_patience,
+                plateau_patience=train.plateau_patience,
+            )
+        )
         start = state.epoch + 1
         learning_rate = state.learning_rate or None  # resuming mid-phase keeps the phase's rate
         if state.phase == "head" and start >= train.head_epochs:
-            state.phase, state.phase_start, learning_rate = "finetune", start, None  # a new phase, its own rate
+            state.phase, state.phase_start, learning_rate = (
+                "finetune",
+                start,
+                None,
+            )  # a new phase, its own rate
             self.saved_optimizer = None
         lr = self._start_phase(state.phase, learning_rate)
-        rows = epochs_of_rows(self.inputs.train_rows, rank=self.rank, world=self.world, batch_size=self.batch,
-                              seed=self.cfg.data.seed, epochs=range(start, train.epochs))
-        batches = iter(iter_stream(stream(rows, source=self.inputs.source, size=self.size, batch_size=self.batch,
-                                          augment=self.cfg.augment, seed=self.cfg.data.seed,
-                                          task_options=self.cfg.data.task_options), self.batch))
+        rows = epochs_of_rows(
+            self.inputs.train_rows,
+            rank=self.rank,
+            world=self.world,
+            batch_size=self.batch,
+            seed=self.cfg.data.seed,
+            epochs=range(start, train.epochs),
+        )
+        batches = iter(
+            iter_stream(
+                stream(
+                    rows,
+                    source=self.inputs.source,
+                    size=self.size,
+                    batch_size=self.batch,
+                    augment=self.cfg.augment,
+                    seed=self.cfg.data.seed,
+                    task_options=self.cfg.data.task_options,
+                ),
+                self.batch,
+            )
+        )
         writer = TensorBoard(self.inputs.run_uri) if self.rank == 0 else None
         for epoch in range(start, train.epochs):
             if state.phase == "head" and epoch >= train.head_epochs:
@@ -276,8 +337,11 @@ class WorkerLoop:
             started = time.perf_counter()
             metrics = self._train_epoch(batches, epoch)
             metrics["images_per_second"] = self.steps * self.global_batch / (time.perf_counter() - started)
-            metrics |= self._validate() | {"epoch": epoch + 1, "phase": self._phase_label(state.phase),
-                                           "learning_rate": lr}
+            metrics |= self._validate() | {
+                "epoch": epoch + 1,
+                "phase": self._phase_label(state.phase),
+                "learning_rate": lr,
+            }
             lr = self._after_epoch(state, monitor, metrics, epoch, lr)
             self._report(state, metrics, monitor)
             if writer:
@@ -327,18 +391,28 @@ class WorkerLoop:
             batch = next(batches)
             failures.add(batch)
             valid = batch["ok"].astype(np.float32)
-            loss, predictions = self.train_step(*self._distribute(batch["image"], batch["label_index"], valid))
+            loss, predictions = self.train_step(
+                *self._distribute(batch["image"], batch["label_index"], valid)
+            )
             loss_sum += float(loss)
-            predicted = np.concatenate([np.asarray(p) for p in self.strategy.experimental_local_results(predictions)])
+            predicted = np.concatenate(
+                [np.asarray(p) for p in self.strategy.experimental_local_results(predictions)]
+            )
             np.add.at(confusion, (batch["label_index"][batch["ok"]], predicted[batch["ok"]]), 1)
         matrix, (failed,) = self._all_sum_confusion(confusion, failures.count)
         self._average_batchnorm_statistics()
         scores = confusion_metrics(matrix)
         if failures.count:
-            self._log(f"rank {self.rank}: {failures.summary()}: " + "; ".join(
-                f"{p}: {r}" for p, r in list(failures.files.items())[:5]))
-        return {"train_loss": loss_sum / max(self.steps, 1), "train_accuracy": scores["accuracy"],
-                "train_macro_f1": scores["macro_f1"], "failed_files": int(failed)}
+            self._log(
+                f"rank {self.rank}: {failures.summary()}: "
+                + "; ".join(f"{p}: {r}" for p, r in list(failures.files.items())[:5])
+            )
+        return {
+            "train_loss": loss_sum / max(self.steps, 1),
+            "train_accuracy": scores["accuracy"],
+            "train_macro_f1": scores["macro_f1"],
+            "failed_files": int(failed),
+        }
 
     def _all_sum_confusion(self, confusion: np.ndarray, *extras: float) -> tuple[np.ndarray, np.ndarray]:
         """Sums a confusion matrix and a few scalars over all workers, in one all-reduce."""
@@ -354,8 +428,12 @@ class WorkerLoop:
         """
         import keras
 
-        variables = [v for layer in _all_layers(self.model) if isinstance(layer, keras.layers.BatchNormalization)
-                     for v in (layer.moving_mean, layer.moving_variance)]
+        variables = [
+            v
+            for layer in _all_layers(self.model)
+            if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)
+        ]
         if not variables:
             return
         flat = np.concatenate([np.asarray(v.numpy(), np.float64).ravel() for v in variables])
@@ -363,7 +441,7 @@ class WorkerLoop:
         offset = 0
         for variable in variables:
             size = int(np.prod(variable.shape))
-            variable.assign(mean[offset:offset + size].reshape(variable.shape).astype(variable.dtype))
+            variable.assign(mean[offset : offset + size].reshape(variable.shape).astype(variable.dtype))
             offset += size
 
     def _validate(self) -> dict:
@@ -373,26 +451,44 @@ class WorkerLoop:
 
         if not hasattr(self, "predict"):
             self.predict = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
-        rows = shard(self.inputs.val_rows, rank=self.rank, world=self.world, batch_size=self.batch,
-                     seed=0, epoch=0, train=False)
+        rows = shard(
+            self.inputs.val_rows,
+            rank=self.rank,
+            world=self.world,
+            batch_size=self.batch,
+            seed=0,
+            epoch=0,
+            train=False,
+        )
         confusion = np.zeros((self.num_classes, self.num_classes))
         loss_sum = 0.0
         if rows.num_rows:
-            ds = stream(rows, source=self.inputs.source, size=self.size, batch_size=self.batch,
-                        task_options=self.cfg.data.task_options)
+            ds = stream(
+                rows,
+                source=self.inputs.source,
+                size=self.size,
+                batch_size=self.batch,
+                task_options=self.cfg.data.task_options,
+            )
             for batch in iter_stream(ds, self.batch):
                 ok = batch["ok"]
                 if not ok.any():
                     continue
                 logits = self.predict(batch["image"][ok]).numpy()
                 labels = batch["label_index"][ok]
-                loss_sum += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
-                    labels, logits, from_logits=True)))
+                loss_sum += float(
+                    tf.reduce_sum(
+                        keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                    )
+                )
                 np.add.at(confusion, (labels, logits.argmax(axis=1)), 1)
         matrix, (loss_total,) = self._all_sum_confusion(confusion, loss_sum)
         scores = confusion_metrics(matrix)
-        return {"val_loss": float(loss_total / max(matrix.sum(), 1)), "val_accuracy": scores["accuracy"],
-                "val_macro_f1": scores["macro_f1"]}
+        return {
+            "val_loss": float(loss_total / max(matrix.sum(), 1)),
+            "val_accuracy": scores["accuracy"],
+            "val_macro_f1": scores["macro_f1"],
+        }
 
     # === Checkpoints, faults, logs ===
 
@@ -400,18 +496,24 @@ class WorkerLoop:
         """Every worker reports; rank 0 attaches the checkpoint (the model is the same on all)."""
         import ray.train
 
-        self._log(_progress_line(metrics, self.cfg.train.epochs) + (
-            "  *best*" if monitor.best_epoch == state.epoch else ""))
+        self._log(
+            _progress_line(metrics, self.cfg.train.epochs)
+            + ("  *best*" if monitor.best_epoch == state.epoch else "")
+        )
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if self.rank == 0:
                 self._write_checkpoint(Path(folder), state, monitor)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state.epoch + 1:04d}")
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state.epoch + 1:04d}"
+            )
 
     def _write_checkpoint(self, folder: Path, state: LoopState, monitor: Monitor) -> None:
         self.model.save(folder / "model.keras")
-        np.savez(folder / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)})
+        np.savez(
+            folder / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)}
+        )
         if monitor.best_epoch != state.epoch and self.best_weights is not None:
             current = self.model.get_weights()
             self.model.set_weights(self.best_weights)
@@ -419,9 +521,18 @@ class WorkerLoop:
             self.model.set_weights(current)
         (folder / "state.json").write_text(json.dumps(asdict(state), indent=2))
         (folder / "classes.json").write_text(json.dumps(self.inputs.classes))
-        (folder / "model.json").write_text(json.dumps({
-            "backbone": self.spec.name, "image_size": self.size, "classes": self.inputs.classes,
-            "epoch": state.epoch + 1, "metrics": state.history[-1]}, indent=2))
+        (folder / "model.json").write_text(
+            json.dumps(
+                {
+                    "backbone": self.spec.name,
+                    "image_size": self.size,
+                    "classes": self.inputs.classes,
+                    "epoch": state.epoch + 1,
+                    "metrics": state.history[-1],
+                },
+                indent=2,
+            )
+        )
         save_config(self.cfg, folder)
 
     def _maybe_inject_fault(self, global_step: int) -> None:
@@ -453,9 +564,9 @@ def _all_layers(model):
 
 
 def _progress_line(m: dict, epochs: int) -> str:
-    return (f"epoch {m['epoch']}/{epochs} [{m['phase']}] loss {m['train_loss']:.4f} "
-            f"acc {m['train_accuracy']:.3f} f1 {m['train_macro_f1']:.3f} | val loss {m['val_loss']:.4f} "
-            f"acc {m['val_accuracy']:.3f} f1 {m['val_macro_f1']:.3f} | lr {m['learning_rate']:.2e} | "
-            f"{m['images_per_second']:.0f} img/s | {m['failed_files']} files failed")
-
-
+    return (
+        f"epoch {m['epoch']}/{epochs} [{m['phase']}] loss {m['train_loss']:.4f} "
+        f"acc {m['train_accuracy']:.3f} f1 {m['train_macro_f1']:.3f} | val loss {m['val_loss']:.4f} "
+        f"acc {m['val_accuracy']:.3f} f1 {m['val_macro_f1']:.3f} | lr {m['learning_rate']:.2e} | "
+        f"{m['images_per_second']:.0f} img/s | {m['failed_files']} files failed"
+    )

@@ -25,15 +25,22 @@ def describe(cfg: Config, global_batch: int) -> str:
         return f"{lr:.0e} per {train.base_batch} images = {scaled:.1e} at global batch {global_batch}"
 
     layers = "every layer" if train.unfreeze_top < 0 else f"the top {train.unfreeze_top} backbone layers"
-    phases = (f"{train.head_epochs} head epochs on a frozen backbone at {rate(train.head_lr)}, then "
-              if train.head_epochs else "one phase, ")
-    schedule = (f"{train.warmup_epochs} warm-up epochs then cosine decay to {train.min_lr:.0e}"
-                if train.schedule == "cosine" else
-                f"{train.warmup_epochs} warm-up epochs, then x{train.plateau_factor} after "
-                f"{train.plateau_patience} epochs without improvement")
-    return (f"recipe {train.recipe} ({why}): {phases}{layers} at {rate(train.finetune_lr)}; {schedule}; "
-            f"dropout {model.dropout:.3g}/{model.head_dropout:.3g}, label smoothing {train.label_smoothing:.3g}, "
-            f"early stopping after {train.early_stopping_patience or 'never'} epochs without improvement")
+    phases = (
+        f"{train.head_epochs} head epochs on a frozen backbone at {rate(train.head_lr)}, then "
+        if train.head_epochs
+        else "one phase, "
+    )
+    schedule = (
+        f"{train.warmup_epochs} warm-up epochs then cosine decay to {train.min_lr:.0e}"
+        if train.schedule == "cosine"
+        else f"{train.warmup_epochs} warm-up epochs, then x{train.plateau_factor} after "
+        f"{train.plateau_patience} epochs without improvement"
+    )
+    return (
+        f"recipe {train.recipe} ({why}): {phases}{layers} at {rate(train.finetune_lr)}; {schedule}; "
+        f"dropout {model.dropout:.3g}/{model.head_dropout:.3g}, label smoothing {train.label_smoothing:.3g}, "
+        f"early stopping after {train.early_stopping_patience or 'never'} epochs without improvement"
+    )
 
 
 def contradictions(cfg: Config) -> list[str]:
@@ -43,17 +50,24 @@ def contradictions(cfg: Config) -> list[str]:
     if model.weights == "none":
         random = "the backbone starts from random weights (model.weights none)"
         if train.head_epochs:
-            found.append(f"train.head_epochs={train.head_epochs} trains the head on a frozen backbone, but "
-                         f"{random}: those epochs teach the backbone nothing. The scratch recipe uses 0.")
+            found.append(
+                f"train.head_epochs={train.head_epochs} trains the head on a frozen backbone, but "
+                f"{random}: those epochs teach the backbone nothing. The scratch recipe uses 0."
+            )
         if train.unfreeze_top >= 0:
-            found.append(f"train.unfreeze_top={train.unfreeze_top} trains only the top layers, but {random}: "
-                         "lower layers keep their random weights. The scratch recipe uses -1 (all).")
+            found.append(
+                f"train.unfreeze_top={train.unfreeze_top} trains only the top layers, but {random}: "
+                "lower layers keep their random weights. The scratch recipe uses -1 (all)."
+            )
         if train.finetune_lr < FINETUNE_RATE:
-            found.append(f"train.finetune_lr={train.finetune_lr:g} is a fine-tuning rate, but {random}. "
-                         "The scratch recipe uses 1e-3.")
+            found.append(
+                f"train.finetune_lr={train.finetune_lr:g} is a fine-tuning rate, but {random}. "
+                "The scratch recipe uses 1e-3."
+            )
     elif train.recipe == "scratch":
-        found.append(f"train.recipe=scratch with model.weights={model.weights}: every layer trains at a "
-                     "from-scratch rate from the first epoch, which overwrites much of what pretrained "
-                     "weights hold. The transfer recipe (the default for pretrained weights) keeps it.")
+        found.append(
+            f"train.recipe=scratch with model.weights={model.weights}: every layer trains at a "
+            "from-scratch rate from the first epoch, which overwrites much of what pretrained "
+            "weights hold. The transfer recipe (the default for pretrained weights) keeps it."
+        )
     return found
-

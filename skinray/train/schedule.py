@@ -12,11 +12,12 @@ import math
 def scaled_learning_rate(lr: float, global_batch: int, base_batch: int, rule: str) -> float:
     """The learning-rate scaling rule: linear (Goyal et al. 2017), square root, or none."""
     ratio = global_batch / base_batch
-    return lr * {"linear": ratio, "sqrt": ratio ** 0.5, "none": 1.0}[rule]
+    return lr * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[rule]
 
 
-def scheduled_learning_rate(base: float, epoch: int, start: int, end: int, warmup: int, min_lr: float,
-                            schedule: str) -> float | None:
+def scheduled_learning_rate(
+    base: float, epoch: int, start: int, end: int, warmup: int, min_lr: float, schedule: str
+) -> float | None:
     """The rate for `epoch` of a phase spanning epochs [start, end), or None: the monitor decides.
 
     The first `warmup` epochs ramp linearly up to `base` (base/(w+1), 2·base/(w+1), ...); then

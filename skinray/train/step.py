@@ -9,8 +9,15 @@ gradients when applied in a replica context; each replica's loss is divided by t
 from __future__ import annotations
 
 
-def make_train_step(strategy, model, optimizer, class_weights: list[float], label_smoothing: float,
-                    global_batch: int, xla: bool = False):
+def make_train_step(
+    strategy,
+    model,
+    optimizer,
+    class_weights: list[float],
+    label_smoothing: float,
+    global_batch: int,
+    xla: bool = False,
+):
     """The distributed train step: (images, labels, valid) per replica -> (global mean loss, predictions).
 
     Per example: label-smoothed cross-entropy times the class weight times `valid` (0 for a file
@@ -29,7 +36,9 @@ def make_train_step(strategy, model, optimizer, class_weights: list[float], labe
     def forward_backward(images, labels, valid):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / num_classes
+            targets = (
+                tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / num_classes
+            )
             per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
             weights = tf.gather(weights_by_class, labels) * valid
             loss = tf.reduce_sum(per_example * weights) / global_batch

@@ -64,7 +64,9 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
         return _fit(cfg, inputs, storage, run_name, run_uri, callbacks)
 
 
-def _fit(cfg: Config, inputs: LoopInputs, storage: str, run_name: str, run_uri: str, callbacks) -> TrainResult:
+def _fit(
+    cfg: Config, inputs: LoopInputs, storage: str, run_name: str, run_uri: str, callbacks
+) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -96,8 +98,10 @@ def _fit(cfg: Config, inputs: LoopInputs, storage: str, run_name: str, run_uri: 
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"training failed ({first}). Checkpoints so far are in {redact(run_uri)}: run the same "
-                        "command again (same --out and --name) to resume from the latest one.") from None
+        raise UserError(
+            f"training failed ({first}). Checkpoints so far are in {redact(run_uri)}: run the same "
+            "command again (same --out and --name) to resume from the latest one."
+        ) from None
     return _summarise(result, cfg, run_uri)
 
 
@@ -118,20 +122,32 @@ def _check_resume(cfg: Config, classes: list[str], run_uri: str) -> None:
     try:
         before, before_cfg = json.loads(saved_classes), load_config_text(saved_config)
     except ValueError as exc:
-        raise UserError(f"{where} holds a run whose classes.json or config.yaml cannot be read ({exc}): "
-                        "give this run another --name, or remove that folder") from None
+        raise UserError(
+            f"{where} holds a run whose classes.json or config.yaml cannot be read ({exc}): "
+            "give this run another --name, or remove that folder"
+        ) from None
     if before != classes:
         gone, new = sorted(set(before) - set(classes)), sorted(set(classes) - set(before))
-        what = (f"classes only before: {gone or 'none'}; only now: {new or 'none'}" if gone or new
-                else "the same classes in another order (other label indices)")
-        raise UserError(f"{where} holds a run on other classes ({what}): resuming it would relabel its "
-                        "checkpoints. Give this run another --name (or --out)")
+        what = (
+            f"classes only before: {gone or 'none'}; only now: {new or 'none'}"
+            if gone or new
+            else "the same classes in another order (other label indices)"
+        )
+        raise UserError(
+            f"{where} holds a run on other classes ({what}): resuming it would relabel its "
+            "checkpoints. Give this run another --name (or --out)"
+        )
     now, then = _flat(config_to_dict(redacted(cfg))), _flat(config_to_dict(before_cfg))
-    changed = [f"{key}: {then.get(key)!r} then, {now.get(key)!r} now" for key in sorted(now)
-               if key.startswith(RESUME_FIXED) and now.get(key) != then.get(key)]
+    changed = [
+        f"{key}: {then.get(key)!r} then, {now.get(key)!r} now"
+        for key in sorted(now)
+        if key.startswith(RESUME_FIXED) and now.get(key) != then.get(key)
+    ]
     if changed:
-        raise UserError(f"{where} holds a run with other settings ({'; '.join(changed)}): resume it with its "
-                        "own, or give this run another --name")
+        raise UserError(
+            f"{where} holds a run with other settings ({'; '.join(changed)}): resume it with its "
+            "own, or give this run another --name"
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -154,10 +170,15 @@ def _inputs(cfg: Config) -> LoopInputs:
         raise UserError("the validation split is empty: set data.val_fraction > 0 or add a val/ folder")
     global_batch = cfg.train.batch_size * cfg.train.workers
     if steps_per_epoch(train_rows.num_rows, cfg.train.workers, cfg.train.batch_size) == 0:
-        raise UserError(f"the training split has {train_rows.num_rows} images, fewer than one global batch "
-                        f"({cfg.train.workers} workers x {cfg.train.batch_size}): lower train.batch_size")
-    print(f"[skinray] {catalog.num_classes} classes; {train_rows.num_rows} training and {val_rows.num_rows} "
-          f"validation images; global batch {global_batch}", flush=True)
+        raise UserError(
+            f"the training split has {train_rows.num_rows} images, fewer than one global batch "
+            f"({cfg.train.workers} workers x {cfg.train.batch_size}): lower train.batch_size"
+        )
+    print(
+        f"[skinray] {catalog.num_classes} classes; {train_rows.num_rows} training and {val_rows.num_rows} "
+        f"validation images; global batch {global_batch}",
+        flush=True,
+    )
     return LoopInputs(
         cfg=cfg,
         train_rows=train_rows,
@@ -214,8 +235,13 @@ def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
     pick = min if cfg.train.monitor_mode == "min" else max
     checkpoint, metrics = pick(ranked, key=lambda cm: cm[1]["checkpoint_score"])
     history = _history(result.checkpoint or checkpoint)
-    summary = {"run_dir": redact(run_uri), "best_checkpoint": checkpoint.path, "best_metrics": metrics,
-               "monitor": cfg.train.monitor, "history": history}
+    summary = {
+        "run_dir": redact(run_uri),
+        "best_checkpoint": checkpoint.path,
+        "best_metrics": metrics,
+        "monitor": cfg.train.monitor,
+        "history": history,
+    }
     write_json(join_uri(run_uri, "summary.json"), summary)
     return TrainResult(run_uri, checkpoint.path, metrics, history)
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from skinray.config import Config
-from skinray.storage import clear_dir, join_uri, kind, resolve, write_json
 from skinray.data.ingest import ImageSource, dataset, load_batch
+from skinray.storage import clear_dir, join_uri, kind, resolve, write_json
 
 DONE = "_SUCCESS.json"
 
@@ -43,9 +43,18 @@ FORMAT = 2  # 2: every actor draws the same random backbone (weights none); 1 di
 
 
 def embeddings_key(cfg: Config, size: int, train_rows: pa.Table, val_rows: pa.Table) -> str:
-    what = {"train": _files(train_rows), "val": _files(val_rows), "backbone": cfg.model.backbone, "size": size,
-            "weights": cfg.model.weights, "views": cfg.tune.views, "augment": dataclasses.asdict(cfg.augment),
-            "seed": cfg.data.seed, "val_fraction": cfg.data.val_fraction, "format": FORMAT}
+    what = {
+        "train": _files(train_rows),
+        "val": _files(val_rows),
+        "backbone": cfg.model.backbone,
+        "size": size,
+        "weights": cfg.model.weights,
+        "views": cfg.tune.views,
+        "augment": dataclasses.asdict(cfg.augment),
+        "seed": cfg.data.seed,
+        "val_fraction": cfg.data.val_fraction,
+        "format": FORMAT,
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -53,8 +62,15 @@ def _files(rows: pa.Table) -> list:
     return sorted(zip(rows["path"].to_pylist(), rows["label_index"].to_pylist()))
 
 
-def embed(cfg: Config, size: int, train_rows: pa.Table, val_rows: pa.Table, source: ImageSource,
-          folder: str, elsewhere: list[str] = ()) -> tuple[str, bool]:
+def embed(
+    cfg: Config,
+    size: int,
+    train_rows: pa.Table,
+    val_rows: pa.Table,
+    source: ImageSource,
+    folder: str,
+    elsewhere: list[str] = (),
+) -> tuple[str, bool]:
     """Writes the embeddings under `folder`/KEY unless they are there or in one of the `elsewhere`
     folders (other searches'); returns (location, reused)."""
     key = embeddings_key(cfg, size, train_rows, val_rows)
@@ -63,15 +79,24 @@ def embed(cfg: Config, size: int, train_rows: pa.Table, val_rows: pa.Table, sour
             return join_uri(candidate, key), True
     target = join_uri(folder, key)
     fs, path, _ = resolve(target)
-    views = pa.concat_tables([train_rows.select(["path", "label_index"]).append_column(
-        "epoch", pa.array(np.full(train_rows.num_rows, v), pa.int32())) for v in range(cfg.tune.views)])
+    views = pa.concat_tables(
+        [
+            train_rows.select(["path", "label_index"]).append_column(
+                "epoch", pa.array(np.full(train_rows.num_rows, v), pa.int32())
+            )
+            for v in range(cfg.tune.views)
+        ]
+    )
     val = val_rows.select(["path", "label_index"]).append_column(
-        "epoch", pa.array(np.zeros(val_rows.num_rows), pa.int32()))
+        "epoch", pa.array(np.zeros(val_rows.num_rows), pa.int32())
+    )
     for split, rows, augment in (("train", views, cfg.augment), ("val", val, None)):
         clear_dir(join_uri(target, split))  # a killed job's partial files
         _features(cfg, size, rows, source, augment).write_parquet(f"{path}/{split}", filesystem=fs)
-    write_json(join_uri(target, DONE), {"train_images": train_rows.num_rows, "views": cfg.tune.views,
-                                        "val_images": val_rows.num_rows})
+    write_json(
+        join_uri(target, DONE),
+        {"train_images": train_rows.num_rows, "views": cfg.tune.views, "val_images": val_rows.num_rows},
+    )
     return target, False
 
 
@@ -82,15 +107,24 @@ def _features(cfg: Config, size: int, rows: pa.Table, source: ImageSource, augme
 
     batch, score = cfg.tune.embed_batch_size, cfg.score
     decoded = dataset(rows, rows_per_block=4 * batch).map_batches(
-        load_batch, batch_size=None, **cfg.data.task_options,
+        load_batch,
+        batch_size=None,
+        **cfg.data.task_options,
         fn_kwargs=dict(source=source, size=size, augment=augment, seed=cfg.data.seed),
-        memory=decode_task_memory(4 * batch, (size,)))  # keeps decoding out of the actors (see score.py)
+        memory=decode_task_memory(4 * batch, (size,)),
+    )  # keeps decoding out of the actors (see score.py)
     return decoded.map_batches(
-        EmbedActor, batch_size=batch,
+        EmbedActor,
+        batch_size=batch,
         compute=ray.data.ActorPoolStrategy(min_size=score.min_actors, max_size=score.max_actors),
         **score.actor_options,
-        fn_constructor_kwargs={"backbone": cfg.model.backbone, "size": size, "weights": cfg.model.weights,
-                               "seed": cfg.data.seed})
+        fn_constructor_kwargs={
+            "backbone": cfg.model.backbone,
+            "size": size,
+            "weights": cfg.model.weights,
+            "seed": cfg.data.seed,
+        },
+    )
 
 
 class EmbedActor:
@@ -120,12 +154,15 @@ class EmbedActor:
         features = np.zeros((len(ok), self.size), np.float32)
         if ok.any():
             features[ok] = np.asarray(self.model.predict_on_batch(batch["image"][ok]), np.float32)
-        return pa.table({
-            "features": pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), self.size),
-            "label_index": pa.array(batch["label_index"], pa.int32()),
-            "view": pa.array(batch["epoch"], pa.int32()),
-            "ok": pa.array(ok), "path": pa.array(list(batch["path"]), pa.string()),
-        })
+        return pa.table(
+            {
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), self.size),
+                "label_index": pa.array(batch["label_index"], pa.int32()),
+                "view": pa.array(batch["epoch"], pa.int32()),
+                "ok": pa.array(ok),
+                "path": pa.array(list(batch["path"]), pa.string()),
+            }
+        )
 
 
 def load_embeddings(location: str) -> Embeddings:
@@ -139,7 +176,10 @@ def load_embeddings(location: str) -> Embeddings:
         failed += table.num_rows - pc.sum(table["ok"]).as_py() if table.num_rows else 0
         table = table.filter(table["ok"])
         width = table.schema.field("features").type.list_size
-        x = table["features"].combine_chunks().flatten().to_numpy().reshape(-1, width) if table.num_rows \
+        x = (
+            table["features"].combine_chunks().flatten().to_numpy().reshape(-1, width)
+            if table.num_rows
             else np.zeros((0, width), np.float32)
+        )
         parts[split] = (x, table["label_index"].to_numpy(), table["view"].to_numpy())
     return Embeddings(*parts["train"], *parts["val"][:2], failed=int(failed))

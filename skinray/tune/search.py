@@ -27,12 +27,19 @@ from skinray.cluster import connect, reserved_cpus
 from skinray.config import Config, TuneConfig, load_config_text, redacted, save_config
 from skinray.console import verbose
 from skinray.data.catalog import class_weights, list_archive, splits
-from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
 from skinray.data.ingest import ImageSource
+from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
 
 # Where each searched value goes in the config that `skinray train` reads.
-SEARCHED = {"head_units": "model", "dropout": "model", "head_dropout": "model", "l2": "model",
-            "head_lr": "train", "label_smoothing": "train", "batch_size": "train"}
+SEARCHED = {
+    "head_units": "model",
+    "dropout": "model",
+    "head_dropout": "model",
+    "l2": "model",
+    "head_lr": "train",
+    "label_smoothing": "train",
+    "batch_size": "train",
+}
 
 
 def search_space(t: TuneConfig) -> dict:
@@ -52,8 +59,10 @@ def with_trial(cfg: Config, trial: dict) -> Config:
     for name, value in trial.items():
         if name in SEARCHED:
             sections[SEARCHED[name]][name] = value.item() if hasattr(value, "item") else value
-    return cfg.replace(model=dataclasses.replace(cfg.model, **sections["model"]),
-                       train=dataclasses.replace(cfg.train, **sections["train"]))
+    return cfg.replace(
+        model=dataclasses.replace(cfg.model, **sections["model"]),
+        train=dataclasses.replace(cfg.train, **sections["train"]),
+    )
 
 
 # === Trials ===
@@ -92,24 +101,43 @@ def cached_trial(trial: dict, *, data, cfg: Config, weights: list[float]) -> Non
             start = json.loads(Path(folder, "state.json").read_text())["epoch"]
     else:
         model = build_head(data.train_x.shape[1], k, trial_cfg.model)
-        rate = scaled_learning_rate(trial_cfg.train.head_lr, trial_cfg.train.batch_size, cfg.train.base_batch,
-                                    cfg.train.lr_scaling)
-        model.compile(optimizer=keras.optimizers.Adam(rate), loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=trial_cfg.train.label_smoothing),
-            jit_compile=False)  # XLA's compile of a new model takes seconds; a head's epoch, a fraction of one
+        rate = scaled_learning_rate(
+            trial_cfg.train.head_lr, trial_cfg.train.batch_size, cfg.train.base_batch, cfg.train.lr_scaling
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(rate),
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=trial_cfg.train.label_smoothing
+            ),
+            jit_compile=False,
+        )  # XLA's compile of a new model takes seconds; a head's epoch, a fraction of one
     for epoch in range(start, cfg.tune.max_epochs):
         view = data.train_view == epoch % cfg.tune.views
-        model.fit(data.train_x[view], keras.utils.to_categorical(data.train_y[view], k),
-                  batch_size=trial_cfg.train.batch_size, class_weight=dict(enumerate(weights)), epochs=1,
-                  verbose=0)
+        model.fit(
+            data.train_x[view],
+            keras.utils.to_categorical(data.train_y[view], k),
+            batch_size=trial_cfg.train.batch_size,
+            class_weight=dict(enumerate(weights)),
+            epochs=1,
+            verbose=0,
+        )
         logits = np.asarray(model(data.val_x, training=False))  # a head is a few layers: no graph to trace
         scores = confusion_metrics(confusion(data.val_y, logits.argmax(axis=1), k))
-        loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(data.val_y, logits, from_logits=True)))
+        loss = float(
+            np.mean(keras.losses.sparse_categorical_crossentropy(data.val_y, logits, from_logits=True))
+        )
         with tempfile.TemporaryDirectory() as folder:
             model.save(Path(folder, "head.keras"))
             Path(folder, "state.json").write_text(json.dumps({"epoch": epoch + 1}))
-            tune.report({"epoch": epoch + 1, "val_loss": loss, "val_accuracy": scores["accuracy"],
-                         "val_macro_f1": scores["macro_f1"]}, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(
+                {
+                    "epoch": epoch + 1,
+                    "val_loss": loss,
+                    "val_accuracy": scores["accuracy"],
+                    "val_macro_f1": scores["macro_f1"],
+                },
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
 
 
 def full_trial(trial: dict, *, cfg: Config, out: str) -> None:
@@ -121,9 +149,16 @@ def full_trial(trial: dict, *, cfg: Config, out: str) -> None:
 
     t = cfg.tune
     trial_cfg = with_trial(cfg, trial)
-    trial_cfg = trial_cfg.replace(train=dataclasses.replace(
-        trial_cfg.train, recipe="transfer", epochs=t.max_epochs, head_epochs=t.max_epochs,
-        early_stopping_patience=0, monitor=t.metric))
+    trial_cfg = trial_cfg.replace(
+        train=dataclasses.replace(
+            trial_cfg.train,
+            recipe="transfer",
+            epochs=t.max_epochs,
+            head_epochs=t.max_epochs,
+            early_stopping_patience=0,
+            monitor=t.metric,
+        )
+    )
     train(trial_cfg, out, name=tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()])
 
 
@@ -149,8 +184,15 @@ def tune_head(cfg: Config, out: str, name: str = "") -> dict:
         from skinray.tune.embeddings import embed, load_embeddings
 
         connect(reserved_cpus(cfg, "tune"))
-        location, reused = embed(cfg, size, train_rows, val_rows, ImageSource.of(catalog, cfg.data.max_pixels),
-                                 join_uri(run_dir, "embeddings"), elsewhere=_sibling_embeddings(out))
+        location, reused = embed(
+            cfg,
+            size,
+            train_rows,
+            val_rows,
+            ImageSource.of(catalog, cfg.data.max_pixels),
+            join_uri(run_dir, "embeddings"),
+            elsewhere=_sibling_embeddings(out),
+        )
         print(f"[skinray] embeddings {'reused' if reused else 'written'}: {location}", flush=True)
         trainable = _cached_trainable(cfg, load_embeddings(location), weights)
     else:
@@ -166,12 +208,17 @@ def _refuse_a_different_search(cfg: Config, run_dir: str) -> None:
     if text is None:
         return
     saved, cfg = load_config_text(text), redacted(cfg)  # as saved: no credentials in the archive's URI
-    changed = [f"{section}.{key}" for section in ("data", "augment", "model", "tune")
-               for key, value in dataclasses.asdict(getattr(cfg, section)).items()
-               if dataclasses.asdict(getattr(saved, section))[key] != value]
+    changed = [
+        f"{section}.{key}"
+        for section in ("data", "augment", "model", "tune")
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items()
+        if dataclasses.asdict(getattr(saved, section))[key] != value
+    ]
     if changed:
-        raise UserError(f"{run_dir} holds a search with other settings ({', '.join(changed)}); "
-                        "run it with its own settings to continue it, or pick another --name")
+        raise UserError(
+            f"{run_dir} holds a search with other settings ({', '.join(changed)}); "
+            "run it with its own settings to continue it, or pick another --name"
+        )
 
 
 def _sibling_embeddings(out: str) -> list[str]:
@@ -187,15 +234,19 @@ def _inputs(cfg: Config):
         raise UserError(f"the archive has {catalog.num_classes} class(es): a search needs at least 2")
     parts = splits(catalog, cfg.data.val_fraction, cfg.data.seed)
     if parts["val"].num_rows == 0:
-        raise UserError("the archive has no validation images: set data.val_fraction > 0 or add a val/ folder")
+        raise UserError(
+            "the archive has no validation images: set data.val_fraction > 0 or add a val/ folder"
+        )
     return catalog, parts["train"], parts["val"]
 
 
 def _cached_trainable(cfg: Config, data, weights: list[float]):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(cached_trial, data=data, cfg=cfg, weights=weights),
-                               {"cpu": cfg.tune.cpus_per_trial})
+    return tune.with_resources(
+        tune.with_parameters(cached_trial, data=data, cfg=cfg, weights=weights),
+        {"cpu": cfg.tune.cpus_per_trial},
+    )
 
 
 def _full_trainable(cfg: Config, out: str):
@@ -224,17 +275,29 @@ def _run(cfg: Config, trainable, run_dir: str):
             trainable,
             param_space=search_space(t),
             tune_config=tune.TuneConfig(
-                metric=t.metric, mode=t.metric_mode, num_samples=t.trials,
+                metric=t.metric,
+                mode=t.metric_mode,
+                num_samples=t.trials,
                 max_concurrent_trials=t.max_concurrent or None,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=t.max_epochs,
-                                        grace_period=t.grace_period, reduction_factor=t.reduction_factor),
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=t.max_epochs,
+                    grace_period=t.grace_period,
+                    reduction_factor=t.reduction_factor,
+                ),
                 # The limit goes to the generator too: given one, Tune does not apply it for us.
                 search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent),
                 # A cached trial's own work is a second or two; loading TensorFlow into a new actor
                 # is several. Kept actors load it once and run trial after trial.
-                reuse_actors=t.mode == "cached"),
-            run_config=tune.RunConfig(name="trials", storage_path=run_dir, verbose=2 if verbose() else 1,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                reuse_actors=t.mode == "cached",
+            ),
+            run_config=tune.RunConfig(
+                name="trials",
+                storage_path=run_dir,
+                verbose=2 if verbose() else 1,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
     return tuner.fit()
 
 
@@ -247,16 +310,29 @@ def trial_rows(results, t: TuneConfig) -> list[dict]:
     for result in results:
         frame = result.metrics_dataframe
         if frame is None or t.metric not in frame:
-            rows.append({"trial": _trial_id(result), **_searched(result.config), "error": str(result.error)[:200]})
+            rows.append(
+                {"trial": _trial_id(result), **_searched(result.config), "error": str(result.error)[:200]}
+            )
             continue
         best = frame[t.metric].idxmax() if t.metric_mode == "max" else frame[t.metric].idxmin()
         epochs = int(frame["training_iteration"].max())
-        rows.append({"trial": _trial_id(result), **_searched(result.config),
-                     t.metric: float(frame.loc[best, t.metric]), "val_loss": float(frame.loc[best, "val_loss"]),
-                     "best_epoch": int(frame.loc[best, "training_iteration"]), "epochs": epochs,
-                     "stopped_early": epochs < t.max_epochs and result.error is None,
-                     "error": "" if result.error is None else str(result.error)[:200]})
-    key = (lambda r: -r.get(t.metric, -np.inf)) if t.metric_mode == "max" else (lambda r: r.get(t.metric, np.inf))
+        rows.append(
+            {
+                "trial": _trial_id(result),
+                **_searched(result.config),
+                t.metric: float(frame.loc[best, t.metric]),
+                "val_loss": float(frame.loc[best, "val_loss"]),
+                "best_epoch": int(frame.loc[best, "training_iteration"]),
+                "epochs": epochs,
+                "stopped_early": epochs < t.max_epochs and result.error is None,
+                "error": "" if result.error is None else str(result.error)[:200],
+            }
+        )
+    key = (
+        (lambda r: -r.get(t.metric, -np.inf))
+        if t.metric_mode == "max"
+        else (lambda r: r.get(t.metric, np.inf))
+    )
     return sorted(rows, key=key)
 
 
@@ -275,18 +351,29 @@ def write_outputs(results, cfg: Config, run_dir: str) -> dict:
     best_cfg = with_trial(cfg, {k: best[k] for k in SEARCHED})
     with tempfile.TemporaryDirectory() as folder:
         saved = save_config(best_cfg, folder, "best_config.yaml")
-        text = (f"# The best of {len(rows)} trials of `skinray tune` ({cfg.tune.mode} mode): {cfg.tune.metric} "
-                f"{best[cfg.tune.metric]:.4f} at epoch {best['best_epoch']}, trial {best['trial']}.\n"
-                f"#   skinray train --config best_config.yaml --data ARCHIVE --out runs\n") + saved.read_text()
+        text = (
+            f"# The best of {len(rows)} trials of `skinray tune` ({cfg.tune.mode} mode): {cfg.tune.metric} "
+            f"{best[cfg.tune.metric]:.4f} at epoch {best['best_epoch']}, trial {best['trial']}.\n"
+            f"#   skinray train --config best_config.yaml --data ARCHIVE --out runs\n"
+        ) + saved.read_text()
         write_text(join_uri(run_dir, "best_config.yaml"), text)
-    return {"best": best, "run_dir": run_dir, "best_config": join_uri(run_dir, "best_config.yaml"),
-            "trials": len(rows), "stopped_early": sum(bool(r.get("stopped_early")) for r in rows)}
+    return {
+        "best": best,
+        "run_dir": run_dir,
+        "best_config": join_uri(run_dir, "best_config.yaml"),
+        "trials": len(rows),
+        "stopped_early": sum(bool(r.get("stopped_early")) for r in rows),
+    }
 
 
 def _markdown(frame, t: TuneConfig) -> str:
     columns = list(frame.columns)
-    lines = [f"# Head search: {len(frame)} trials, ranked by {t.metric}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"# Head search: {len(frame)} trials, ranked by {t.metric}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(format_value(row[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
