@@ -88,8 +88,7 @@ def keras_run(args, archive: Path, seed: int) -> dict:
     from skinray.data.catalog import class_weights, list_archive, splits
     from skinray.data.ingest import ImageSource, load_batch
     from skinray.metrics import confusion, confusion_metrics
-    from skinray.models.backbones import get_backbone
-    from skinray.models.classifier import build_classifier
+    from skinray.models import create_classifier
     from skinray.train.monitor import Monitor
     from skinray.train.schedule import scaled_learning_rate, scheduled_learning_rate
 
@@ -116,7 +115,7 @@ def keras_run(args, archive: Path, seed: int) -> dict:
         )
         return batch["image"], batch["label_index"]
 
-    model = build_classifier(get_backbone("tiny"), k, cfg.model, args.size, None)
+    model = create_classifier(cfg.model, k)
     base = scaled_learning_rate(train_cfg.finetune_lr, args.batch, train_cfg.base_batch, train_cfg.lr_scaling)
     model.compile(
         optimizer=keras.optimizers.Adam(base),

@@ -39,15 +39,14 @@ def build_bundle(folder: Path, size: int, classes: list[str]) -> Path:
     """A three-member bundle of untrained real backbones at `size` px (equal weights, no abstention)."""
     from skinray.bundle import write_bundle
     from skinray.config import load_config
-    from skinray.models.backbones import get_backbone
-    from skinray.models.classifier import build_classifier
+    from skinray.models import create_classifier
 
     entries, files, configs = [], [], []
     for i, name in enumerate(BACKBONES):
         cfg = load_config(
             overrides=[f"model.backbone={name}", "model.weights=none", f"model.image_size={size}"]
         )
-        model = build_classifier(get_backbone(name), len(classes), cfg.model, size, None)
+        model = create_classifier(cfg.model, len(classes))
         path = folder / f"{name}.keras"
         model.save(path)
         entries.append(

@@ -78,19 +78,14 @@ def measure_step(backbone: str, size: int, batch: int, steps: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from skinray.config import Config, ModelConfig
-    from skinray.models.backbones import get_backbone
-    from skinray.models.classifier import build_classifier
+    from skinray.config import ModelConfig
+    from skinray.models import create_classifier
     from skinray.train.step import make_train_step
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = build_classifier(
-            get_backbone(backbone),
-            NUM_CLASSES,
-            Config(model=ModelConfig(backbone=backbone, weights="none")).model,
-            size,
-            None,
+        model = create_classifier(
+            ModelConfig(backbone=backbone, weights="none", image_size=size), NUM_CLASSES
         )
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)

@@ -195,8 +195,10 @@ def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
 def _config_flags(parser: argparse.ArgumentParser, command: str, with_files: bool = True) -> None:
     """--config and --set, then the command's own flags, each described by its config field."""
     from skinray.config import TUNE_MODES, describe_key
+    from skinray.models import list_backbones
 
-    choices = {"tune.mode": TUNE_MODES}  # the keys with a flag whose values are a closed set
+    # The keys with a flag whose values are a closed set.
+    choices = {"tune.mode": TUNE_MODES, "model.backbone": list_backbones()}
     if with_files:
         parser.add_argument("--config", help="YAML config file (see configs/)")
         parser.add_argument(

@@ -5,6 +5,11 @@ from skinray.config import Config, ModelConfig
 from skinray.models.backbones import REGISTRY, BackboneError, get_backbone, input_size, resolve_weights
 
 
+def _model(**settings) -> ModelConfig:
+    """A model section as a loaded config holds it (the recipe's dropout filled in)."""
+    return Config(model=ModelConfig(**settings)).model
+
+
 def test_registry_entries_carry_what_the_pipeline_needs():
     assert {"resnet50", "inception_v3", "efficientnetv2s", "tiny"} <= set(REGISTRY)
     assert (
@@ -18,6 +23,30 @@ def test_registry_entries_carry_what_the_pipeline_needs():
 def test_unknown_backbone_lists_the_known_ones():
     with pytest.raises(BackboneError, match="known: resnet50, inception_v3, efficientnetv2s, tiny"):
         get_backbone("resnet51")
+
+
+def test_the_factory_builds_the_classifier_and_its_feature_part_alike():
+    """create_features is exactly the classifier's lower part: the same layers give the same pooled
+    features once the weights agree; check_model refuses what create_* would, before building."""
+    import keras
+
+    from skinray.models import check_model, create_classifier, create_features, list_backbones
+
+    assert list_backbones() == ("resnet50", "inception_v3", "efficientnetv2s", "tiny")
+    cfg = _model(backbone="tiny", weights="none", image_size=40)
+    classifier, features = create_classifier(cfg, 3), create_features(cfg)
+    assert classifier.output_shape == (None, 3) and features.output_shape == (None, 64)
+    features.set_weights(classifier.get_weights()[: len(features.get_weights())])
+    images = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    pooled = keras.Model(classifier.inputs, classifier.get_layer("pool").output)
+    assert np.allclose(features(images), pooled(images), atol=1e-6)
+    assert (
+        check_model(cfg)[1] == 40 and check_model(ModelConfig(backbone="resnet50", weights="none"))[1] == 224
+    )
+    with pytest.raises(BackboneError, match="at least 75"):
+        create_features(ModelConfig(backbone="inception_v3", weights="none", image_size=64))
+    with pytest.raises(BackboneError, match="has no ImageNet weights"):
+        check_model(ModelConfig(backbone="tiny", weights="imagenet"))
 
 
 def test_image_size_override_and_minimum():
@@ -71,11 +100,9 @@ def test_preprocessing_layer_modes_and_round_trip():
 def test_classifier_saves_and_loads_with_the_same_outputs(tmp_path):
     import keras
 
-    from skinray.models.classifier import build_classifier
+    from skinray.models import create_classifier
 
-    model = build_classifier(
-        get_backbone("tiny"), 5, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 48, None
-    )
+    model = create_classifier(_model(backbone="tiny", weights="none", image_size=48), 5)
     images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
@@ -84,11 +111,10 @@ def test_classifier_saves_and_loads_with_the_same_outputs(tmp_path):
 
 
 def test_two_phase_freezing():
-    from skinray.models.classifier import build_classifier, freeze_backbone, unfreeze_top
+    from skinray.models import create_classifier
+    from skinray.models.classifier import freeze_backbone, unfreeze_top
 
-    model = build_classifier(
-        get_backbone("tiny"), 3, Config(model=ModelConfig(backbone="tiny", weights="none")).model, 32, None
-    )
+    model = create_classifier(_model(backbone="tiny", weights="none", image_size=32), 3)
     freeze_backbone(model)
     names = {w.path.split("/")[0] for w in model.trainable_weights}
     assert names == {"hidden", "logits"}
@@ -121,18 +147,14 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precis
         import keras
         import tensorflow as tf
 
-        from skinray.models.classifier import build_classifier
+        from skinray.models import create_classifier
         from skinray.train.step import make_train_step
 
         keras.config.set_dtype_policy(precision)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         with strategy.scope():
-            model = build_classifier(
-                get_backbone(name),
-                4,
-                Config(model=ModelConfig(backbone=name, weights="none")).model,
-                size,
-                None,
+            model = create_classifier(
+                Config(model=ModelConfig(backbone=name, weights="none", image_size=size)).model, 4
             )
             optimizer = keras.optimizers.Adam(1e-3)
             if precision == "mixed_float16":

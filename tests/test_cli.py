@@ -34,8 +34,16 @@ def test_bad_configuration_is_one_clear_line(sample_archive, tmp_path):
 
 
 def test_unknown_backbone(sample_archive, tmp_path):
+    """The flag's choices are the registry's (list_backbones); a config naming another is refused too."""
     proc = _skinray("train", "--backbone", "vgg16", "--data", str(sample_archive), "--out", str(tmp_path))
-    assert proc.returncode == 2 and "known: resnet50" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "invalid choice: 'vgg16' (choose from 'resnet50', 'inception_v3'" in proc.stderr
+    )
+    proc = _skinray(
+        "train", "--set", "model.backbone=vgg16", "--data", str(sample_archive), "--out", str(tmp_path)
+    )
+    assert proc.returncode == 2 and "known: resnet50, inception_v3, efficientnetv2s, tiny" in proc.stderr
 
 
 def test_missing_imagenet_weights_fail_before_training(sample_archive, tmp_path):

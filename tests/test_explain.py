@@ -34,13 +34,20 @@ def test_grad_cam_puts_the_heat_on_the_quadrant_that_decides_the_class():
 
     from skinray.config import load_config
     from skinray.explain import Explainer, heat_map
-    from skinray.models.backbones import get_backbone
-    from skinray.models.classifier import build_classifier
+    from skinray.models import create_classifier
     from skinray.predictor import Member
 
     keras.utils.set_random_seed(0)
-    cfg = load_config(overrides=["model.backbone=tiny", "model.head_units=32", "model.dropout=0.1"])
-    model = build_classifier(get_backbone("tiny"), 2, cfg.model, SIZE, None)
+    cfg = load_config(
+        overrides=[
+            "model.backbone=tiny",
+            "model.head_units=32",
+            "model.dropout=0.1",
+            "model.weights=none",
+            f"model.image_size={SIZE}",
+        ]
+    )
+    model = create_classifier(cfg.model, 2)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

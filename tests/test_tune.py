@@ -220,7 +220,7 @@ def test_full_mode_runs_ray_train_trials(ray_env, sample_archive, tmp_path):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--backbone", "vgg16"], "known: resnet50"),
+        (["--backbone", "vgg16"], "invalid choice: 'vgg16'"),
         (["--set", "data.val_fraction=0"], "no validation images"),
         (["--set", "tune.dropout=[0.5,0.1]"], "tune.dropout"),
     ],

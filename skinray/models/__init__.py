@@ -1,1 +1,59 @@
-"""Backbone registry and classifier head."""
+"""The model factory: every network skinray builds comes from these four functions.
+
+    list_backbones()                      the registry's names (what --backbone and model.backbone take)
+    check_model(cfg.model)                validates backbone, input size and weights; (spec, size)
+    create_classifier(cfg.model, classes) uint8 images -> logits (training)
+    create_features(cfg.model)            uint8 images -> pooled features (tuning's cached embeddings)
+
+The registry (`backbones.py`) knows each backbone's constructor, native size, preprocessing and
+weights; `classifier.py` puts the preprocessing layer before it and the head after it. Keras and
+TensorFlow load only when a model is created, so listing names stays cheap (the CLI's --help).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+
+    from skinray.config import ModelConfig
+    from skinray.models.backbones import BackboneSpec
+
+
+def list_backbones() -> tuple[str, ...]:
+    from skinray.models.backbones import REGISTRY
+
+    return tuple(REGISTRY)
+
+
+def check_model(cfg: ModelConfig) -> tuple[BackboneSpec, int]:
+    """The backbone's spec and the input side, after checking that the backbone exists, takes that
+    size and has its weights (the driver calls it before a cluster starts: mistakes fail early)."""
+    from skinray.models.backbones import get_backbone, input_size, resolve_weights
+
+    spec = get_backbone(cfg.backbone)
+    size = input_size(spec, cfg.image_size)
+    resolve_weights(spec, cfg.weights)
+    return spec, size
+
+
+def create_classifier(cfg: ModelConfig, num_classes: int) -> keras.Model:
+    """uint8 images (size x size x 3) -> logits over `num_classes` (see `classifier.build_classifier`)."""
+    from skinray.models.backbones import resolve_weights
+    from skinray.models.classifier import build_classifier
+
+    spec, size = check_model(cfg)
+    return build_classifier(spec, num_classes, cfg, size, resolve_weights(spec, cfg.weights))
+
+
+def create_features(cfg: ModelConfig) -> keras.Model:
+    """uint8 images -> the backbone's pooled features: exactly the lower part of `create_classifier`'s
+    model (the frozen embedding model of `skinray tune`)."""
+    import keras
+
+    from skinray.models.backbones import resolve_weights
+    from skinray.models.classifier import build_features
+
+    spec, size = check_model(cfg)
+    return keras.Model(*build_features(spec, size, resolve_weights(spec, cfg.weights)))

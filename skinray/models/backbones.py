@@ -13,10 +13,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import keras
+from typing import TYPE_CHECKING
 
 from skinray import UserError
+
+if TYPE_CHECKING:
+    import keras
 
 KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -60,14 +62,20 @@ class BackboneSpec:
 
 
 def _resnet50(size: int, weights: str | None) -> keras.Model:
+    import keras
+
     return keras.applications.ResNet50(include_top=False, weights=weights, input_shape=(size, size, 3))
 
 
 def _inception_v3(size: int, weights: str | None) -> keras.Model:
+    import keras
+
     return keras.applications.InceptionV3(include_top=False, weights=weights, input_shape=(size, size, 3))
 
 
 def _efficientnetv2s(size: int, weights: str | None) -> keras.Model:
+    import keras
+
     return keras.applications.EfficientNetV2S(
         include_top=False, weights=weights, input_shape=(size, size, 3), include_preprocessing=True
     )
@@ -75,6 +83,8 @@ def _efficientnetv2s(size: int, weights: str | None) -> keras.Model:
 
 def _tiny(size: int, weights: str | None) -> keras.Model:
     """Three strided conv blocks with BatchNormalization: seconds to train on a CPU."""
+    import keras
+
     inputs = keras.Input((size, size, 3))
     x = inputs
     for filters in (16, 32, 64):

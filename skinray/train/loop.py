@@ -138,15 +138,12 @@ class WorkerLoop:
     def _build(self) -> None:
         import keras
 
-        from skinray.models.backbones import get_backbone, input_size, resolve_weights
-        from skinray.models.classifier import build_classifier
+        from skinray.models import check_model, create_classifier
 
-        self.spec = get_backbone(self.cfg.model.backbone)
-        self.size = input_size(self.spec, self.cfg.model.image_size)
-        weights = resolve_weights(self.spec, self.cfg.model.weights)
-        self.pretrained = weights is not None
+        self.spec, self.size = check_model(self.cfg.model)
+        self.pretrained = self.cfg.model.weights.lower() != "none"
         with self.strategy.scope():
-            self.model = build_classifier(self.spec, self.num_classes, self.cfg.model, self.size, weights)
+            self.model = create_classifier(self.cfg.model, self.num_classes)
         if self.cfg.train.batchnorm_momentum:
             for layer in _all_layers(self.model):
                 if isinstance(layer, keras.layers.BatchNormalization):

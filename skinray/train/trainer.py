@@ -47,11 +47,9 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
     from skinray.console import load_tensorflow
 
     load_tensorflow(expect_gpu=cfg.train.gpus_per_worker > 0)
-    from skinray.models.backbones import get_backbone, input_size, resolve_weights
+    from skinray.models import check_model
 
-    spec = get_backbone(cfg.model.backbone)
-    input_size(spec, cfg.model.image_size)
-    resolve_weights(spec, cfg.model.weights)  # fail here, not after the cluster has started
+    spec, _ = check_model(cfg.model)  # fail here, not after the cluster has started
     inputs = _inputs(cfg)
     _announce_recipe(cfg)
     run_name = name or cfg.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"

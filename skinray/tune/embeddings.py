@@ -3,7 +3,7 @@
 A Ray Data job: catalog rows (every training image `tune.views` times, each view its own
 augmentation draw, as training draws one per epoch; the validation images once, resized) -> the
 decode-and-augment tasks of training (`load_batch`) -> an actor pool holding the frozen lower part
-of the classifier (`build_features`: the backbone's own preprocessing, the backbone, global average
+of the classifier (`models.create_features`: the backbone's own preprocessing, the backbone, global average
 pooling) -> Parquet under `OUT/RUN/embeddings/KEY/{train,val}/`. KEY hashes what the features
 depend on (the archive's files and labels, the backbone, input size, weights, views, augmentation,
 and the split's seed and fraction): a rerun of the same search reuses them, a changed one does not.
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from skinray.config import Config
+from skinray.config import Config, ModelConfig
 from skinray.data.ingest import ImageSource, dataset, load_batch
 from skinray.storage import clear_dir, join_uri, kind, resolve, write_json
 
@@ -119,9 +119,7 @@ def _features(cfg: Config, size: int, rows: pa.Table, source: ImageSource, augme
         compute=ray.data.ActorPoolStrategy(min_size=score.min_actors, max_size=score.max_actors),
         **score.actor_options,
         fn_constructor_kwargs={
-            "backbone": cfg.model.backbone,
-            "size": size,
-            "weights": cfg.model.weights,
+            "model": dataclasses.replace(cfg.model, image_size=size),
             "seed": cfg.data.seed,
         },
     )
@@ -130,7 +128,7 @@ def _features(cfg: Config, size: int, rows: pa.Table, source: ImageSource, augme
 class EmbedActor:
     """Holds the frozen backbone; decoded images -> rows of pooled features."""
 
-    def __init__(self, backbone: str, size: int, weights: str, seed: int):
+    def __init__(self, model: ModelConfig, seed: int):
         import ray
 
         from skinray.console import load_tensorflow, quiet_process
@@ -139,14 +137,12 @@ class EmbedActor:
         load_tensorflow(expect_gpu=bool(ray.get_gpu_ids()))
         import keras
 
-        from skinray.models.backbones import get_backbone, resolve_weights
-        from skinray.models.classifier import build_features
+        from skinray.models import create_features
 
-        spec = get_backbone(backbone)
         # Every actor must hold the same network: with weights none its layers start random, and
         # features from differently drawn networks would mean nothing together.
         keras.utils.set_random_seed(seed)
-        self.model = keras.Model(*build_features(spec, size, resolve_weights(spec, weights)))
+        self.model = create_features(model)
         self.size = int(self.model.output.shape[-1])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -167,11 +167,9 @@ def full_trial(trial: dict, *, cfg: Config, out: str) -> None:
 
 def tune_head(cfg: Config, out: str, name: str = "") -> dict:
     """Runs (or continues) the search; returns the best trial's row and where the outputs are."""
-    from skinray.models.backbones import get_backbone, input_size, resolve_weights
+    from skinray.models import check_model
 
-    spec = get_backbone(cfg.model.backbone)
-    size = input_size(spec, cfg.model.image_size)
-    resolve_weights(spec, cfg.model.weights)  # a missing weights file fails here, before anything is written
+    spec, size = check_model(cfg.model)  # a missing weights file fails here, before anything is written
     catalog, train_rows, val_rows = _inputs(cfg)
     out = absolute(out)
     run_dir = join_uri(out, name or f"tune-{spec.name}")
