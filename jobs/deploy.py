@@ -6,7 +6,7 @@
             --set serve.gpus_per_replica=1 --set serve.max_replicas=4 \
             --set serve.api_keys_file=/run/secrets/skinray-keys
 
-Takes every option of `skinray serve` (README, "Online scoring"). The application outlives the job
+Takes every option of `skinray serve` (docs/serving.md). The application outlives the job
 (Serve keeps it); resubmitting updates it in place (Serve rolls replicas only when a setting
 changed). Expected: about a minute until every replica has loaded the bundle and answered its
 warm-up batch; then GET /readyz on port 8000 of any node says ready. Put it behind your load

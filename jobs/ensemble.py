@@ -4,7 +4,7 @@
         python jobs/ensemble.py --members s3://BUCKET/runs/resnet50-v1 s3://BUCKET/runs/inception-v1 \
             s3://BUCKET/runs/effnet-v1 --data s3://BUCKET/dermnet --out s3://BUCKET/bundles/dermnet-v1
 
-Takes every option of `skinray ensemble` (see README, "Ensemble bundle"). Runtime: the members'
+Takes every option of `skinray ensemble` (docs/bundle-and-scoring.md). Runtime: the members'
 predictions on the validation split (about 3,100 DermNet images; minutes on one GPU actor) plus
 seconds of fitting. Expected: the bundle folder with bundle.json, and its version printed. A bundle
 is never overwritten: resubmitting the same members to the same --out finds their bundle and changes

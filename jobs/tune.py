@@ -4,7 +4,7 @@
         python jobs/tune.py --backbone resnet50 --data s3://BUCKET/dermnet --out s3://BUCKET/tuning \
             --trials 32 --name resnet50-head
 
-Takes every option of `skinray tune` (see README, "Tuning"). Resubmitting with the same --out and
+Takes every option of `skinray tune` (docs/tuning.md). Resubmitting with the same --out and
 --name continues the search (finished trials are not rerun; the embeddings are reused). Expected
 on 4 GPUs: the embedding job over DermNet's training images x 4 views takes a few minutes, then
 trials of about a minute each, many at once. Outputs: OUT/NAME/trials.csv, trials.md,

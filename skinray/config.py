@@ -73,7 +73,7 @@ class DataConfig:
         max_pixels: images claiming more pixels than this are refused (decompression-bomb guard).
         cpus_per_task: CPUs Ray Data reserves for each decode-and-augment task.
         resources: custom Ray resources each decode task reserves, e.g. {cpu_node: 0.001} keeps
-            decoding on cluster.yaml's CPU nodes (README, "Cluster").
+            decoding on cluster.yaml's CPU nodes (docs/cluster.md).
     """
 
     archive: str = ""
@@ -179,7 +179,7 @@ class TrainConfig:
     """Distributed fine-tuning on Ray Train.
 
     Learning rates are given for `base_batch` images a step; the rate used is scaled to the global
-    batch (`batch_size` x `workers`) by `lr_scaling` (see the README's training section). Settings
+    batch (`batch_size` x `workers`) by `lr_scaling` (docs/training.md). Settings
     left unset take the recipe's value (`RECIPES`): the recipe follows the weights.
 
     Args:
@@ -476,7 +476,7 @@ class ServeConfig:
     Args:
         host, port: where Serve's HTTP proxy listens (127.0.0.1: this machine only).
         layout: `together` (one model deployment holds every member) or `per_member` (one
-            deployment per member, composed by the ingress); README, "Online scoring".
+            deployment per member, composed by the ingress); docs/serving.md.
         min_replicas, max_replicas, target_ongoing_requests: autoscaling of each model deployment.
         upscale_delay_s, downscale_delay_s: how long the load must last before it scales.
         max_ongoing_requests, max_queued_requests: per model replica, and the callers' queue
@@ -639,7 +639,7 @@ class Config:
 
 # === Recipes: the defaults that follow the weights ===
 
-# Measured with benchmarks/quality.py (scratch) and the seed notebook (transfer); README, "Recipes".
+# Measured with benchmarks/quality.py (scratch) and the seed notebook (transfer); docs/training.md, "Recipes".
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "transfer": {
         "model": {"dropout": 0.3, "head_dropout": 0.3},
