@@ -8,9 +8,12 @@ command). `skinray --verbose ...` or SKINRAY_VERBOSE=1 shows everything, as Ray 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
 import sys
+import threading
 
 VERBOSE_ENV = "SKINRAY_VERBOSE"
 
@@ -107,9 +110,55 @@ def load_tensorflow(expect_gpu: bool) -> None:
         os.close(devnull)
 
 
+# TensorFlow's C++ start-up lines, written before any log level applies (TF_CPP_MIN_LOG_LEVEL
+# included): the absl notice, oneDNN, missing CUDA drivers on a CPU node, the CPU's instructions.
+STARTUP_NOISE = re.compile(
+    rb"^(?:WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|[IW]\d{4} \S+ +\d+ (?:port|cudart_stub|cpu_feature_guard)\.cc:\d+\] .*"
+    rb"|To enable the following instructions: .*)\r?\n?$"
+)
+
+
+def setup_worker() -> None:
+    """Ray's `worker_process_setup_hook` for the local cluster skinray starts: each worker's stderr
+    passes through a filter that drops TensorFlow's start-up lines (every other line, errors and
+    tracebacks included, goes through). Not in the driver, whose progress bars rewrite one line."""
+    if verbose() or getattr(setup_worker, "installed", False):
+        return
+    setup_worker.installed = True
+    sys.stderr.flush()
+    read, write = os.pipe()
+    target = os.dup(2)
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if not STARTUP_NOISE.match(line):
+                    os.write(target, line)
+
+    thread = threading.Thread(target=pump, name="skinray-stderr", daemon=True)
+    thread.start()
+
+    def drain() -> None:  # at exit, everything written so far reaches the real stderr
+        sys.stderr.flush()
+        os.dup2(target, 2)  # closes the pipe's last writer: the pump reads to its end
+        thread.join(timeout=2)
+
+    atexit.register(drain)
+
+
 def ray_init_options() -> dict:
-    """ray.init's own console level (it prints the dashboard address and the like at INFO)."""
-    return {} if verbose() else {"logging_level": logging.WARNING}
+    """ray.init's own console level (it prints the dashboard address and the like at INFO), and for
+    the local cluster skinray starts, its workers' stderr filter (`setup_worker`)."""
+    if verbose():
+        return {}
+    return {"logging_level": logging.WARNING}
+
+
+def local_cluster_options() -> dict:
+    return {} if verbose() else {"runtime_env": {"worker_process_setup_hook": "skinray.console.setup_worker"}}
 
 
 def train_logging_config():

@@ -8,10 +8,10 @@ command again.
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from commands import SKINRAY, skinray
 from corpus import dds_without_pixel_format
 
 from skinray.config import load_config
@@ -238,9 +238,7 @@ def test_run_directory_contents(run):
 def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_env, archive, tmp_path):
     """max_failures=0: the kill ends the run; the same command then resumes from the latest checkpoint."""
     command = [
-        sys.executable,
-        "-m",
-        "skinray",
+        *SKINRAY,
         "train",
         "--backbone",
         "tiny",
@@ -314,3 +312,39 @@ def test_a_resume_on_other_classes_or_settings_is_refused_naming_the_difference(
     with lock(str(folder / ".lock"), "the test"):  # a second training of the same run, still alive
         with pytest.raises(UserError, match=f"being written by another run \\(pid {os.getpid()} "):
             train(run["cfg"], str(folder.parent), "faulty")
+
+
+def test_a_three_epoch_run_prints_skinrays_lines_not_tensorflows(tmp_path):
+    """On the local cluster skinray starts, a short run is a screenful: the recipe, one line an
+    epoch, the result; TensorFlow's C++ start-up lines (oneDNN, CUDA stubs, CPU instructions), which
+    each worker would print twice, are filtered out of the workers' stderr."""
+    from skinray.data.sample import write_sample
+
+    write_sample(tmp_path / "archive", per_class=16, classes=4, seed=0)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = skinray(
+        "train",
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--data",
+        tmp_path / "archive",
+        "--out",
+        tmp_path / "runs",
+        "--name",
+        "t",
+        "--epochs",
+        "3",
+        "--set",
+        "train.batch_size=8",
+        env=env,
+        timeout=600,
+        expect=0,
+    )
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert sum("[skinray] epoch " in line for line in lines) == 3 and "best checkpoint:" in proc.stdout
+    assert not [line for line in lines if "oneDNN" in line or "cudart_stub" in line or "absl::" in line]
+    assert len(lines) <= 15, "\n".join(lines)

@@ -326,27 +326,35 @@ class WorkerLoop:
             )
         )
         writer = TensorBoard(self.inputs.run_uri) if self.rank == 0 else None
-        for epoch in range(start, train.epochs):
-            if state.phase == "head" and epoch >= train.head_epochs:
-                state.phase, state.phase_start, lr = "finetune", epoch, self._start_phase("finetune", None)
-                monitor.new_phase()
-            lr = self._scheduled_lr(state, epoch, lr)
-            started = time.perf_counter()
-            metrics = self._train_epoch(batches, epoch)
-            metrics["images_per_second"] = self.steps * self.global_batch / (time.perf_counter() - started)
-            metrics |= self._validate() | {
-                "epoch": epoch + 1,
-                "phase": self._phase_label(state.phase),
-                "learning_rate": lr,
-            }
-            lr = self._after_epoch(state, monitor, metrics, epoch, lr)
-            self._report(state, metrics, monitor)
+        try:
+            for epoch in range(start, train.epochs):
+                if state.phase == "head" and epoch >= train.head_epochs:
+                    state.phase, state.phase_start, lr = (
+                        "finetune",
+                        epoch,
+                        self._start_phase("finetune", None),
+                    )
+                    monitor.new_phase()
+                lr = self._scheduled_lr(state, epoch, lr)
+                started = time.perf_counter()
+                metrics = self._train_epoch(batches, epoch)
+                metrics["images_per_second"] = (
+                    self.steps * self.global_batch / (time.perf_counter() - started)
+                )
+                metrics |= self._validate() | {
+                    "epoch": epoch + 1,
+                    "phase": self._phase_label(state.phase),
+                    "learning_rate": lr,
+                }
+                lr = self._after_epoch(state, monitor, metrics, epoch, lr)
+                self._report(state, metrics, monitor)
+                if writer:
+                    writer.write(metrics)
+                if state.finished:
+                    break
+        finally:  # its local folder goes when the run ends, however it ends
             if writer:
-                writer.write(metrics)
-            if state.finished:
-                break
-        if writer:
-            writer.close()
+                writer.close()
 
     def _after_epoch(self, state: LoopState, monitor: Monitor, metrics: dict, epoch: int, lr: float) -> float:
         """Records the epoch and takes the monitor's decisions; returns the next learning rate.
