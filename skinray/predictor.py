@@ -302,11 +302,20 @@ def load_model(path: Path, data: bytes | None = None):
 
     import skinray.models.classifier  # noqa: F401  registers the custom layers for loading
 
-    if data is None:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
-    from keras.src.saving import saving_lib  # the public loader takes paths only; this one, a file object
+    try:
+        if data is None:
+            return keras.models.load_model(path, compile=False, safe_mode=True)
+        from keras.src.saving import saving_lib  # the public loader takes paths only; this one, a file object
 
-    return saving_lib.load_model(io.BytesIO(data), compile=False, safe_mode=True)
+        return saving_lib.load_model(io.BytesIO(data), compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        first = str(exc).split(". ")[0]
+        raise UserError(
+            f"'{path}' is refused: it holds Python code, which Keras' safe mode never runs ({first}). "
+            "skinray's models hold none: was this file made by skinray?"
+        ) from None
 
 
 def _local_copy(path: str) -> Path:

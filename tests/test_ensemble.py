@@ -7,10 +7,11 @@ the tests read the bundle it writes and what `Predictor` and `evaluate` make of 
 import json
 import shutil
 import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import SKINRAY, one_error_line, skinray
 
 from skinray.ensemble import abstention_threshold, fit_temperature, fit_weights
 from skinray.predictor import softmax
@@ -55,9 +56,7 @@ def bundle(members, ray_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "v1"
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "skinray",
+            *SKINRAY,
             "ensemble",
             "--members",
             *members["runs"],
@@ -204,26 +203,33 @@ def test_an_expected_version_refuses_any_other_bundle(bundle, members, tmp_path)
         "serve": ["--port", "0"],
     }
     for command, args in commands.items():
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "skinray",
-                command,
-                "--model",
-                str(bundle),
-                *args,
-                "--expect-version",
-                other,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 2, (command, proc.stderr[-2000:])
-        assert proc.stderr.strip().splitlines()[-1].startswith("skinray: error: "), (command, proc.stderr)
+        proc = skinray(command, "--model", str(bundle), *args, "--expect-version", other, timeout=300)
+        assert one_error_line(proc).endswith(
+            f"not the expected {other}: refusing it (another bundle was written there, or the wrong path)"
+        ), command
         assert f"not the expected {other}" in proc.stderr, command
     assert not any((tmp_path / name).exists() for name in ("scores", "report", "png"))
+
+
+def test_a_model_holding_python_code_is_refused(members, tmp_path):
+    """A `.keras` file with a Lambda layer (a pickled Python function) in place of a member's model:
+    safe mode refuses it, and the command says so in one line (no traceback, no advice to turn
+    safe mode off)."""
+    import keras
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(sorted(Path(members["runs"][0]).glob("checkpoint_epoch_*"))[-1], checkpoint)
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    outputs = keras.layers.Lambda(lambda x: keras.ops.mean(keras.ops.cast(x, "float32"), axis=(1, 2)))(inputs)
+    keras.Model(inputs, outputs).save(checkpoint / "model.keras")
+    image = next((members["archive"] / "test").rglob("*.jpg"))
+    proc = skinray(
+        "explain", "--model", str(checkpoint), str(image), "--out", str(tmp_path / "png"), timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("skinray: error: ") and "safe mode never runs" in line and "Lambda" in line
+    assert "safe_mode=False" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_only_keras_files_load(tmp_path):
