@@ -28,10 +28,12 @@ def ray_cluster():
     scheduled together, as on a real cluster where trainers and ingest have their own cores.
     """
     import ray
+    from serving import free_port
 
     ray.init(
         num_cpus=4,
         include_dashboard=False,
+        _metrics_export_port=free_port(),  # Prometheus' view of the cluster (the Serve metrics test)
         log_to_driver=True,
         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
     )

@@ -1,9 +1,8 @@
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
+from commands import skinray
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +43,10 @@ def test_report(ray_cluster, messy_archive):
 
 
 def test_cli_json_and_exit_codes(ray_env, messy_archive, sample_archive):
-    proc = subprocess.run(
-        [sys.executable, "-m", "skinray", "data", "check", str(messy_archive), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ray_env,
-    )
+    proc = skinray("data", "check", str(messy_archive), "--json", timeout=300, env=ray_env)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["duplicates_across_splits"] == 1
-    clean = subprocess.run(
-        [sys.executable, "-m", "skinray", "data", "check", str(sample_archive)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ray_env,
-    )
+    clean = skinray("data", "check", str(sample_archive), timeout=300, env=ray_env)
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.strip().endswith("ok")
 
@@ -68,13 +55,7 @@ def test_console_shows_rays_info_logs_only_when_verbose(ray_env, sample_archive)
     """By default Ray Data's INFO lines (execution plans) go to Ray's log files; --verbose shows them."""
 
     def check(*flags):
-        proc = subprocess.run(
-            [sys.executable, "-m", "skinray", *flags, "data", "check", str(sample_archive)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=ray_env,
-        )
+        proc = skinray(*flags, "data", "check", str(sample_archive), timeout=300, env=ray_env)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout + proc.stderr
 

@@ -1,31 +1,24 @@
-import subprocess
-import sys
+from commands import skinray
 
 from skinray import __version__
 
 
-def _skinray(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "skinray", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
 def test_help_lists_every_command():
-    proc = _skinray("--help")
+    proc = skinray("--help")
     assert proc.returncode == 0
     for command in ("data", "train", "tune", "ensemble", "score", "evaluate", "demo"):
         assert command in proc.stdout
-    data = _skinray("data", "--help")
+    data = skinray("data", "--help")
     for action in ("fetch", "sample", "check"):
         assert action in data.stdout
 
 
 def test_version():
-    assert _skinray("--version").stdout.strip() == f"skinray {__version__}"
+    assert skinray("--version").stdout.strip() == f"skinray {__version__}"
 
 
 def test_bad_configuration_is_one_clear_line(sample_archive, tmp_path):
-    proc = _skinray(
+    proc = skinray(
         "train", "--data", str(sample_archive), "--out", str(tmp_path), "--set", "train.batch_sise=8"
     )
     assert proc.returncode == 2
@@ -35,12 +28,12 @@ def test_bad_configuration_is_one_clear_line(sample_archive, tmp_path):
 
 def test_unknown_backbone(sample_archive, tmp_path):
     """The flag's choices are the registry's (list_backbones); a config naming another is refused too."""
-    proc = _skinray("train", "--backbone", "vgg16", "--data", str(sample_archive), "--out", str(tmp_path))
+    proc = skinray("train", "--backbone", "vgg16", "--data", str(sample_archive), "--out", str(tmp_path))
     assert (
         proc.returncode == 2
         and "invalid choice: 'vgg16' (choose from 'resnet50', 'inception_v3'" in proc.stderr
     )
-    proc = _skinray(
+    proc = skinray(
         "train", "--set", "model.backbone=vgg16", "--data", str(sample_archive), "--out", str(tmp_path)
     )
     assert proc.returncode == 2 and "known: resnet50, inception_v3, efficientnetv2s, tiny" in proc.stderr
@@ -48,7 +41,7 @@ def test_unknown_backbone(sample_archive, tmp_path):
 
 def test_missing_imagenet_weights_fail_before_training(sample_archive, tmp_path):
     """No network here: the run stops before any cluster starts, saying where the file goes."""
-    proc = _skinray(
+    proc = skinray(
         "train", "--backbone", "resnet50", "--data", str(sample_archive), "--out", str(tmp_path), timeout=120
     )
     assert proc.returncode == 2
@@ -58,7 +51,7 @@ def test_missing_imagenet_weights_fail_before_training(sample_archive, tmp_path)
 
 
 def test_missing_archive(tmp_path):
-    proc = _skinray(
+    proc = skinray(
         "train",
         "--backbone",
         "tiny",
@@ -95,7 +88,7 @@ def test_each_flag_takes_its_help_and_default_from_the_config_field():
 
     for command, flags in COMMAND_FLAGS.items():
         text = " ".join(
-            _skinray(*(["data", "check"] if command == "check" else [command]), "--help").stdout.split()
+            skinray(*(["data", "check"] if command == "check" else [command]), "--help").stdout.split()
         )
         for flag, key in flags.items():
             info = describe_key(key)
@@ -151,7 +144,7 @@ def test_evaluate_takes_the_score_settings_its_job_documents():
 
 
 def test_a_bad_setting_on_evaluate_is_one_line(tmp_path):
-    proc = _skinray(
+    proc = skinray(
         "evaluate",
         "--model",
         str(tmp_path),
@@ -171,5 +164,5 @@ def test_bad_sample_flags_are_one_line(tmp_path):
         (["--classes", "99"], "--classes must be between 1 and 23"),
         (["--per-class", "0"], "--per-class must be at least 1"),
     ):
-        proc = _skinray("data", "sample", "--dest", str(tmp_path / "s"), *flags)
+        proc = skinray("data", "sample", "--dest", str(tmp_path / "s"), *flags)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

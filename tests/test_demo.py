@@ -1,34 +1,18 @@
 """`skinray demo --quick`: every stage, end to end, as a newcomer runs it (with tiny members)."""
 
 import json
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
+from commands import skinray
 from serving import free_port
 
 
 @pytest.fixture(scope="module")
 def demo(ray_env, tmp_path_factory):
     out, port = tmp_path_factory.mktemp("demo") / "out", free_port()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "skinray",
-            "demo",
-            "--quick",
-            "--exit",
-            "--out",
-            str(out),
-            "--port",
-            str(port),
-        ],
-        env=ray_env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    proc = skinray(
+        "demo", "--quick", "--exit", "--out", str(out), "--port", str(port), env=ray_env, timeout=1200
     )
     return out, port, proc
 

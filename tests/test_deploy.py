@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from commands import skinray
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = Path(__file__).resolve().parent / "data" / "kuberay"
@@ -275,11 +276,5 @@ def test_detach_refuses_a_cluster_that_would_end_with_the_command(bundle):
     import os
 
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "skinray", "serve", "--model", str(bundle), "--detach"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = skinray("serve", "--model", str(bundle), "--detach", timeout=300, env=env)
     assert proc.returncode == 2 and "--detach deploys onto a running cluster" in proc.stderr

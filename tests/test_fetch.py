@@ -1,11 +1,10 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
+from commands import one_error_line, skinray
 
 from skinray.data.fetch import MARKER, FetchError, extract, has_credentials
 from skinray.data.sample import DERMNET_CLASSES
@@ -92,51 +91,32 @@ def test_credential_sources(tmp_path):
 def _run_fetch(tmp_path, env_extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE")}
     env.update(HOME=str(tmp_path / "home"), **env_extra)
-    return subprocess.run(
-        [sys.executable, "-m", "skinray", "data", "fetch", "--dest", str(tmp_path / "d")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def _one_error_line(proc) -> str:
-    """The README's promise for a user's mistake: exit code 2 and one line on stderr."""
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("skinray: error: "), proc.stderr
-    return lines[0]
+    return skinray("data", "fetch", "--dest", str(tmp_path / "d"), env=env, timeout=120)
 
 
 def test_missing_credentials_say_what_to_do(tmp_path):
-    line = _one_error_line(_run_fetch(tmp_path, {}))
+    line = one_error_line(_run_fetch(tmp_path, {}))
     assert "kaggle.json" in line and "KAGGLE_USERNAME" in line
 
 
 def test_no_network_is_a_short_message_that_never_shows_the_key(tmp_path):
     """Kaggle is unreachable from this machine: the command must fail cleanly, key unprinted."""
     proc = _run_fetch(tmp_path, {"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": "s3cr3t-key-value"})
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert "could not download" in line and "--zip" in line
     assert "s3cr3t-key-value" not in proc.stderr + proc.stdout
     assert not (tmp_path / "d" / "train").exists()
 
 
 def _fetch_zip(zpath, dest, *flags):
-    return subprocess.run(
-        [sys.executable, "-m", "skinray", "data", "fetch", "--zip", str(zpath), "--dest", str(dest), *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return skinray("data", "fetch", "--zip", str(zpath), "--dest", str(dest), *flags, timeout=120)
 
 
 def test_cli_extracts_a_downloaded_zip(tmp_path):
     """A zip in DermNet's layout (wrapped in a top folder, a licence file beside) extracts; a second
     run finds it; a 3-class zip is refused as DermNet in one line, and accepted with --not-dermnet."""
     zpath = _dermnet_like_zip(tmp_path / "d.zip")
-    assert "23 classes" in _one_error_line(_fetch_zip(zpath, tmp_path / "out"))
+    assert "23 classes" in one_error_line(_fetch_zip(zpath, tmp_path / "out"))
     assert not (tmp_path / "out" / "train").exists()
     proc = _fetch_zip(zpath, tmp_path / "out", "--not-dermnet")
     assert proc.returncode == 0, proc.stderr

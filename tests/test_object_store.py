@@ -9,6 +9,7 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+from commands import skinray
 
 from skinray.data.catalog import list_archive
 from skinray.data.ingest import ImageSource, iter_stream, stream
@@ -136,8 +137,6 @@ def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env,
     """Every kind of URI the commands take carries credentials (moto takes any): the commands work,
     and the secret is in no console line, no file they wrote, and none of Ray's logs."""
     import json
-    import subprocess
-    import sys
     from pathlib import Path
     from urllib.parse import quote
 
@@ -152,17 +151,14 @@ def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env,
     def uri(path):
         return f"s3://AKIAEXAMPLE:{quote(SECRET, safe='')}@skin-bucket/{path}?{options}"
 
-    def skinray(*args, expect=0):
-        out = subprocess.run(
-            [sys.executable, "-m", "skinray", *args], capture_output=True, text=True, timeout=600, env=ray_env
-        )
-        assert out.returncode == expect, out.stderr[-3000:]
+    def run(*args, expect=0):
+        out = skinray(*args, timeout=600, env=ray_env, expect=expect)
         assert SECRET not in out.stdout + out.stderr and quote(SECRET, safe="") not in out.stdout + out.stderr
         return out
 
-    check = json.loads(skinray("data", "check", uri("dermnet"), "--json").stdout)
+    check = json.loads(run("data", "check", uri("dermnet"), "--json").stdout)
     assert check["ok"] and check["archive"].startswith("s3://***@skin-bucket/dermnet")
-    scored = skinray(
+    scored = run(
         "score",
         "--model",
         uri("bundles/v1"),
@@ -174,17 +170,15 @@ def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env,
         "score.max_actors=1",
     )
     assert "24 scored" in scored.stdout
-    skinray(
-        "evaluate", "--model", uri("bundles/v1"), "--data", uri("dermnet"), "--out", uri("evaluation-keys")
-    )
-    missing = skinray(
+    run("evaluate", "--model", uri("bundles/v1"), "--data", uri("dermnet"), "--out", uri("evaluation-keys"))
+    missing = run(
         "evaluate", "--model", uri("bundles/v1"), "--data", uri("nowhere"), "--out", uri("x"), expect=2
     )
     assert "s3://***@skin-bucket/nowhere" in missing.stderr  # the error names the archive, not its secret
 
     # Serve would keep the URI in its application's stored config: refused, credentials unechoed.
     for flags in (["--print-config"], []):
-        refused = skinray("serve", "--model", uri("bundles/v1"), *flags, expect=2)
+        refused = run("serve", "--model", uri("bundles/v1"), *flags, expect=2)
         assert "credentials" in refused.stderr
     texts = _stored_texts(fs, ("/scored/", "/evaluation-keys/"))
     assert len(texts) >= 6 and any("model_version" in t for t in texts)  # summary, report, predictions, ...

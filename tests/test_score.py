@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from commands import SKINRAY, skinray
 from corpus import dds_without_pixel_format
 
 from skinray.config import load_config
@@ -131,12 +132,7 @@ def test_a_manifest_lists_the_inputs(bundle, mixed_folder, ray_cluster, tmp_path
 
 def test_bad_inputs_are_one_clear_line(bundle, tmp_path):
     def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "skinray", "score", "--model", str(bundle), *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        return skinray("score", "--model", str(bundle), *args, timeout=300)
 
     (tmp_path / "list.csv").write_text("file\nx.jpg\n")
     for args, message in [
@@ -149,21 +145,14 @@ def test_bad_inputs_are_one_clear_line(bundle, tmp_path):
     ]:
         proc = run(*args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "skinray",
-            "score",
-            "--model",
-            str(tmp_path / "nothing"),
-            "--input",
-            str(tmp_path),
-            "--output",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
+    proc = skinray(
+        "score",
+        "--model",
+        str(tmp_path / "nothing"),
+        "--input",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
         timeout=300,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
@@ -179,9 +168,7 @@ def test_a_killed_driver_resumes_with_every_row_exactly_once(bundle, members, ra
         shutil.copyfile(photos[i % len(photos)], target)
     out = tmp_path / "out"
     command = [
-        sys.executable,
-        "-m",
-        "skinray",
+        *SKINRAY,
         "score",
         "--model",
         str(bundle),

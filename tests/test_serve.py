@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from commands import SKINRAY, skinray
 from corpus import bomb_png, dds_without_pixel_format
 from PIL import Image
 from serving import ANOTHER_KEY, KEY, asgi_request, deploy, free_port, jpeg
@@ -62,6 +62,42 @@ def test_predict_answers_raw_bytes_and_multipart_alike(endpoint, bundle, photos)
     )
     assert a["abstained"] == (a["confidence"] < manifest["threshold"])
     assert a["latency_ms"] > 0
+
+
+def test_the_metrics_count_requests_answers_and_batches(endpoint, ray_cluster, photos):
+    """The metrics the docs promise, as Prometheus scrapes them from the node's metrics endpoint."""
+    import re
+    import urllib.request
+
+    for _ in range(2):
+        assert requests.post(f"{endpoint}/v1/predict", data=photos[0].read_bytes()).status_code == 200
+    assert requests.post(f"{endpoint}/v1/predict", data=b"not a photo").status_code == 400
+    port = ray_cluster._private.worker._global_node.metrics_export_port
+
+    def total(text: str, name: str, **tags) -> float:
+        """The sum of a metric's series whose labels include `tags` (over replicas and nodes)."""
+        value = 0.0
+        for series, labels, number in re.findall(r"^(\w+)\{(.*)\} (\S+)$", text, re.M):
+            if series == name and tags.items() <= dict(re.findall(r'(\w+)="([^"]*)"', labels)).items():
+                value += float(number)
+        return value
+
+    found: dict = {}
+    deadline = time.monotonic() + 90  # Ray exports its metrics every few seconds
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = {
+            "ok": total(text, "ray_skinray_requests_total", route="/v1/predict", status="200"),
+            "refused": total(text, "ray_skinray_requests_total", route="/v1/predict", status="400"),
+            "latency": total(text, "ray_skinray_request_latency_ms_count", route="/v1/predict"),
+            "answers": total(text, "ray_skinray_predictions_total"),
+            "batches": total(text, "ray_skinray_batch_size_count"),
+        }
+        if found["ok"] >= 2 and all(found.values()):
+            break
+        time.sleep(2)
+    assert found["ok"] >= 2 and found["refused"] >= 1, found
+    assert found["latency"] >= 3 and found["answers"] >= 2 and found["batches"] >= 2, found
 
 
 def test_batch_answers_each_image_or_says_why_not(endpoint, photos):
@@ -657,21 +693,8 @@ def test_a_flood_of_readiness_probes_asks_the_models_once_a_second(bundle, ray_c
 def test_print_config_is_a_valid_serve_config(bundle):
     from ray.serve.schema import ServeDeploySchema
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "skinray",
-            "serve",
-            "--model",
-            str(bundle),
-            "--print-config",
-            "--set",
-            "serve.max_batch_size=4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = skinray(
+        "serve", "--model", str(bundle), "--print-config", "--set", "serve.max_batch_size=4", timeout=120
     )
     assert out.returncode == 0, out.stderr
     config = ServeDeploySchema.parse_obj(yaml.safe_load(out.stdout))
@@ -691,9 +714,7 @@ def test_print_config_is_a_valid_serve_config(bundle):
 )
 def test_bad_serve_arguments_are_one_line(bundle, args, message):
     command = [
-        sys.executable,
-        "-m",
-        "skinray",
+        *SKINRAY,
         "serve",
         *(["--model", str(bundle)] if "--model" not in args else []),
         *args,
@@ -718,7 +739,7 @@ def test_keys_fail_closed(bundle, tmp_path, monkeypatch, caplog):
         ([f"serve.api_keys_file={short}"], "shorter than 32 characters"),
         (["serve.host=0.0.0.0"], "reachable from other machines"),
     ):
-        command = [sys.executable, "-m", "skinray", "serve", "--model", str(bundle)]
+        command = [*SKINRAY, "serve", "--model", str(bundle)]
         out = subprocess.run(
             command + [a for s in settings for a in ("--set", s)],
             capture_output=True,
@@ -748,9 +769,7 @@ def test_skinray_serve_stops_cleanly_on_sigterm(bundle, photos, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "skinray",
+            *SKINRAY,
             "serve",
             "--model",
             str(bundle),
