@@ -38,7 +38,7 @@ def connect(reserved_cpus: float = 0.0) -> bool:
     """
     import ray
 
-    from skinray.console import announce_log_folder, local_cluster_options, quiet_process, ray_init_options
+    from skinray.console import announce_log_folder, quiet_process, ray_init_options, worker_options
 
     started = False
     if not ray.is_initialized():
@@ -46,14 +46,14 @@ def connect(reserved_cpus: float = 0.0) -> bool:
         address = os.environ.get("RAY_ADDRESS", "auto")  # "local": always a new local cluster
         if address != "local":
             try:
-                ray.init(address=address, **ray_init_options())
+                ray.init(address=address, **ray_init_options(), **worker_options())
             except ConnectionError:
                 address = "local"
         if address == "local":
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2),
                 **ray_init_options(),
-                **local_cluster_options(),
+                **worker_options(),
             )
             started = True
         import ray.data  # noqa: F401  (configures its console handler, which quiet_process lowers)

@@ -120,7 +120,7 @@ STARTUP_NOISE = re.compile(
 
 
 def setup_worker() -> None:
-    """Ray's `worker_process_setup_hook` for the local cluster skinray starts: each worker's stderr
+    """Ray's `worker_process_setup_hook` for the workers of skinray's commands: each worker's stderr
     passes through a filter that drops TensorFlow's start-up lines (every other line, errors and
     tracebacks included, goes through). Not in the driver, whose progress bars rewrite one line."""
     if verbose() or getattr(setup_worker, "installed", False):
@@ -157,8 +157,13 @@ def ray_init_options() -> dict:
     return {"logging_level": logging.WARNING}
 
 
-def local_cluster_options() -> dict:
-    return {} if verbose() else {"runtime_env": {"worker_process_setup_hook": "skinray.console.setup_worker"}}
+def worker_options() -> dict:
+    """This driver's workers run `setup_worker` first (Ray's `worker_process_setup_hook`): on a local
+    cluster, or a cluster this process joins as a new driver. Not inside a submitted Ray job, whose
+    runtime environment the submitter chose (add the hook there: docs/training.md)."""
+    if verbose() or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    return {"runtime_env": {"worker_process_setup_hook": "skinray.console.setup_worker"}}
 
 
 def train_logging_config():
