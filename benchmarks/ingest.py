@@ -13,22 +13,23 @@
 (d) decode:  plain full-resolution Pillow decoding in the same pool, for reference.
 
 All read the same generated photos (the sample archive's renderer: 480-1024 px a side, one in
-eight a PNG) and produce the same output size. (a), (a2), (b) and (d) are the best of `--repeats`
-interleaved measurements (the spread is printed); (c) runs once. Prints a table, the ratios
-ray/tfdata, ray/pool and ray/pool-batches, and one JSON line per output size. Runtime on 2 cores:
-about six minutes.
+eight a PNG) and produce the same output size. Every side runs `--repeats` interleaved
+measurements after the same warm-up; the table shows the median (the best in brackets), the
+ratios are of medians, and one JSON line per output size carries best, median and spread; it is
+appended to benchmarks/results/ingest.jsonl (`--no-record`: not). Runtime on 2 cores: about seven
+minutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import ingest_row, record, stats
 
 from skinray.config import AugmentConfig
 from skinray.data.augment import image_seed, sample_params, warp
@@ -120,7 +121,8 @@ def ray_rate(paths, size, repeats) -> float:
 # === (c): tf.data with Keras preprocessing layers ===
 
 
-def tfdata_rate(paths, size, repeats) -> float:
+def tfdata_stream(paths, size):
+    """The tf.data pipeline, warmed (its graph traced) before any measurement."""
     import keras
     import tensorflow as tf
 
@@ -147,10 +149,13 @@ def tfdata_rate(paths, size, repeats) -> float:
     )
     for _ in ds.take(2):
         pass
+    return ds
+
+
+def tfdata_rate(ds) -> float:
     start, n = time.perf_counter(), 0
-    for _ in range(repeats):
-        for batch in ds:
-            n += int(batch.shape[0])
+    for batch in ds:
+        n += int(batch.shape[0])
     return n / (time.perf_counter() - start)
 
 
@@ -160,6 +165,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", help="reuse this folder of generated images")
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     args = parser.parse_args()
 
     folder = Path(args.data or tempfile.mkdtemp(prefix="skinray-ingest-"))
@@ -170,7 +176,8 @@ def main() -> None:
     )
     print(f"{len(paths)} images in {folder}, {os.cpu_count()} cores")
 
-    # Interleaved repeats, best and spread: a slow spell of this small machine hits every side.
+    # Interleaved repeats, every side the same number of times after the same warm-up; best,
+    # median and spread: a slow spell of this small machine hits every side alike.
     # The pools start (spawned, warm) before Ray, so their workers inherit none of Ray's handlers.
     import multiprocessing
 
@@ -180,53 +187,56 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    runs = {size: {k: [] for k in ("pool", "pool_batches", "ray", "decode")} for size in args.sizes}
+    sides = ("pool", "pool_batches", "ray", "tfdata", "decode")
+    runs = {size: {k: [] for k in sides} for size in args.sizes}
     for size in args.sizes:
         ray_rate(paths[:256], size, 1)  # warm: Ray's worker processes and their imports
+        tfdata = tfdata_stream(paths, size)  # warm: its graph traced
         for r in range(args.repeats):
             runs[size]["pool"].append(pool_rate(pool, paths, size, r))
             runs[size]["pool_batches"].append(pool_rate(pool, paths, size, r, deliver=True))
             runs[size]["ray"].append(ray_rate(paths, size, 2))  # one stream spans a run's epochs
+            runs[size]["tfdata"].append(tfdata_rate(tfdata))
             runs[size]["decode"].append(pool_rate(pool, paths, size, r, full_decode=True))
     ray.shutdown()
     pool.close()
-    results = {size: {k: max(v) for k, v in r.items()} for size, r in runs.items()}
-    for size in args.sizes:
-        results[size]["tfdata"] = tfdata_rate(paths, size, 1)
+    results = {size: {k: stats(v) for k, v in r.items()} for size, r in runs.items()}
 
     print(
         f"\n{'size':>5} {'(a) pool':>10} {'(a2) pool, batches':>19} {'(b) ray':>10} {'(c) tf.data':>12} "
-        f"{'(d) decode':>11} {'b/c':>6} {'b/a':>6} {'b/a2':>6}   images/s, best of {args.repeats}, "
-        f"{os.cpu_count()} cores"
+        f"{'(d) decode':>11} {'b/c':>6} {'b/a':>6} {'b/a2':>6}   images/s, median of {args.repeats} "
+        f"(best), {os.cpu_count()} cores; ratios of medians"
     )
     for size, r in results.items():
+        m = {k: v["median"] for k, v in r.items()}
+        cells = " ".join(f"{m[k]:>6.0f} ({r[k]['best']:.0f})" for k in sides)
         print(
-            f"{size:>5} {r['pool']:>10.0f} {r['pool_batches']:>19.0f} {r['ray']:>10.0f} {r['tfdata']:>12.0f} "
-            f"{r['decode']:>11.0f} {r['ray'] / r['tfdata']:>6.2f} {r['ray'] / r['pool']:>6.2f} "
-            f"{r['ray'] / r['pool_batches']:>6.2f}"
+            f"{size:>5} {cells} {m['ray'] / m['tfdata']:>6.2f} {m['ray'] / m['pool']:>6.2f} "
+            f"{m['ray'] / m['pool_batches']:>6.2f}"
         )
-    for size, r in runs.items():
-        print(
-            f"spread at {size} px (min-max): "
-            + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in r.items())
-        )
+    run = time.strftime("%Y%m%dT%H%M%S")
+    rows = []
     for size, r in results.items():
-        print(
-            json.dumps(
+        m = {k: v["median"] for k, v in r.items()}
+        rows.append(
+            record(
                 {
                     "benchmark": "ingest",
+                    "run": run,
                     "size": size,
                     "images": len(paths),
-                    "cores": os.cpu_count(),
                     "repeats": args.repeats,
-                    **{k: round(v, 1) for k, v in r.items()},
-                    "runs": {k: [round(x, 1) for x in v] for k, v in runs[size].items()},
-                    "ray_vs_tfdata": round(r["ray"] / r["tfdata"], 3),
-                    "ray_vs_pool": round(r["ray"] / r["pool"], 3),
-                    "ray_vs_pool_batches": round(r["ray"] / r["pool_batches"], 3),
-                }
+                    **r,
+                    "ray_vs_tfdata": round(m["ray"] / m["tfdata"], 3),
+                    "ray_vs_pool": round(m["ray"] / m["pool"], 3),
+                    "ray_vs_pool_batches": round(m["ray"] / m["pool_batches"], 3),
+                },
+                save=not args.no_record,
             )
         )
+    print("\nthe rows of docs/benchmarks.md (median (lowest-highest)):")
+    for line in rows:
+        print(ingest_row(line))
 
 
 if __name__ == "__main__":

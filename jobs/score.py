@@ -8,7 +8,7 @@
 Takes every option of `skinray score` (docs/bundle-and-scoring.md). Resubmitting with the same
 --output resumes: rows already written are skipped, none is written twice. Outputs: Parquet files
 under OUTPUT/predictions/ (one row per input file) and OUTPUT/summary.json, whose counts the job log
-also prints. Expected runtime: decoding runs at 133-283 images/s per CPU core at 224 px (measured
+also prints. Expected runtime: decoding runs at 133-300 images/s per CPU core at 224 px (measured
 here, benchmarks/ingest.py), so 64 cores decode a million photos in one to two minutes; the GPU
 actors and object-store reads bound it: estimated under 10 minutes per million photos with 8 GPU
 actors (not measured on GPUs here).

@@ -80,3 +80,21 @@ def test_the_readme_is_a_front_door_whose_links_resolve():
     pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")} - {"docs/index.md"}
     assert set(links) == pages  # every page linked, every link a page
     assert "./dev demo" in text and "./dev test" in text
+
+
+def test_the_benchmark_tables_hold_the_latest_recorded_runs():
+    """Every benchmark whose runs are recorded under benchmarks/results/ has its latest run in
+    docs/benchmarks.md, as the row the benchmark printed (one formatter: benchmarks/common.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    recorded = sorted(p.stem for p in (ROOT / "benchmarks" / "results").glob("*.jsonl"))
+    assert {"ingest", "score"} <= set(recorded)
+    for name in recorded:
+        lines = common.latest(name)
+        assert lines, name
+        for line in lines:
+            assert common.ROWS[name](line) in text, (name, common.ROWS[name](line))

@@ -1,0 +1,92 @@
+"""What every benchmark shares: the statistics of interleaved repeats (best, median, spread; targets
+are judged on the median) and the record of each run's JSON line under `benchmarks/results/`, from
+which the documentation's tables come (`tests/test_docs.py` checks them against the latest line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stats(values: list[float]) -> dict:
+    """best (the highest rate), median and the spread (lowest, highest) of repeated measurements."""
+    return {
+        "best": round(max(values), 1),
+        "median": round(statistics.median(values), 1),
+        "spread": [round(min(values), 1), round(max(values), 1)],
+    }
+
+
+def record(line: dict, save: bool = True) -> dict:
+    """Prints the run's JSON line, dated, and appends it to `benchmarks/results/BENCHMARK.jsonl`."""
+    line = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), **line}
+    text = json.dumps(line)
+    print(text)
+    if save:
+        RESULTS.mkdir(exist_ok=True)
+        with open(RESULTS / f"{line['benchmark']}.jsonl", "a") as f:
+            f.write(text + "\n")
+    return line
+
+
+def latest(benchmark: str) -> list[dict]:
+    """The JSON lines of the latest recorded run of `benchmark` (a run may write one per setting)."""
+    path = RESULTS / f"{benchmark}.jsonl"
+    lines = [json.loads(t) for t in path.read_text().splitlines() if t.strip()] if path.is_file() else []
+    if not lines:
+        return []
+    last = lines[-1]["run"]
+    return [line for line in lines if line["run"] == last]
+
+
+# === The docs' rows: each benchmark prints its run as the row docs/benchmarks.md holds ===
+
+
+def _cell(s: dict, digits: int = 0) -> str:
+    return f"{s['median']:.{digits}f} ({s['spread'][0]:.{digits}f}-{s['spread'][1]:.{digits}f})"
+
+
+def ingest_row(line: dict) -> str:
+    cells = " | ".join(_cell(line[k]) for k in ("pool", "pool_batches", "ray", "tfdata", "decode"))
+    ratios = f"{line['ray_vs_tfdata']:.2f} | {line['ray_vs_pool']:.2f} | {line['ray_vs_pool_batches']:.2f}"
+    return f"| {line['date']} | {line['size']} | {cells} | {ratios} |"
+
+
+def score_row(line: dict) -> str:
+    cells = [
+        line["date"],
+        _cell(line["skinray"], 1),
+        f"{_cell(line['end_to_end'], 1)} ({line['startup_seconds']:.0f} s)",
+        _cell(line["batched_loop"], 1),
+        _cell(line["per_image"], 1),
+        f"{line['score_vs_batched_loop']:.2f}",
+        f"{line['score_vs_per_image']:.1f}",
+        f"{line['skinray_gflops']:.1f}",
+        f"{line['matmul_peak_gflops']:.1f}",
+        f"{line['flops_vs_matmul_peak']:.2f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def tune_row(line: dict) -> str:
+    cells = [
+        line["date"],
+        f"{line['backbone']}, {line['size']} px, 6 x {line['per_class']} photos",
+        str(line["concurrency"]),
+        str(line["cached"]["trials"]),
+        f"{line['cached']['seconds']:.0f} ({line['embedding_seconds']:.0f})",
+        f"{line['cached_seconds_per_trial']:.1f}",
+        str(line["full"]["trials"]),
+        f"{line['full']['seconds']:.0f}",
+        f"{line['full_seconds_per_trial']:.1f}",
+        f"{line['cached_vs_full']:.1f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+ROWS = {"ingest": ingest_row, "score": score_row, "tune": tune_row}
