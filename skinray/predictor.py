@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skinray import UserError
+from skinray import UserError, rundir
 from skinray.bundle import MANIFEST, check_version, read_verified, verify
 from skinray.config import Config, load_config
 from skinray.storage import local_copy, redact
@@ -234,15 +234,15 @@ class Predictor:
     def from_checkpoint(cls, local: Path, source: str = "", load_models: bool = True) -> Predictor:
         """A run directory, checkpoint or `.keras` file (local) as a one-member, uncalibrated ensemble."""
         checkpoint = _checkpoint_dir(local) if local.is_dir() else local.parent
-        model_file = checkpoint / "model.keras" if local.is_dir() else local
+        model_file = checkpoint / rundir.MODEL if local.is_dir() else local
         if not model_file.is_file():
-            raise UserError(f"no model.keras found at '{source or local}'")
-        classes_file = checkpoint / "classes.json"
+            raise UserError(f"no {rundir.MODEL} found at '{source or local}'")
+        classes_file = checkpoint / rundir.CLASSES
         if not classes_file.is_file():
-            raise UserError(f"'{source or local}' has no classes.json next to its model")
-        config_file = checkpoint / "config.yaml"
+            raise UserError(f"'{source or local}' has no {rundir.CLASSES} next to its model")
+        config_file = checkpoint / rundir.CONFIG
         config = load_config(config_file) if config_file.is_file() else load_config()
-        described = checkpoint / "model.json"
+        described = checkpoint / rundir.DESCRIPTION
         if load_models or not described.is_file():
             model = load_model(model_file)
             size = int(model.input_shape[1])
@@ -328,20 +328,8 @@ def _local_copy(path: str) -> Path:
 
 
 def _checkpoint_dir(folder: Path) -> Path:
-    """A checkpoint is itself; a run directory resolves to its best checkpoint."""
-    if (folder / "model.keras").is_file():
-        return folder
-    summary = folder / "summary.json"
-    if summary.is_file():
-        best = Path(json.loads(summary.read_text())["best_checkpoint"])
-        if (folder / best.name / "model.keras").is_file():
-            return folder / best.name
-    checkpoints = sorted(p for p in folder.glob("checkpoint_*") if (p / "model.json").is_file())
-    if not checkpoints:
+    """A checkpoint is itself; a run directory resolves to its best checkpoint (`rundir.best_checkpoint`)."""
+    checkpoint = rundir.best_checkpoint(folder)
+    if checkpoint is None:
         raise UserError(f"'{folder}' is neither a bundle, a checkpoint nor a run directory with checkpoints")
-    config = load_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else load_config()
-    sign = -1 if config.train.monitor_mode == "min" else 1
-    return max(
-        checkpoints,
-        key=lambda p: sign * json.loads((p / "model.json").read_text())["metrics"]["checkpoint_score"],
-    )
+    return checkpoint

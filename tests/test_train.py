@@ -220,6 +220,24 @@ def test_best_checkpoint_is_the_best_epoch_and_evaluates_the_same(run, tmp_path)
     assert report["accuracy"] == pytest.approx(history[best_epoch - 1]["val_accuracy"], abs=1 / 32 + 1e-9)
 
 
+def test_a_run_cut_short_resolves_to_the_checkpoint_training_ranks_best(run, tmp_path):
+    """Without summary.json (a run killed before its end), the run directory still resolves to the
+    checkpoint Ray Train ranks best: one ranking (rundir.best), used by training and by readers."""
+    import shutil
+
+    from skinray import rundir
+
+    copy = tmp_path / "cut"
+    shutil.copytree(run["dir"], copy)
+    (copy / rundir.SUMMARY).unlink()
+    best_name = run["result"].best_checkpoint.rsplit("/", 1)[-1]
+    assert rundir.best_checkpoint(copy) == copy / best_name
+    assert rundir.best_checkpoint(copy / best_name) == copy / best_name
+    assert rundir.best_checkpoint(tmp_path) is None
+    pairs = [("a", {"checkpoint_score": 0.5}), ("b", {"checkpoint_score": 0.7})]
+    assert rundir.best(pairs, "max")[0] == "b" and rundir.best(pairs, "min")[0] == "a"
+
+
 def test_run_directory_contents(run):
     folder = run["dir"]
     assert {"config.yaml", "classes.json", "summary.json", "tensorboard"} <= {

@@ -10,7 +10,6 @@ restarted worker group resumes from the latest one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -22,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from skinray.config import Config, save_config
+from skinray import rundir
+from skinray.config import Config
 from skinray.data.ingest import (
     FailureLog,
     ImageSource,
@@ -159,10 +159,10 @@ class WorkerLoop:
             return state
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
-            state = LoopState(**json.loads((folder / "state.json").read_text()))
-            self.model.load_weights(folder / "model.keras")
+            state = LoopState(**rundir.read_state(folder))
+            self.model.load_weights(folder / rundir.MODEL)
             self.best_weights = self._load_best(folder)
-            self.saved_optimizer = dict(np.load(folder / "optimizer.npz"))
+            self.saved_optimizer = dict(np.load(folder / rundir.OPTIMIZER))
         state.events.append({"event": "resumed", "from_epoch": state.epoch, "time": time.time()})
         self._log(
             f"resumed from the checkpoint of epoch {state.epoch + 1} ({self._phase_label(state.phase)} phase)"
@@ -171,10 +171,10 @@ class WorkerLoop:
 
     def _load_best(self, folder: Path):
         """The best epoch's weights: a checkpoint without best.weights.h5 is the best epoch itself."""
-        if not (folder / "best.weights.h5").exists():
+        if not (folder / rundir.BEST_WEIGHTS).exists():
             return self.model.get_weights()
         current = self.model.get_weights()
-        self.model.load_weights(folder / "best.weights.h5")
+        self.model.load_weights(folder / rundir.BEST_WEIGHTS)
         best = self.model.get_weights()
         self.model.set_weights(current)
         return best
@@ -511,34 +511,26 @@ class WorkerLoop:
                 self._write_checkpoint(Path(folder), state, monitor)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(
-                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state.epoch + 1:04d}"
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=rundir.checkpoint_name(state.epoch + 1)
             )
 
     def _write_checkpoint(self, folder: Path, state: LoopState, monitor: Monitor) -> None:
-        self.model.save(folder / "model.keras")
+        self.model.save(folder / rundir.MODEL)
         np.savez(
-            folder / "optimizer.npz", **{f"v{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)}
+            folder / rundir.OPTIMIZER, **{f"v{i}": v.numpy() for i, v in enumerate(self.optimizer.variables)}
         )
         if monitor.best_epoch != state.epoch and self.best_weights is not None:
             current = self.model.get_weights()
             self.model.set_weights(self.best_weights)
-            self.model.save_weights(folder / "best.weights.h5")
+            self.model.save_weights(folder / rundir.BEST_WEIGHTS)
             self.model.set_weights(current)
-        (folder / "state.json").write_text(json.dumps(asdict(state), indent=2))
-        (folder / "classes.json").write_text(json.dumps(self.inputs.classes))
-        (folder / "model.json").write_text(
-            json.dumps(
-                {
-                    "backbone": self.spec.name,
-                    "image_size": self.size,
-                    "classes": self.inputs.classes,
-                    "epoch": state.epoch + 1,
-                    "metrics": state.history[-1],
-                },
-                indent=2,
-            )
-        )
-        save_config(self.cfg, folder)
+        description = {
+            "backbone": self.spec.name,
+            "image_size": self.size,
+            "epoch": state.epoch + 1,
+            "metrics": state.history[-1],
+        }
+        rundir.write_checkpoint_files(folder, self.cfg, self.inputs.classes, asdict(state), description)
 
     def _maybe_inject_fault(self, global_step: int) -> None:
         """Fault injection for tests: the chosen worker SIGKILLs itself once, at the chosen step."""

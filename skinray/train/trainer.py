@@ -17,15 +17,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from skinray import UserError
+from skinray import UserError, rundir
 from skinray.cluster import connect, reserved_cpus
-from skinray.config import Config, config_to_dict, save_config
+from skinray.config import Config, config_to_dict
 from skinray.console import train_logging_config, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource, steps_per_epoch
-from skinray.storage import absolute, join_uri, lock, read_text, redact, upload_folder, write_json
+from skinray.storage import absolute, join_uri, lock, redact
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 
 log = logging.getLogger("skinray")
@@ -58,7 +57,7 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
     inputs = replace(inputs, run_uri=run_uri)
     with lock(join_uri(run_uri, ".lock"), f"the run '{redact(run_uri)}'"):
         _check_resume(cfg, inputs.classes, run_uri)
-        _write_run_files(cfg, inputs, run_uri)
+        rundir.write_run_files(cfg, inputs.classes, run_uri)
         return _fit(cfg, inputs, storage, run_name, run_uri, callbacks)
 
 
@@ -112,10 +111,10 @@ def _check_resume(cfg: Config, classes: list[str], run_uri: str) -> None:
     that no checkpoint is silently continued under other labels; the difference is named."""
     from skinray.config import load_config_text, redacted
 
-    saved_classes = read_text(join_uri(run_uri, "classes.json"))
-    saved_config = read_text(join_uri(run_uri, "config.yaml"))
-    if saved_classes is None or saved_config is None:
+    saved = rundir.read_run_files(run_uri)
+    if saved is None:
         return
+    saved_classes, saved_config = saved
     where = redact(run_uri)
     try:
         before, before_cfg = json.loads(saved_classes), load_config_text(saved_config)
@@ -214,24 +213,13 @@ def _announce_recipe(cfg: Config) -> None:
         log.warning(problem)
 
 
-def _write_run_files(cfg: Config, inputs: LoopInputs, run_uri: str) -> None:
-    """config.yaml and classes.json next to the checkpoints, before the first epoch."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        save_config(cfg, folder)
-        Path(folder, "classes.json").write_text(json.dumps(inputs.classes))
-        upload_folder(folder, run_uri)
-
-
 def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
     if result.error:
         raise result.error
-    ranked = [(c, m) for c, m in result.best_checkpoints if "checkpoint_score" in m]
+    ranked = [(c, m) for c, m in result.best_checkpoints if rundir.SCORE in m]
     if not ranked:
-        raise UserError(f"the run at {run_uri} reported no checkpoint")
-    pick = min if cfg.train.monitor_mode == "min" else max
-    checkpoint, metrics = pick(ranked, key=lambda cm: cm[1]["checkpoint_score"])
+        raise UserError(f"the run at {redact(run_uri)} reported no checkpoint")
+    checkpoint, metrics = rundir.best(ranked, cfg.train.monitor_mode)
     history = _history(result.checkpoint or checkpoint)
     summary = {
         "run_dir": redact(run_uri),
@@ -240,10 +228,10 @@ def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:
         "monitor": cfg.train.monitor,
         "history": history,
     }
-    write_json(join_uri(run_uri, "summary.json"), summary)
+    rundir.write_summary(run_uri, summary)
     return TrainResult(run_uri, checkpoint.path, metrics, history)
 
 
 def _history(checkpoint) -> list:
     with checkpoint.as_directory() as folder:
-        return json.loads(Path(folder, "state.json").read_text())["history"]
+        return rundir.read_state(folder)["history"]
