@@ -183,15 +183,10 @@ class Predictor:
         check_version(manifest, expect_version, source or str(folder))
         members = []
         for entry in manifest["members"]:
-            model = (
-                load_model(folder / entry["file"], read_verified(folder, manifest, entry["file"]))
-                if load_models
-                else None
-            )
             members.append(
                 Member(
                     entry["name"],
-                    model,
+                    None,
                     entry["backbone"],
                     int(entry["image_size"]),
                     float(entry["temperature"]),
@@ -200,7 +195,7 @@ class Predictor:
                     folder / entry["file"],
                 )
             )
-        return cls(
+        predictor = cls(
             members,
             list(manifest["classes"]),
             source or str(folder),
@@ -208,6 +203,9 @@ class Predictor:
             manifest["version"],
             manifest,
         )
+        if load_models:
+            predictor.load_models(members)
+        return predictor
 
     @classmethod
     def from_paths(cls, paths: list[str], load_models: bool = True, expect_version: str = "") -> Predictor:
@@ -284,11 +282,13 @@ class Predictor:
         return replace(self, members=plain).combine(member_logits)
 
 
-def describe_difference(a: list[str], b: list[str]) -> str:
+def describe_difference(
+    a: list[str], b: list[str], labels: tuple[str, str] = ("only in the first", "only in the second")
+) -> str:
     """Says how two class lists differ: which names only one has, or that the order differs."""
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if only_a or only_b:
-        return f"only in the first: {only_a or 'none'}; only in the second: {only_b or 'none'}"
+        return f"{labels[0]}: {only_a or 'none'}; {labels[1]}: {only_b or 'none'}"
     return "the same names in another order"
 
 

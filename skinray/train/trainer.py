@@ -124,12 +124,9 @@ def _check_resume(cfg: Config, classes: list[str], run_uri: str) -> None:
             "give this run another --name, or remove that folder"
         ) from None
     if before != classes:
-        gone, new = sorted(set(before) - set(classes)), sorted(set(classes) - set(before))
-        what = (
-            f"classes only before: {gone or 'none'}; only now: {new or 'none'}"
-            if gone or new
-            else "the same classes in another order (other label indices)"
-        )
+        from skinray.predictor import describe_difference
+
+        what = describe_difference(before, classes, ("classes only before", "only now"))
         raise UserError(
             f"{where} holds a run on other classes ({what}): resuming it would relabel its "
             "checkpoints. Give this run another --name (or --out)"
