@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from skinray import UserError
+from skinray.console import say
 
 MANIFEST = "bundle.json"
 FORMAT = 1
@@ -130,10 +131,7 @@ def built_before(out: str, sources: list[str], archive: str) -> dict | None:
     manifest = read_marker(join_uri(out, MANIFEST))  # written last and whole: unreadable = never finished
     shown = redact(join_uri(out, "")[:-1])
     if manifest is None and all(path.startswith("members/") for path in list_files(out)[3]):
-        print(
-            f"[skinray] {shown} holds a bundle whose writing was cut short (no {MANIFEST}): writing it anew",
-            flush=True,
-        )
+        say(f"{shown} holds a bundle whose writing was cut short (no {MANIFEST}): writing it anew")
         clear_dir(out)
         return None
     if (

@@ -224,9 +224,10 @@ def _config_flags(parser: argparse.ArgumentParser, command: str, with_files: boo
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from skinray.console import set_verbose, setup_driver
+    from skinray.storage import redact
 
     set_verbose(args.verbose)
-    setup_driver()
+    setup_driver(redact)
     try:
         return COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as exc:

@@ -24,6 +24,23 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def say(message: str, tag: str = "skinray") -> None:
+    """Progress lines of skinray's, on stdout: `[skinray] message` (or another tag, such as the
+    pipeline's), each line of the message tagged."""
+    print(tagged(message, tag), flush=True)
+
+
+def tagged(message: str, tag: str = "skinray") -> str:
+    """`[tag] line` for each line of the message: the form of every skinray console line (a Train
+    worker logs it through Ray Train's logger, which its driver prints once)."""
+    return "\n".join(f"[{tag}] {line}" for line in message.split("\n"))
+
+
+def warn(message: str) -> None:
+    """One warning, on stderr (stdout stays the command's output): `[skinray] warning: message`."""
+    print(f"[skinray] warning: {message}", file=sys.stderr, flush=True)
+
+
 def set_verbose(on: bool) -> None:
     """Chosen once, by the command line; inherited by the local cluster's workers."""
     if on:
@@ -31,27 +48,26 @@ def set_verbose(on: bool) -> None:
 
 
 class Redacting:
-    """A text stream that writes everything through `storage.redact`: no credential a URI carried
-    reaches the console, whichever line (skinray's, Ray's, a traceback) holds it."""
+    """A text stream that writes everything through `redact` (`storage.redact`): no credential a URI
+    carried reaches the console, whichever line (skinray's, Ray's, a traceback) holds it."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, redact):
+        self.stream, self.redact = stream, redact
 
     def write(self, text: str) -> int:
-        from skinray.storage import redact
-
-        self.stream.write(redact(text) if "://" in text else text)
+        self.stream.write(self.redact(text) if "://" in text else text)
         return len(text)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
 
-def setup_driver() -> None:
-    """The command line's process: its console redacted; skinray's warnings on stderr; Ray and
-    TensorFlow quiet."""
+def setup_driver(redact) -> None:
+    """The command line's process: its console passed through `redact`; skinray's warnings on
+    stderr; Ray and TensorFlow quiet. (The console module imports nothing of skinray's: every
+    module may write through it.)"""
     if not isinstance(sys.stdout, Redacting):
-        sys.stdout, sys.stderr = Redacting(sys.stdout), Redacting(sys.stderr)
+        sys.stdout, sys.stderr = Redacting(sys.stdout, redact), Redacting(sys.stderr, redact)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_SkinrayFormatter())

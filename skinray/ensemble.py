@@ -25,6 +25,7 @@ import numpy as np
 
 from skinray import UserError
 from skinray.config import Config
+from skinray.console import say
 from skinray.metrics import selective_metrics, summary_metrics
 from skinray.predictor import softmax, weighted_mean
 
@@ -159,9 +160,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     member_paths = [absolute(p) for p in member_paths]  # the actors open them from their own folders
     previous = built_before(out, member_paths, archive)  # before any work: bundles are never overwritten
     if previous is not None:
-        print(
-            f"[skinray] {out} holds the bundle of these members already (version {previous['version'][:16]})"
-        )
+        say(f"{out} holds the bundle of these members already (version {previous['version'][:16]})")
         return previous
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus(cfg, "ensemble"))

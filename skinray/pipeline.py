@@ -17,9 +17,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from skinray import UserError
+from skinray import UserError, console
 from skinray.config import Config, load_config
 from skinray.storage import absolute, join_uri, read_marker, read_text, write_json
+
+
+def say(message: str) -> None:
+    """The pipeline's progress lines, tagged `pipeline`."""
+    console.say(message, tag="pipeline")
+
 
 DEFAULT_MEMBERS = ("configs/resnet50.yaml", "configs/inception_v3.yaml", "configs/efficientnetv2s.yaml")
 
@@ -59,31 +65,30 @@ def run_pipeline(
     members: list[MemberSpec],
     settings: list[str] = (),
     tune: bool = True,
-    say=print,
     base_config: str | None = None,
 ) -> dict:
     """Runs (or continues) every stage; returns the test-split report of the bundle."""
     configs = member_configs(archive, members, settings, base_config)  # bad settings fail here
     out = absolute(out)
     shared = [*settings, f"data.archive={archive}"]
-    check_stage(archive, out, configs[0].data.max_pixels, say)
+    check_stage(archive, out, configs[0].data.max_pixels)
     runs = []
     for member, cfg in zip(members, configs):
         if tune and member.tune:
-            cfg = tune_stage(member, cfg, [*member.settings, *shared], out, say)
-        runs.append(train_stage(member, cfg, out, say))
-    bundle = ensemble_stage(runs, archive, out, configs[0], say)
-    return evaluate_stage(bundle, archive, out, configs[0], say)
+            cfg = tune_stage(member, cfg, [*member.settings, *shared], out)
+        runs.append(train_stage(member, cfg, out))
+    bundle = ensemble_stage(runs, archive, out, configs[0])
+    return evaluate_stage(bundle, archive, out, configs[0])
 
 
-def check_stage(archive: str, out: str, max_pixels: int, say) -> dict:
+def check_stage(archive: str, out: str, max_pixels: int) -> dict:
     from skinray.data.check import check_archive, format_report
 
     done = read_marker(join_uri(out, "check.json"))
     if done is not None:
-        say(f"[pipeline] data check: done before ({join_uri(out, 'check.json')})")
+        say(f"data check: done before ({join_uri(out, 'check.json')})")
         return done
-    say(f"[pipeline] data check of {archive}")
+    say(f"data check of {archive}")
     report = check_archive(archive, max_pixels)
     say(format_report(report))
     if not report["ok"]:
@@ -95,26 +100,26 @@ def check_stage(archive: str, out: str, max_pixels: int, say) -> dict:
     return report
 
 
-def tune_stage(member: MemberSpec, cfg: Config, settings: list[str], out: str, say) -> Config:
+def tune_stage(member: MemberSpec, cfg: Config, settings: list[str], out: str) -> Config:
     """The member's config with the best head the search found (searched once, continued if cut off)."""
     from skinray.tune.search import tune_head
 
     best = join_uri(join_uri(join_uri(out, "tune"), member.name), "best_config.yaml")
     text = read_text(best)
     if text is None:
-        say(f"[pipeline] {member.name}: head search, {cfg.tune.trials} trials ({cfg.tune.mode} mode)")
+        say(f"{member.name}: head search, {cfg.tune.trials} trials ({cfg.tune.mode} mode)")
         result = tune_head(cfg, join_uri(out, "tune"), member.name)
-        say(f"[pipeline] {member.name}: best {cfg.tune.metric} {result['best'][cfg.tune.metric]:.4f}")
+        say(f"{member.name}: best {cfg.tune.metric} {result['best'][cfg.tune.metric]:.4f}")
         text = read_text(best)
     else:
-        say(f"[pipeline] {member.name}: head search done before ({best})")
+        say(f"{member.name}: head search done before ({best})")
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder, "best_config.yaml")
         local.write_text(text)
         return load_config(local, settings)
 
 
-def train_stage(member: MemberSpec, cfg: Config, out: str, say) -> str:
+def train_stage(member: MemberSpec, cfg: Config, out: str) -> str:
     """The member's run directory, trained (or resumed) unless its summary says it finished."""
     from skinray.train.trainer import train
 
@@ -122,49 +127,49 @@ def train_stage(member: MemberSpec, cfg: Config, out: str, say) -> str:
     summary = read_marker(join_uri(run_dir, "summary.json"))
     if summary is None:
         say(
-            f"[pipeline] {member.name}: training ({cfg.model.backbone} at "
+            f"{member.name}: training ({cfg.model.backbone} at "
             f"{cfg.model.image_size or 'native'} px, "
             f"{cfg.train.workers} workers, {cfg.train.epochs} epochs)"
         )
         result = train(cfg, join_uri(out, "runs"), member.name)
         summary = {"best_metrics": result.best_metrics}
     else:
-        say(f"[pipeline] {member.name}: trained before ({run_dir})")
+        say(f"{member.name}: trained before ({run_dir})")
     say(
-        f"[pipeline] {member.name}: best {cfg.train.monitor} "
+        f"{member.name}: best {cfg.train.monitor} "
         f"{summary['best_metrics'].get(cfg.train.monitor, float('nan')):.4f}"
     )
     return run_dir
 
 
-def ensemble_stage(runs: list[str], archive: str, out: str, cfg: Config, say) -> str:
+def ensemble_stage(runs: list[str], archive: str, out: str, cfg: Config) -> str:
     from skinray.ensemble import build_ensemble
 
     bundle = join_uri(out, "bundle")
-    say(f"[pipeline] ensemble of {len(runs)} members -> {bundle}")
+    say(f"ensemble of {len(runs)} members -> {bundle}")
     manifest = build_ensemble(runs, archive, bundle, cfg)  # a bundle of the same members: read back
-    say(f"[pipeline] bundle version {manifest['version'][:16]}")
+    say(f"bundle version {manifest['version'][:16]}")
     return bundle
 
 
-def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config, say) -> dict:
+def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config) -> dict:
     """The bundle's report on the test split (its members beside it), in OUT/evaluation."""
     from skinray.evaluate import evaluate
 
     where = join_uri(out, "evaluation")
     report = read_marker(join_uri(where, "report.json"))
     if report is None:
-        say("[pipeline] evaluation of the bundle and its members on the test split")
+        say("evaluation of the bundle and its members on the test split")
         report = evaluate(bundle, archive, "test", where, cfg)
     lines = [
-        f"[pipeline] test split, {report['num_images']} images: ensemble accuracy {report['accuracy']:.3f}, "
+        f"test split, {report['num_images']} images: ensemble accuracy {report['accuracy']:.3f}, "
         f"macro-F1 {report['macro_f1']:.3f}"
     ]
     lines += [
-        f"[pipeline]   member {name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+        f"  member {name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
         for name, m in report["members"].items()
     ]
-    say("\n".join(lines) + f"\n[pipeline] report: {join_uri(where, 'report.md')}")
+    say("\n".join(lines) + f"\nreport: {join_uri(where, 'report.md')}")
     return report
 
 

@@ -166,11 +166,9 @@ def read_marker(location: str) -> dict | None:
         marker = "unreadable"
     if marker is None or isinstance(marker, dict):
         return marker
-    print(
-        f"[skinray] warning: {redact(location)} is unreadable (cut short, or edited): treating its step "
-        "as not finished",
-        flush=True,
-    )
+    from skinray.console import warn
+
+    warn(f"{redact(location)} is unreadable (cut short, or edited): treating its step as not finished")
     return None
 
 

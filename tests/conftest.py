@@ -175,3 +175,23 @@ def keyed(serve_url, bundle, tmp_path_factory):
 def photos(members):
     """Three of the members' test photos."""
     return sorted((members["archive"] / "test").rglob("*.jpg"))[:3]
+
+
+# === Where the suite's time goes ===
+_seconds_per_module: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Setup, call and teardown of every test, summed per test module (module fixtures included)."""
+    module = report.nodeid.split("::", 1)[0]
+    _seconds_per_module[module] = _seconds_per_module.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _seconds_per_module:
+        return
+    total = sum(_seconds_per_module.values())
+    terminalreporter.section("seconds per test module")
+    for module, seconds in sorted(_seconds_per_module.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:7.1f}  {100 * seconds / total:4.1f}%  {module}")
+    terminalreporter.write_line(f"{total:7.1f}  total")

@@ -69,9 +69,9 @@ def test_an_unreadable_marker_reruns_its_step_with_a_warning(demo, ray_cluster, 
     for marker in (out / "check.json", out / "evaluation" / "report.json"):
         marker.write_text(marker.read_text()[:40])
     again = run_pipeline(str(out / "archive"), str(out), QUICK, [*SHARED, *QUICK_SEARCH, "train.workers=2"])
-    said = capsys.readouterr().out
-    assert said.count("is unreadable (cut short, or edited): treating its step as not finished") == 2
-    assert "data check of" in said and "tiny48: trained before" in said
+    said = capsys.readouterr()
+    assert said.err.count("is unreadable (cut short, or edited): treating its step as not finished") == 2
+    assert "[pipeline] data check of" in said.out and "[pipeline] tiny48: trained before" in said.out
     assert json.loads((out / "check.json").read_text())["ok"] is True
     assert (again["accuracy"], again["model_version"]) == (first["accuracy"], first["model_version"])
     assert json.loads((out / "evaluation" / "report.json").read_text())["accuracy"] == first["accuracy"]

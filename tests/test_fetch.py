@@ -152,5 +152,5 @@ def test_an_unreadable_marker_means_not_extracted(tmp_path, capsys):
     (tmp_path / "out" / MARKER).write_text('{"dataset": "shubh')  # a write cut short (before: a traceback)
     result = extract(zpath, tmp_path / "out", verify_dermnet=False)
     assert result["already_present"] is False and result["counts"] == {"train": 6, "test": 6}
-    assert "unreadable" in capsys.readouterr().out
+    assert "unreadable" in capsys.readouterr().err
     assert json.loads((tmp_path / "out" / MARKER).read_text())["counts"] == {"train": 6, "test": 6}

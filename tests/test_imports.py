@@ -1,4 +1,5 @@
-"""The shape of the code: imports flow one way (no cycles), and only storage.py touches pyarrow.fs."""
+"""The shape of the code: imports flow one way (no cycles), only storage.py touches pyarrow.fs, and
+skinray's console lines are written by the console module."""
 
 import ast
 from pathlib import Path
@@ -71,3 +72,17 @@ def test_only_storage_touches_the_filesystem_layer():
         and any("pyarrow.fs" in line and "import" in line for line in p.read_text().splitlines())
     ]
     assert users == []
+
+
+def test_skinray_console_lines_are_written_by_the_console_module():
+    """`[skinray] ...` progress lines and warnings come from console.say/console.warn (one format,
+    one stream each); other modules do not spell the prefix out."""
+    spelled = [
+        f"{p.relative_to(PACKAGE)}:{n}"
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "console.py"
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "[skinray]" in line or "[pipeline]" in line
+    ]
+    assert spelled == []
+    assert "[skinray]" in (PACKAGE / "console.py").read_text()  # the check reads real source

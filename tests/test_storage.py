@@ -161,9 +161,10 @@ def test_a_lock_has_one_holder_and_a_dead_holder_is_replaced(tmp_path):
 def test_a_marker_cut_short_reads_as_missing_with_a_warning(tmp_path, capsys):
     from skinray.storage import read_marker
 
-    assert read_marker(str(tmp_path / "summary.json")) is None and capsys.readouterr().out == ""
+    assert read_marker(str(tmp_path / "summary.json")) is None and capsys.readouterr().err == ""
     (tmp_path / "summary.json").write_text('{"best_metrics": {"val_acc')
     assert read_marker(str(tmp_path / "summary.json")) is None
-    assert "summary.json is unreadable" in capsys.readouterr().out
+    said = capsys.readouterr().err
+    assert said.startswith("[skinray] warning: ") and "summary.json is unreadable" in said
     storage.write_json(str(tmp_path / "summary.json"), {"ok": True})
     assert read_marker(str(tmp_path / "summary.json")) == {"ok": True}

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from skinray import rundir
 from skinray.config import Config
+from skinray.console import tagged
 from skinray.data.ingest import (
     FailureLog,
     ImageSource,
@@ -549,7 +550,7 @@ class WorkerLoop:
 
     def _log(self, message: str, every_rank: bool = False) -> None:
         if self.rank == 0 or every_rank:
-            logger.info(f"[skinray] {message}")
+            logger.info(tagged(message))
 
 
 def _all_layers(model):

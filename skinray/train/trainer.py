@@ -13,7 +13,6 @@ resumes an interrupted run from its latest checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, replace
@@ -21,13 +20,11 @@ from dataclasses import dataclass, replace
 from skinray import UserError, rundir
 from skinray.cluster import connect, reserved_cpus
 from skinray.config import Config, config_to_dict
-from skinray.console import train_logging_config, verbose
+from skinray.console import say, train_logging_config, verbose, warn
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource, steps_per_epoch
 from skinray.storage import absolute, join_uri, lock, redact
 from skinray.train.loop import LoopInputs, train_loop_per_worker
-
-log = logging.getLogger("skinray")
 
 
 @dataclass(frozen=True)
@@ -168,10 +165,9 @@ def _inputs(cfg: Config) -> LoopInputs:
             f"the training split has {train_rows.num_rows} images, fewer than one global batch "
             f"({cfg.train.workers} workers x {cfg.train.batch_size}): lower train.batch_size"
         )
-    print(
-        f"[skinray] {catalog.num_classes} classes; {train_rows.num_rows} training and {val_rows.num_rows} "
-        f"validation images; global batch {global_batch}",
-        flush=True,
+    say(
+        f"{catalog.num_classes} classes; {train_rows.num_rows} training and {val_rows.num_rows} "
+        f"validation images; global batch {global_batch}"
     )
     return LoopInputs(
         cfg=cfg,
@@ -205,9 +201,9 @@ def _announce_recipe(cfg: Config) -> None:
     """The recipe in words before the first epoch, and a warning for each contradicting setting."""
     from skinray.train.recipe import contradictions, describe
 
-    print(f"[skinray] {describe(cfg, cfg.train.batch_size * cfg.train.workers)}", flush=True)
+    say(describe(cfg, cfg.train.batch_size * cfg.train.workers))
     for problem in contradictions(cfg):
-        log.warning(problem)
+        warn(problem)
 
 
 def _summarise(result, cfg: Config, run_uri: str) -> TrainResult:

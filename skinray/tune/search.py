@@ -25,7 +25,7 @@ import numpy as np
 from skinray import UserError
 from skinray.cluster import connect, reserved_cpus
 from skinray.config import Config, TuneConfig, load_config_text, redacted, save_config
-from skinray.console import verbose
+from skinray.console import say, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource
 from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
@@ -191,7 +191,7 @@ def tune_head(cfg: Config, out: str, name: str = "") -> dict:
             join_uri(run_dir, "embeddings"),
             elsewhere=_sibling_embeddings(out),
         )
-        print(f"[skinray] embeddings {'reused' if reused else 'written'}: {location}", flush=True)
+        say(f"embeddings {'reused' if reused else 'written'}: {location}")
         trainable = _cached_trainable(cfg, load_embeddings(location), weights)
     else:
         connect(reserved_cpus(cfg, "tune"))
@@ -266,7 +266,7 @@ def _run(cfg: Config, trainable, run_dir: str):
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trials_uri = join_uri(run_dir, "trials")
     if tune.Tuner.can_restore(trials_uri):
-        print(f"[skinray] continuing the search in {trials_uri}", flush=True)
+        say(f"continuing the search in {trials_uri}")
         tuner = tune.Tuner.restore(trials_uri, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
