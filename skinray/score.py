@@ -20,7 +20,7 @@ which evaluation and the ensemble's fitting use too.
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections import Counter
 from pathlib import PurePosixPath
@@ -225,20 +225,34 @@ def read_predictions(output: str) -> pa.Table:
 def summarise(output: str, listed: int, predictor, seconds: float) -> dict:
     """Counts over everything written (this run and any before it): scored, failed, abstained, per class.
 
-    Computed on the cluster (a count per block, summed; paths grouped to find any written twice), so
-    the driver's memory does not grow with the archive: what it holds is one small row per block.
+    Counted on the cluster, one Ray task per group of output files: the driver holds one small
+    summary per file, never the rows. Rows written twice are found without a shuffle: the listing
+    is sorted and cut into consecutive parts, so the files of distinct parts cover disjoint ranges
+    of paths; only files whose ranges overlap are read together and their paths compared.
     """
-    import ray.data
-    from ray.data.aggregate import Count
-    from ray.data.expressions import col
+    import ray
 
-    fs, path, _ = resolve(join_uri(output, PREDICTIONS))
-    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["path", "label", "abstained", "error"])
+    fs, root, _, files = list_files(join_uri(output, PREDICTIONS))
+    files = sorted(f"{root}/{f}" for f in files if f.endswith(".parquet"))
+    size = max(1, math.ceil(len(files) / SUMMARY_TASKS))
+    count = ray.remote(_count_files)
+    per_file = [
+        c
+        for group in ray.get([count.remote(fs, files[i : i + size]) for i in range(0, len(files), size)])
+        for c in group
+    ]
     totals: Counter = Counter()
-    for row in ds.map_batches(_block_counts, batch_format="pyarrow", batch_size=None).iter_rows():
-        totals.update(json.loads(row["counts"]))
-    repeated = ds.groupby("path").aggregate(Count(alias_name="n")).filter(expr=col("n") > 1).materialize()
-    extra_rows = (repeated.sum("n") or 0) - repeated.count()
+    for counts in per_file:
+        totals.update(counts["counts"])
+    overlapping = [group for group in _overlapping(per_file) if len(group) > 1]
+    extra_rows = sum(c["counts"]["rows"] - c["distinct"] for c in per_file if c["alone"])
+    distinct = ray.remote(_distinct_paths)
+    extra_rows += sum(
+        sum(c["counts"]["rows"] for c in group) - n
+        for group, n in zip(
+            overlapping, ray.get([distinct.remote(fs, [c["file"] for c in g]) for g in overlapping])
+        )
+    )
     per_class = {k.removeprefix("label:"): v for k, v in sorted(totals.items()) if k.startswith("label:")}
     reasons = Counter({k.removeprefix("error:"): v for k, v in totals.items() if k.startswith("error:")})
     return {
@@ -257,18 +271,65 @@ def summarise(output: str, listed: int, predictor, seconds: float) -> dict:
     }
 
 
-def _block_counts(block: pa.Table) -> pa.Table:
-    """One block's counts as one row: rows, abstained, per label and per failure reason."""
-    abstained = pc.sum(block["abstained"].cast(pa.int64())).as_py() or 0
-    counts = Counter({"rows": block.num_rows, "abstained": int(abstained)})
-    for key, column in (
-        ("label", block["label"]),
-        ("error", pc.split_pattern(block["error"], ":", max_splits=1)),
-    ):
-        values = column if key == "label" else pc.list_element(column, 0)
-        for item in pc.value_counts(values.drop_null()).to_pylist():
-            counts[f"{key}:{item['values']}"] += item["counts"]
-    return pa.table({"counts": [json.dumps(counts)]})
+SUMMARY_TASKS = 32  # at most this many counting tasks, each reading its files one after another
+
+
+def _count_files(fs, files: list[str]) -> list[dict]:
+    """Each file's counts (rows, abstained, per label and failure reason), its first and last path,
+    and its number of distinct paths."""
+    import pyarrow.parquet as pq
+
+    found = []
+    for file in files:
+        block = pq.read_table(file, filesystem=fs, columns=["path", "label", "abstained", "error"])
+        abstained = pc.sum(block["abstained"].cast(pa.int64())).as_py() or 0
+        counts = Counter({"rows": block.num_rows, "abstained": int(abstained)})
+        for key, column in (
+            ("label", block["label"]),
+            ("error", pc.list_element(pc.split_pattern(block["error"], ":", max_splits=1), 0)),
+        ):
+            for item in pc.value_counts(column.drop_null()).to_pylist():
+                counts[f"{key}:{item['values']}"] += item["counts"]
+        bounds = pc.min_max(block["path"]).as_py() if block.num_rows else {"min": None, "max": None}
+        found.append(
+            {
+                "file": file,
+                "counts": counts,
+                "first": bounds["min"],
+                "last": bounds["max"],
+                "distinct": pc.count_distinct(block["path"]).as_py(),
+            }
+        )
+    return found
+
+
+def _overlapping(per_file: list[dict]) -> list[list[dict]]:
+    """The files in groups whose path ranges chain into one another (sorted by first path); marks
+    each file that overlaps no other one `alone`."""
+    groups: list[list[dict]] = []
+    last = None
+    for item in sorted((c for c in per_file if c["first"] is not None), key=lambda c: c["first"]):
+        if last is not None and item["first"] <= last:
+            groups[-1].append(item)
+            last = max(last, item["last"])
+        else:
+            groups.append([item])
+            last = item["last"]
+    for item in per_file:
+        item["alone"] = item["first"] is None
+    for group in groups:
+        if len(group) == 1:
+            group[0]["alone"] = True
+    return groups
+
+
+def _distinct_paths(fs, files: list[str]) -> int:
+    """The number of distinct paths in files whose ranges overlap."""
+    import pyarrow.parquet as pq
+
+    return pc.count_distinct(
+        pa.chunked_array([pq.read_table(f, filesystem=fs, columns=["path"])["path"] for f in files])
+    ).as_py()
 
 
 def format_summary(summary: dict) -> str:

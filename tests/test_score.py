@@ -260,6 +260,40 @@ print(json.dumps({"peak": pa.default_memory_pool().max_memory(), "summary": summ
 """
 
 
+def test_rows_written_twice_are_found_across_overlapping_files_and_within_one(ray_cluster, tmp_path):
+    """Files whose path ranges interleave without a common path count every row once; a path twice
+    in one file, or in two files whose ranges overlap, counts once among the unique paths."""
+    from skinray.score import summarise
+
+    class Model:
+        source, version = "m", "v"
+
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    for name, paths in {
+        "a": ["p1", "p3", "p5"],
+        "b": ["p2", "p4"],  # inside a's range, no path in common
+        "c": ["q1", "q1"],  # one path twice in one file
+        "d": ["p4", "p9"],  # p4 again, in a file whose range overlaps b's
+        "e": [],
+    }.items():
+        n = len(paths)
+        table = pa.table(
+            {"path": paths, "label": ["x"] * n, "abstained": [False] * n, "error": [None] * n},
+            schema=pa.schema(
+                [
+                    ("path", pa.string()),
+                    ("label", pa.string()),
+                    ("abstained", pa.bool_()),
+                    ("error", pa.string()),
+                ]
+            ),
+        )
+        pq.write_table(table, folder / f"{name}.parquet")
+    summary = summarise(str(tmp_path), 8, Model, 0.0)
+    assert (summary["rows"], summary["unique_paths"], summary["scored"]) == (9, 7, 9)
+
+
 def test_the_summary_is_counted_on_the_cluster_not_in_the_drivers_memory(ray_env, tmp_path):
     """200,000 rows whose paths alone take 30 MB: the driver's Arrow memory peaks far below that
     (before: the whole table, then a Python list of every path, in the driver)."""
