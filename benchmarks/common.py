@@ -89,4 +89,56 @@ def tune_row(line: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-ROWS = {"ingest": ingest_row, "score": score_row, "tune": tune_row}
+def train_row(line: dict) -> str:
+    cells = [
+        line["date"],
+        f"{line['backbone']}, {line['size']} px, batch {line['batch']}",
+        *(_cell(line[k]) for k in ("plain", "plain_multi_worker", "ray_task", "ray")),
+        f"{line['ray_vs_plain']:.2f}",
+        f"{line['e2e_1_worker']:.0f}",
+        f"{line['e2e_2_workers']:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def quality_row(line: dict) -> str:
+    def side(name: str) -> str:
+        return f"{line[name + '_mean']:.3f} ({line[name + '_min']:.3f}-{line[name + '_max']:.3f})"
+
+    cells = [
+        line["date"],
+        f"{line['size']} px, {line['epochs']} epochs, batch {line['global_batch']}",
+        " ".join(map(str, line["seeds"])),
+        side("skinray"),
+        side("keras"),
+        f"{line['accuracy_vs_keras_fit']:+.3f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def serve_row(line: dict) -> str:
+    """One row per mode: requests/s (median and spread), p50 and p99 of the median run, at
+    concurrency 1, 8 and 32; then the handle, the load shedding and the ratios."""
+    names = {"b": "batched (`together`)", "u": "unbatched", "m": "batched, `per_member`"}
+    rows = []
+    for mode, name in names.items():
+        runs = [line["served"][f"{mode}_c{c}"] for c in (1, 8, 32)]
+        cells = [
+            line["date"],
+            name,
+            " / ".join(_cell(r, 1) for r in runs),
+            " / ".join(f"{r['p50_ms']:.0f}" for r in runs),
+            " / ".join(f"{r['p99_ms']:.0f}" for r in runs),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+ROWS = {
+    "ingest": ingest_row,
+    "score": score_row,
+    "tune": tune_row,
+    "train": train_row,
+    "quality": quality_row,
+    "serve": serve_row,
+}

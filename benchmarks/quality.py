@@ -15,19 +15,20 @@ macro-F1, and are scored on the same held-out test split:
 - keras:   one process, `model.fit` one epoch at a time on that epoch's augmented images.
 
 Each side runs once per seed, interleaved; prints mean and spread of the test accuracy per side,
-`accuracy_vs_keras_fit` (skinray's mean minus Keras's; target >= -0.02) and one JSON line.
+`accuracy_vs_keras_fit` (skinray's mean minus Keras's; target >= -0.02), the docs' row and one
+JSON line (appended to benchmarks/results/).
 Runtime on 2 cores with the defaults: about 25 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import quality_row, record
 
 
 def write_digits(root: Path) -> Path:
@@ -243,23 +244,23 @@ def report(args, sides: dict) -> None:
             f"{seconds:>7.0f}"
         )
     print(f"accuracy_vs_keras_fit = {gap:+.4f} (target >= -0.02)")
-    print(
-        json.dumps(
-            {
-                "benchmark": "quality",
-                "dataset": "sklearn digits",
-                "size": args.size,
-                "set": args.set,
-                "epochs": args.epochs,
-                "workers": args.workers,
-                "global_batch": args.batch,
-                "seeds": args.seeds,
-                **{f"{n}_{k}": v for n, s in summary.items() for k, v in s.items() if k != "runs"},
-                "runs": {n: s["runs"] for n, s in summary.items()},
-                "accuracy_vs_keras_fit": gap,
-            }
-        )
+    line = record(
+        {
+            "benchmark": "quality",
+            "run": time.strftime("%Y%m%dT%H%M%S"),
+            "dataset": "sklearn digits",
+            "size": args.size,
+            "set": args.set,
+            "epochs": args.epochs,
+            "workers": args.workers,
+            "global_batch": args.batch,
+            "seeds": args.seeds,
+            **{f"{n}_{k}": v for n, s in summary.items() for k, v in s.items() if k != "runs"},
+            "runs": {n: s["runs"] for n, s in summary.items()},
+            "accuracy_vs_keras_fit": gap,
+        }
     )
+    print("docs/benchmarks.md row:\n" + quality_row(line))
 
 
 if __name__ == "__main__":

@@ -17,21 +17,24 @@ set of 64 generated JPEG photos (480 to 1024 px a side), this machine, one run:
 
 A closed-loop load generator keeps `concurrency` requests in flight (1, 8, 32) for `--seconds`
 each, posting raw JPEG bytes to /v1/predict over keep-alive connections. The measurements of (b),
-(u) and (m) are interleaved `--repeats` times; the best requests/s and its p50/p99 are printed,
-with the spread. Beside them, (b) and (u) are called through a Serve handle at concurrency 32 with
-views decoded beforehand: the model deployment's batching without the HTTP path. Then a deployment
-with autoscaling (1 to --max-replicas replicas, 2 ongoing requests each) gets a burst at
+(u) and (m) are interleaved `--repeats` times; each is reported as the median requests/s with the
+lowest and highest, and the p50/p99 of its median run. Beside them, (b) and (u) are called through
+a Serve handle at concurrency 32 with views decoded beforehand: the model deployment's batching
+without the HTTP path. Load shedding: a deployment with one request at a time and a queue of one
+(`max_ongoing_requests` 1, `max_queued_requests` 1) gets concurrency 16 for `--seconds`; the
+latency of its 503 answers (p50, p99) is how fast a client that cannot be served hears so. Then a
+deployment with autoscaling (1 to --max-replicas replicas, 2 ongoing requests each) gets a burst at
 concurrency 32 for `--burst` seconds and then nothing for `--idle` seconds, and the replica count
-(running, +starting) is printed every 2 s. Prints tables and one JSON line with every figure,
-`batched_vs_unbatched_rps` (concurrency 32, target >= 2) and `p99_over_p50` (batched, concurrency
-8, target <= 3). Runtime on 2 cores with the defaults: about 15 minutes.
+(running, +starting) is printed every 2 s. Prints tables, the docs' row and one JSON line with
+every figure (appended to benchmarks/results/), `batched_vs_unbatched_rps` (concurrency 32, of
+medians, target >= 2) and `p99_over_p50` (batched, concurrency 8, target <= 3). Runtime on 2 cores
+with the defaults: about 15 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import socket
 import sys
@@ -43,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import record, serve_row, stats  # noqa: E402
 from score import build_bundle  # noqa: E402  (benchmarks/score.py: the same bundle)
 
 CONCURRENCY = (1, 8, 32)
@@ -71,7 +75,7 @@ def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> dic
     """A closed loop: `concurrency` clients, each posting the next image as soon as it has an answer."""
     import requests
 
-    latencies, errors, stop = [], [], time.monotonic() + seconds
+    latencies, errors, refused, stop = [], [], [], time.monotonic() + seconds
     lock = threading.Lock()
 
     def client(k: int):
@@ -82,7 +86,9 @@ def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> dic
                 f"{url}/v1/predict", data=images[i % len(images)], headers={"Content-Type": "image/jpeg"}
             )
             with lock:
-                (latencies if r.status_code == 200 else errors).append(time.perf_counter() - started)
+                {200: latencies, 503: refused}.get(r.status_code, errors).append(
+                    time.perf_counter() - started
+                )
             i += concurrency
 
     started = time.monotonic()
@@ -92,12 +98,15 @@ def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> dic
     for t in threads:
         t.join()
     wall = time.monotonic() - started
-    ms = np.array(latencies) * 1000
+    ms, refused_ms = np.array(latencies) * 1000, np.array(refused) * 1000
     return {
         "rps": len(latencies) / wall,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
         "requests": len(latencies),
+        "refused": len(refused),
+        "refused_p50_ms": float(np.percentile(refused_ms, 50)) if len(refused_ms) else None,
+        "refused_p99_ms": float(np.percentile(refused_ms, 99)) if len(refused_ms) else None,
         "errors": len(errors),
     }
 
@@ -182,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--burst", type=float, default=60)
     parser.add_argument(
         "--idle",
@@ -228,6 +237,10 @@ def main() -> None:
                 handles[m].append(handle_load(m, (args.size,), 32, args.seconds))
         for name in MODES:
             serve.delete(name)
+        deploy(bundle, "busy", cpus_per_replica=args.cpus, max_ongoing_requests=1, max_queued_requests=1)
+        load(f"{url}/busy", images, 1, 2)
+        shed = load(f"{url}/busy", images, 16, args.seconds)
+        serve.delete("busy")
         deploy(
             bundle,
             "scale",
@@ -243,16 +256,16 @@ def main() -> None:
         timeline, burst = replica_timeline(f"{url}/scale", images, args.burst, args.idle)
     serve.shutdown()
     ray.shutdown()
-    report(args, baseline, runs, handles, timeline, burst)
+    report(args, baseline, runs, handles, timeline, burst, shed)
 
 
-def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burst: dict) -> None:
-    best = {k: max(v, key=lambda r: r["rps"]) for k, v in runs.items()}
-    spread = {k: (min(r["rps"] for r in v), max(r["rps"] for r in v)) for k, v in runs.items()}
+def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burst: dict, shed: dict) -> None:
+    rates = {k: stats([r["rps"] for r in v]) for k, v in runs.items()}
+    median = {k: sorted(v, key=lambda r: r["rps"])[len(v) // 2] for k, v in runs.items()}
+    handle = {m: stats(v) for m, v in handles.items()}
     print(
         f"\nthree backbones at {args.size} px, 23 classes, {os.cpu_count()} cores, {args.seconds:g} "
-        "s a measurement, "
-        f"best of {args.repeats} interleaved (spread of requests/s)"
+        f"s a measurement, median of {args.repeats} interleaved (lowest-highest requests/s)"
     )
     ceiling = baseline[16]["rps"] / baseline[1]["rps"]
     print(
@@ -264,19 +277,24 @@ def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burs
         f"{'mode':<14} {'conc':>4} {'req/s':>7} {'spread':>13} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'vs (p) b1':>9} {'errors':>6}"
     )
-    for (m, c), r in best.items():
-        lo, hi = spread[m, c]
+    for (m, c), r in median.items():
+        lo, hi = rates[m, c]["spread"]
         print(
-            f"{ {'b': 'batched', 'u': 'unbatched', 'm': 'per member'}[m]:<14} {c:>4} {r['rps']:>7.1f} "
-            f"{f'{lo:.1f}-{hi:.1f}':>13} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} "
-            f"{r['rps'] / baseline[1]['rps']:>9.2f} {r['errors']:>6}"
+            f"{ {'b': 'batched', 'u': 'unbatched', 'm': 'per member'}[m]:<14} {c:>4} "
+            f"{rates[m, c]['median']:>7.1f} {f'{lo:.1f}-{hi:.1f}':>13} {r['p50_ms']:>8.0f} "
+            f"{r['p99_ms']:>8.0f} {rates[m, c]['median'] / baseline[1]['rps']:>9.2f} {r['errors']:>6}"
         )
-    handle_ratio = max(handles["b"]) / max(handles["u"])
+    handle_ratio = handle["b"]["median"] / handle["u"]["median"]
     print(
         "the model deployment alone (Serve handle, concurrency 32, no HTTP): batched "
-        f"{max(handles['b']):.1f} "
-        f"({min(handles['b']):.1f}-{max(handles['b']):.1f}), unbatched {max(handles['u']):.1f} "
-        f"({min(handles['u']):.1f}-{max(handles['u']):.1f}) req/s: {handle_ratio:.2f}x"
+        f"{handle['b']['median']:.1f} ({handle['b']['spread'][0]:.1f}-{handle['b']['spread'][1]:.1f}), "
+        f"unbatched {handle['u']['median']:.1f} ({handle['u']['spread'][0]:.1f}-"
+        f"{handle['u']['spread'][1]:.1f}) req/s: {handle_ratio:.2f}x"
+    )
+    print(
+        f"load shedding (one at a time, a queue of one, concurrency 16): {shed['refused']} answered 503 "
+        f"in p50 {shed['refused_p50_ms']:.0f} ms, p99 {shed['refused_p99_ms']:.0f} ms; "
+        f"{shed['requests']} answered 200"
     )
     print(
         f"autoscaling: a burst at concurrency 32 for {args.burst:g} s ({burst['rps']:.1f} req/s, p99 "
@@ -284,35 +302,33 @@ def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burs
         "(running+starting) every 2 s:"
     )
     print("  " + " ".join(f"{t}s:{n}" for t, n in timeline))
-    ratio = best["b", 32]["rps"] / best["u", 32]["rps"]
-    tail = best["b", 8]["p99_ms"] / best["b", 8]["p50_ms"]
+    ratio = rates["b", 32]["median"] / rates["u", 32]["median"]
+    tail = median["b", 8]["p99_ms"] / median["b", 8]["p50_ms"]
     print(
-        f"batched_vs_unbatched_rps (c32) = {ratio:.2f} (target >= 2); p99_over_p50 (batched, c8) = "
-        f"{tail:.2f} "
-        "(target <= 3)"
+        f"batched_vs_unbatched_rps (c32, medians) = {ratio:.2f} (target >= 2); p99_over_p50 (batched, "
+        f"c8) = {tail:.2f} (target <= 3)"
     )
-    print(
-        json.dumps(
-            {
-                "benchmark": "serve",
-                "size": args.size,
-                "cores": os.cpu_count(),
-                "seconds": args.seconds,
-                "repeats": args.repeats,
-                "cpus_per_replica": args.cpus,
-                "in_process": baseline,
-                "in_process_batch_gain": round(ceiling, 2),
-                "served": {f"{m}_c{c}": r for (m, c), r in best.items()},
-                "spread_rps": {f"{m}_c{c}": v for (m, c), v in spread.items()},
-                "handle_c32_rps": {m: max(v) for m, v in handles.items()},
-                "handle_batched_vs_unbatched_rps": round(handle_ratio, 2),
-                "replica_timeline": [[t, n] for t, n in timeline],
-                "burst": burst,
-                "batched_vs_unbatched_rps": round(ratio, 2),
-                "p99_over_p50": round(tail, 2),
-            }
-        )
+    line = record(
+        {
+            "benchmark": "serve",
+            "run": time.strftime("%Y%m%dT%H%M%S"),
+            "size": args.size,
+            "seconds": args.seconds,
+            "repeats": args.repeats,
+            "cpus_per_replica": args.cpus,
+            "in_process": baseline,
+            "in_process_batch_gain": round(ceiling, 2),
+            "served": {f"{m}_c{c}": {**rates[m, c], **median[m, c]} for (m, c) in median},
+            "handle_c32_rps": handle,
+            "handle_batched_vs_unbatched_rps": round(handle_ratio, 2),
+            "shed": shed,
+            "replica_timeline": [[t, n] for t, n in timeline],
+            "burst": burst,
+            "batched_vs_unbatched_rps": round(ratio, 2),
+            "p99_over_p50": round(tail, 2),
+        }
     )
+    print("docs/benchmarks.md rows:\n" + serve_row(line))
 
 
 if __name__ == "__main__":

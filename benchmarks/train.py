@@ -11,10 +11,11 @@
 (3) e2e:   `skinray train` on a generated archive with the Ray Data pipeline feeding 1 and then 2
     workers (training images/s of the epochs after the first, which includes tracing).
 
-All on this machine in one run; (1) and (2) are the best of `--repeats` (3) interleaved
-measurements, with the spread. Prints a table and one JSON line. Runtime on 2 cores with the
-defaults: about eight minutes. On a GPU machine, e.g. `--backbone resnet50 --size 224 --batch 128
---gpus-per-worker 1`.
+All on this machine in one run; every side of (1) and (2) is measured `--repeats` (3) times,
+interleaved, and reported as its median with the lowest and highest; the ratio (target >= 0.95) is
+of medians. Prints a table, the docs' row and one JSON line (appended to benchmarks/results/).
+Runtime on 2 cores with the defaults: about ten minutes. On a GPU machine, e.g.
+`--backbone resnet50 --size 224 --batch 128 --gpus-per-worker 1`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from common import record, stats, train_row
 
 NUM_CLASSES = 8
 
@@ -220,7 +222,7 @@ def main() -> None:
     from skinray.cluster import connect
     from skinray.data.sample import write_sample
 
-    # Best of `--repeats`, interleaved: on a small machine one measurement can be 30% off.
+    # `--repeats` interleaved measurements of each side: on a small machine one can be 30% off.
     connect(reserved_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     runs = {"plain": [], "plain_multi_worker": [], "ray_task": [], "ray": []}
@@ -229,8 +231,8 @@ def main() -> None:
         runs["plain_multi_worker"].append(plain_rate(args, multi_worker=True))
         runs["ray_task"].append(ray_task_rate(args))
         runs["ray"].append(ray_rate(args))
-    best = {k: max(v, key=lambda r: r["rate"]) for k, v in runs.items()}
-    plain, multi, in_task, in_ray = (best[k]["rate"] for k in runs)
+    rates = {k: stats([r["rate"] for r in v]) for k, v in runs.items()}
+    median = {k: sorted(v, key=lambda r: r["rate"])[len(v) // 2] for k, v in runs.items()}
     with tempfile.TemporaryDirectory() as folder:
         archive = Path(folder) / "archive"
         write_sample(archive, per_class=args.per_class, classes=NUM_CLASSES, seed=0)
@@ -238,51 +240,49 @@ def main() -> None:
 
     print(
         f"\n{args.backbone} at {args.size} px, global batch {args.batch}, {os.cpu_count()} cores"
-        f"{'' if args.gpus_per_worker else ', CPU only'}"
+        f"{'' if args.gpus_per_worker else ', CPU only'}; images/s, median of {args.repeats} "
+        "interleaved (lowest-highest)"
     )
-    print(
-        f"{'plain step':>12} {'plain, TF_CONFIG':>17} {'Ray task':>9} {'Ray Train':>10} {'ratio':>6} "
-        f"{'ratio vs TF_CONFIG':>19} {'e2e 1 worker':>13} {'e2e 2 workers':>14}   images/s (best of "
-        f"{args.repeats})"
+    for name, label in (
+        ("plain", "(1) plain process"),
+        ("plain_multi_worker", "plain, one-worker TF_CONFIG"),
+        ("ray_task", "Ray task"),
+        ("ray", "(2) Ray Train worker"),
+    ):
+        s = rates[name]
+        print(f"{label:<30} {s['median']:>7.0f} ({s['spread'][0]:.0f}-{s['spread'][1]:.0f})")
+    ratio = rates["ray"]["median"] / rates["plain"]["median"]
+    print(f"ray_vs_plain (medians) = {ratio:.2f} (target >= 0.95)")
+    print(f"end to end: 1 worker {e2e[1]:.0f}, 2 workers {e2e[2]:.0f} images/s")
+    print_cpu_account(median)
+    line = record(
+        {
+            "benchmark": "train",
+            "run": time.strftime("%Y%m%dT%H%M%S"),
+            "backbone": args.backbone,
+            "size": args.size,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            **rates,
+            "cpu_seconds_per_1000_images": {k: v["cpu"] for k, v in median.items()},
+            "ray_vs_plain": round(ratio, 3),
+            "ray_vs_plain_multi_worker": round(
+                rates["ray"]["median"] / rates["plain_multi_worker"]["median"], 3
+            ),
+            "e2e_1_worker": round(e2e[1], 1),
+            "e2e_2_workers": round(e2e[2], 1),
+        }
     )
-    print(
-        f"{plain:>12.0f} {multi:>17.0f} {in_task:>9.0f} {in_ray:>10.0f} {in_ray / plain:>6.2f} "
-        f"{in_ray / multi:>19.2f} "
-        f"{e2e[1]:>13.0f} {e2e[2]:>14.0f}"
-    )
-    rates = {k: [r["rate"] for r in v] for k, v in runs.items()}
-    print("spread (min-max): " + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in rates.items()))
-    print_cpu_account(best)
-    print(
-        json.dumps(
-            {
-                "benchmark": "train",
-                "backbone": args.backbone,
-                "size": args.size,
-                "batch": args.batch,
-                "cores": os.cpu_count(),
-                "plain": round(plain, 1),
-                "plain_multi_worker": round(multi, 1),
-                "ray_task": round(in_task, 1),
-                "ray": round(in_ray, 1),
-                "runs": rates,
-                "cpu_seconds_per_1000_images": {k: v["cpu"] for k, v in best.items()},
-                "ray_vs_plain": round(in_ray / plain, 3),
-                "ray_vs_plain_multi_worker": round(in_ray / multi, 3),
-                "e2e_1_worker": round(e2e[1], 1),
-                "e2e_2_workers": round(e2e[2], 1),
-            }
-        )
-    )
+    print("docs/benchmarks.md row:\n" + train_row(line))
 
 
 def print_cpu_account(best: dict) -> None:
-    """CPU seconds per 1,000 images, by thread group and process, in each side's best run."""
+    """CPU seconds per 1,000 images, by thread group and process, in each side's median run."""
     names = sorted(
         {k for r in best.values() for k in r["cpu"]},
         key=lambda k: -max(r["cpu"].get(k, 0) for r in best.values()),
     )
-    print("\nCPU seconds per 1,000 images while the step ran (best run of each side)")
+    print("\nCPU seconds per 1,000 images while the step ran (the median run of each side)")
     print(f"{'where':<44}" + "".join(f"{k:>19}" for k in best))
     for name in names[:14]:
         print(f"{name[:44]:<44}" + "".join(f"{r['cpu'].get(name, 0):>19.3f}" for r in best.values()))

@@ -27,9 +27,10 @@ def reserved_cpus(cfg, command: str) -> float:
     }.get(command, 0.0)
 
 
-def connect(reserved_cpus: float = 0.0) -> bool:
+def connect(reserved_cpus: float = 0.0, running_only: str | None = None) -> bool:
     """Connects once per process; refuses a cluster whose CPUs long-lived workers would all take.
-    Returns True when it started a local cluster (which ends with this process).
+    Returns True when it started a local cluster (which ends with this process). With
+    `running_only`, no local cluster is started: that message is the error instead.
 
     `reserved_cpus` is what the stage's long-lived workers hold for their whole run (training
     workers; scoring's model actors). Those CPUs are not available to ingest, so a cluster with
@@ -49,6 +50,8 @@ def connect(reserved_cpus: float = 0.0) -> bool:
                 ray.init(address=address, **ray_init_options(), **worker_options())
             except ConnectionError:
                 address = "local"
+        if address == "local" and running_only:
+            raise UserError(running_only)
         if address == "local":
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2),

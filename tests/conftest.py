@@ -85,50 +85,37 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def members(ray_cluster, tmp_path_factory):
-    """Two trained `tiny` members at different input sizes (48 and 64 px) on one archive, with a
-    validation split large enough to calibrate on (48 images): what the ensemble and scoring tests share.
-    """
-    from skinray.config import load_config
-    from skinray.data.sample import write_sample
-    from skinray.train.trainer import train
+def demo(ray_env, tmp_path_factory):
+    """`skinray demo --quick --exit`, run once as a newcomer runs it (joining the tests' cluster):
+    (output folder, its port, the finished process). Its two trained members and its bundle are
+    what the ensemble, scoring, serving and explanation tests share."""
+    from commands import skinray
+    from serving import free_port
 
-    root = tmp_path_factory.mktemp("members")
-    archive = root / "archive"
-    write_sample(archive, per_class=40, classes=4, seed=1)  # 160 train (112 + 48 val), 40 test
-    runs = []
-    for name, size in (("small", 48), ("large", 64)):
-        cfg = load_config(
-            overrides=[
-                f"data.archive={archive}",
-                "data.val_fraction=0.3",
-                "model.backbone=tiny",
-                "model.weights=none",
-                f"model.image_size={size}",
-                "train.workers=1",
-                "train.batch_size=16",
-                "train.epochs=5",
-                "train.finetune_lr=0.004",
-            ]
-        )
-        runs.append(train(cfg, str(root / "runs"), name).run_dir)
-    return {"archive": archive, "runs": runs, "root": root}
+    out, port = tmp_path_factory.mktemp("demo") / "out", free_port()
+    proc = skinray(
+        "demo", "--quick", "--exit", "--out", str(out), "--port", str(port), env=ray_env, timeout=1200
+    )
+    return out, port, proc
 
 
 @pytest.fixture(scope="session")
-def bundle(members, ray_cluster, tmp_path_factory):
-    """The two members calibrated into one bundle: what scoring and serving tests load."""
-    from skinray.config import load_config
-    from skinray.ensemble import build_ensemble
+def members(demo):
+    """The quick demo's two trained `tiny` members (48 and 64 px, `skinray.demo.TINY_RECIPE`) on its
+    archive: 4 classes, 160 training photos of which 48 validate, 40 test photos."""
+    out, _, proc = demo
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {
+        "archive": out / "archive",
+        "runs": [str(out / "runs" / "tiny48"), str(out / "runs" / "tiny64")],
+        "root": out,
+    }
 
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
-    build_ensemble(
-        members["runs"],
-        str(members["archive"]),
-        str(out),
-        load_config(overrides=["score.max_actors=1", "score.batch_size=8", "score.rows_per_file=8"]),
-    )
-    return out
+
+@pytest.fixture(scope="session")
+def bundle(members):
+    """The quick demo's bundle of its two members: what scoring and serving tests load."""
+    return members["root"] / "bundle"
 
 
 # === The Serve endpoint (test_serve.py, test_page.py) ===

@@ -85,7 +85,7 @@ class TwoNodes:
 
     def stop(self) -> None:
         """As `ray stop` does, for these two nodes only: SIGTERM, a grace period, then SIGKILL."""
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             for pid in self.processes():
                 try:
                     os.kill(pid, sig)

@@ -244,3 +244,19 @@ def test_configs_written_before_fault_injection_left_the_schema_still_load():
     assert load_config_text(old).train.epochs == 4
     with pytest.raises(ConfigError, match="SKINRAY_KILL_WORKER"):
         load_config(overrides=["train.kill_rank=1"])
+
+
+def test_one_tiny_member_recipe():
+    """configs/tiny_smoke.yaml is the quick demo's member recipe (the tests' shared members), with a
+    longer run: the file and the code cannot drift apart."""
+    from pathlib import Path
+
+    from skinray.config import config_to_dict
+    from skinray.demo import QUICK, TINY_RECIPE
+
+    smoke = config_to_dict(load_config(Path(__file__).parents[1] / "configs" / "tiny_smoke.yaml"))
+    recipe = config_to_dict(load_config(overrides=list(TINY_RECIPE)))
+    keys = [setting.split("=", 1)[0].split(".") for setting in TINY_RECIPE]
+    assert [smoke[a][b] for a, b in keys] == [recipe[a][b] for a, b in keys]
+    assert all(set(TINY_RECIPE) <= set(member.settings) for member in QUICK)
+    assert smoke["model"]["backbone"] == "tiny" and smoke["train"]["epochs"] > 5

@@ -3,18 +3,6 @@
 import json
 
 import pyarrow.parquet as pq
-import pytest
-from commands import skinray
-from serving import free_port
-
-
-@pytest.fixture(scope="module")
-def demo(ray_env, tmp_path_factory):
-    out, port = tmp_path_factory.mktemp("demo") / "out", free_port()
-    proc = skinray(
-        "demo", "--quick", "--exit", "--out", str(out), "--port", str(port), env=ray_env, timeout=1200
-    )
-    return out, port, proc
 
 
 def test_the_quick_demo_runs_every_stage(demo):

@@ -77,8 +77,11 @@ def test_asha_stopped_a_trial_early(search):
     assert any(int(r["epochs"]) == 6 for r in rows)  # and let the best run to the end
 
 
-def test_skinray_train_accepts_the_best_config(search, ray_cluster, tmp_path):
-    from skinray.train.trainer import train
+def test_the_best_config_holds_the_best_trials_head(search):
+    """best_config.yaml is a training config holding the best trial's head: it loads, and the model
+    it describes is built with that head. (The quick demo trains from a search's best config end to
+    end: its pipeline searches tiny48's head, then trains it.)"""
+    from skinray.models import create_classifier
 
     best = _rows(search["dir"])[0]
     cfg = load_config(search["dir"] / "best_config.yaml", ["train.epochs=1", "train.workers=1"])
@@ -86,8 +89,9 @@ def test_skinray_train_accepts_the_best_config(search, ray_cluster, tmp_path):
     assert cfg.model.head_units == int(best["head_units"]) and cfg.train.batch_size == int(best["batch_size"])
     assert cfg.model.dropout == pytest.approx(float(best["dropout"]))
     assert cfg.train.head_lr == pytest.approx(float(best["head_lr"]))
-    result = train(cfg, str(tmp_path), "from-best")
-    assert result.best_metrics["epoch"] == 1
+    model = create_classifier(cfg.model, num_classes=4)
+    dense = [layer for layer in model.layers if layer.__class__.__name__ == "Dense"]
+    assert [layer.units for layer in dense] == [cfg.model.head_units, 4]
 
 
 def test_running_the_search_again_reuses_everything(search, ray_env):
@@ -129,14 +133,17 @@ def test_another_search_under_the_same_out_finds_the_embeddings(search, tmp_path
     assert not (tmp_path / "embeddings").exists()
 
 
-def test_an_interrupted_search_continues_without_rerunning_finished_trials(ray_env, sample_archive, tmp_path):
+def test_an_interrupted_search_continues_without_rerunning_finished_trials(search, ray_env):
+    """Another search under the first one's --out (its embeddings reused: the trials are the work),
+    killed once a trial finished; the same command continues it."""
+    out = search["out"]
     command = [
         *SKINRAY,
         "tune",
         "--data",
-        str(sample_archive),
+        str(search["archive"]),
         "--out",
-        str(tmp_path),
+        str(out),
         "--name",
         "k",
         "--trials",
@@ -148,7 +155,7 @@ def test_an_interrupted_search_continues_without_rerunning_finished_trials(ray_e
     driver = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_env, start_new_session=True
     )
-    finished = _wait_for_finished_trials(tmp_path / "k" / "trials", driver, count=1)
+    finished = _wait_for_finished_trials(out / "k" / "trials", driver, count=1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = {p: p.read_text() for p in finished}
@@ -156,7 +163,7 @@ def test_an_interrupted_search_continues_without_rerunning_finished_trials(ray_e
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "continuing the search" in proc.stdout
     assert {p: p.read_text() for p in finished} == before
-    assert len(_rows(tmp_path / "k")) == 4
+    assert len(_rows(out / "k")) == 4 and "embeddings reused" in proc.stdout
 
 
 def _wait_for_finished_trials(folder, driver, count, timeout=600):

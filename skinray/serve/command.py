@@ -69,9 +69,10 @@ def serve_command(cfg, model: str, print_config: bool = False, detach: bool = Fa
 
     from skinray.cluster import connect
 
-    started = connect()
     if detach:
-        return _deploy(application, cfg, arguments, started)
+        connect(running_only=NO_CLUSTER_TO_DETACH_ONTO)
+        return _deploy(application, cfg, arguments)
+    started = connect()
     # After Ray's start-up, which installs its own SIGTERM handler (one that aborts). SIGINT too: a
     # background job starts with it ignored.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,17 +95,16 @@ def serve_command(cfg, model: str, print_config: bool = False, detach: bool = Fa
     return 0
 
 
-def _deploy(application, cfg, arguments: dict, started_cluster: bool) -> int:
+NO_CLUSTER_TO_DETACH_ONTO = (
+    "--detach deploys onto a running cluster, and none was found: set RAY_ADDRESS "
+    "(or run `ray start --head`), or leave --detach out to serve in the foreground"
+)
+
+
+def _deploy(application, cfg, arguments: dict) -> int:
     """Deploys (or updates) the application on the cluster and returns; Serve keeps it running."""
-    import ray
     from ray import serve
 
-    if started_cluster:
-        ray.shutdown()
-        raise UserError(
-            "--detach deploys onto a running cluster, and none was found: set RAY_ADDRESS "
-            "(or run `ray start --head`), or leave --detach out to serve in the foreground"
-        )
     serve.start(http_options=cfg.serve.http_options)
     serve.run(application, name=APP_NAME, route_prefix="/")  # returns once every replica is up
     print(
