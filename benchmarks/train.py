@@ -80,15 +80,17 @@ def measure_step(backbone: str, size: int, batch: int, steps: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from skinray.config import ModelConfig
+    from skinray.config import load_config
     from skinray.models import create_classifier
     from skinray.train.step import make_train_step
 
+    # The model as `skinray train` builds it: the config with the recipe's head settings resolved.
+    cfg = load_config(
+        overrides=[f"model.backbone={backbone}", "model.weights=none", f"model.image_size={size}"]
+    )
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = create_classifier(
-            ModelConfig(backbone=backbone, weights="none", image_size=size), NUM_CLASSES
-        )
+        model = create_classifier(cfg.model, NUM_CLASSES)
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
     step = make_train_step(strategy, model, optimizer, [1.0] * NUM_CLASSES, 0.1, global_batch=batch)

@@ -129,9 +129,9 @@ def test_two_phase_freezing():
 @pytest.mark.parametrize(
     "name, size, precision, xla",
     [
-        ("resnet50", 64, "float32", False),
-        ("inception_v3", 75, "float32", False),
-        ("efficientnetv2s", 64, "float32", False),
+        pytest.param("resnet50", 64, "float32", False, marks=pytest.mark.slow),
+        pytest.param("inception_v3", 75, "float32", False, marks=pytest.mark.slow),
+        pytest.param("efficientnetv2s", 64, "float32", False, marks=pytest.mark.slow),
         ("tiny", 32, "float32", False),
         ("tiny", 32, "mixed_float16", False),
         ("tiny", 32, "mixed_bfloat16", True),

@@ -120,6 +120,7 @@ def _http(url: str, method: str = "GET", token: str | None = None) -> int:
         return err.code
 
 
+@pytest.mark.slow
 def test_the_pipeline_job_runs_on_two_nodes_with_token_auth(two_nodes, sample_archive, tmp_path):
     jobs = f"{two_nodes.url}/api/jobs/"
     assert _http(jobs, "POST") == 401  # no token: refused

@@ -237,6 +237,7 @@ def test_each_job_says_how_to_submit_it_and_takes_its_commands_options(job):
     assert proc.returncode == 0 and "usage: skinray" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_deploy_job_leaves_the_endpoint_running_on_the_cluster(ray_env, ray_cluster, bundle):
     import urllib.request
 

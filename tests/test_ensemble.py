@@ -51,8 +51,9 @@ def test_threshold_answers_at_least_the_asked_share_and_no_more_than_needed(cove
 
 
 @pytest.fixture(scope="module")
-def bundle(members, ray_env, tmp_path_factory):
-    """`skinray ensemble` on the command line, joining the shared cluster."""
+def cli_bundle(members, ray_env, tmp_path_factory):
+    """`skinray ensemble` on the command line, joining the shared cluster, at coverage 0.8: the bundle
+    these tests read (the shared `bundle` is the demo pipeline's)."""
     out = tmp_path_factory.mktemp("bundles") / "v1"
     proc = subprocess.run(
         [
@@ -79,21 +80,21 @@ def bundle(members, ray_env, tmp_path_factory):
     return out
 
 
-def test_manifest_describes_every_member(bundle, members):
-    manifest = json.loads((bundle / "bundle.json").read_text())
+def test_manifest_describes_every_member(cli_bundle, members):
+    manifest = json.loads((cli_bundle / "bundle.json").read_text())
     assert manifest["classes"] == json.loads((Path(members["runs"][0]) / "classes.json").read_text())
     assert [m["image_size"] for m in manifest["members"]] == [48, 64]
     assert [m["backbone"] for m in manifest["members"]] == ["tiny", "tiny"]
     assert sum(m["weight"] for m in manifest["members"]) == pytest.approx(1.0)
     for member in manifest["members"]:
-        assert (bundle / member["file"]).is_file() and (bundle / member["config"]).is_file()
+        assert (cli_bundle / member["file"]).is_file() and (cli_bundle / member["config"]).is_file()
         assert 0.05 <= member["temperature"] <= 20 and member["temperature"] != 1.0
     assert len(manifest["version"]) == 64 and manifest["coverage"] == 0.8
     assert manifest["validation"]["images"] == 48
 
 
-def test_calibration_does_not_worsen_validation_ece_or_log_loss(bundle):
-    validation = json.loads((bundle / "bundle.json").read_text())["validation"]
+def test_calibration_does_not_worsen_validation_ece_or_log_loss(cli_bundle):
+    validation = json.loads((cli_bundle / "bundle.json").read_text())["validation"]
     before, after = validation["ensemble_uncalibrated"], validation["ensemble"]
     assert after["log_loss"] <= before["log_loss"] + 1e-9
     assert after["ece"] <= before["ece"] + 1e-9
@@ -103,13 +104,13 @@ def test_calibration_does_not_worsen_validation_ece_or_log_loss(bundle):
     assert after["log_loss"] <= validation["ensemble_equal_weights"]["log_loss"] + 1e-9
 
 
-def test_threshold_keeps_the_asked_coverage_on_validation(bundle, members):
+def test_threshold_keeps_the_asked_coverage_on_validation(cli_bundle, members):
     """Recomputes the coverage from scratch: the bundle's predictions on the validation split."""
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
 
-    predictor = Predictor.from_path(str(bundle))
+    predictor = Predictor.from_path(str(cli_bundle))
     rows = model_split(list_archive(str(members["archive"])), "val", predictor.classes, predictor.config.data)
     views = [decode_views(open(p, "rb").read(), predictor.sizes) for p in rows["path"].to_pylist()]
     prediction = predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes})
@@ -117,7 +118,7 @@ def test_threshold_keeps_the_asked_coverage_on_validation(bundle, members):
     assert 0.8 <= answered < 0.8 + 2 / len(views)
 
 
-def test_a_tampered_bundle_is_refused(bundle, tmp_path):
+def test_a_tampered_bundle_is_refused(cli_bundle, tmp_path):
     from skinray.bundle import BundleError
     from skinray.predictor import Predictor
 
@@ -129,24 +130,24 @@ def test_a_tampered_bundle_is_refused(bundle, tmp_path):
     }
     for expected, tamper in cases.items():
         copy = tmp_path / expected.replace(" ", "-")
-        shutil.copytree(bundle, copy)
+        shutil.copytree(cli_bundle, copy)
         tamper(copy)
         with pytest.raises(BundleError, match=expected):
             Predictor.from_path(str(copy))
     assert (
-        Predictor.from_path(str(bundle)).version
-        == json.loads((bundle / "bundle.json").read_text())["version"]
+        Predictor.from_path(str(cli_bundle)).version
+        == json.loads((cli_bundle / "bundle.json").read_text())["version"]
     )
 
 
-def test_a_resealed_bundle_pointing_outside_itself_is_refused(bundle, tmp_path):
+def test_a_resealed_bundle_pointing_outside_itself_is_refused(cli_bundle, tmp_path):
     """The version is a hash anyone can recompute: a manifest edited to load a model from outside
     the bundle, then resealed, still loads nothing."""
     from skinray.bundle import BundleError, manifest_version
     from skinray.predictor import Predictor
 
     copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
+    shutil.copytree(cli_bundle, copy)
     outside = tmp_path / "outside"
     outside.mkdir()
     shutil.copyfile(copy / "members/00-tiny/model.keras", outside / "model.keras")
@@ -158,38 +159,39 @@ def test_a_resealed_bundle_pointing_outside_itself_is_refused(bundle, tmp_path):
         Predictor.from_path(str(copy))
 
 
-def test_a_model_file_changed_after_verification_is_not_loaded(bundle, tmp_path):
+def test_a_model_file_changed_after_verification_is_not_loaded(cli_bundle, tmp_path):
     """A replica verifies the bundle, then loads its models: a file replaced in between (another
     writer, a tampering process) is caught on the bytes that would be loaded, not opened again."""
     from skinray.bundle import BundleError
     from skinray.predictor import Predictor
 
     copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
+    shutil.copytree(cli_bundle, copy)
     planned = Predictor.from_path(str(copy), load_models=False)  # verified, models not yet loaded
     _flip_a_byte(copy / "members/01-tiny/model.keras")
     with pytest.raises(
         BundleError, match="members/01-tiny/model.keras changed after the bundle was verified"
     ):
         planned.load_models(planned.members)
-    planned = Predictor.from_path(str(bundle), load_models=False)
+    planned = Predictor.from_path(str(cli_bundle), load_models=False)
     planned.load_models(planned.members[:1])
     assert planned.members[0].model is not None and planned.members[1].model is None
 
 
-def test_an_expected_version_refuses_any_other_bundle(bundle, members, tmp_path):
+def test_an_expected_version_refuses_any_other_bundle(cli_bundle, members, tmp_path):
     from skinray import UserError
     from skinray.bundle import BundleError
     from skinray.predictor import Predictor
 
-    version = json.loads((bundle / "bundle.json").read_text())["version"]
+    version = json.loads((cli_bundle / "bundle.json").read_text())["version"]
     for given in (version, version[:12].upper()):
-        assert Predictor.from_path(str(bundle), load_models=False, expect_version=given).version == version
+        found = Predictor.from_path(str(cli_bundle), load_models=False, expect_version=given)
+        assert found.version == version
     other = ("0" if version[0] != "0" else "1") + version[1:16]
     with pytest.raises(BundleError, match=f"is bundle version {version[:16]}, not the expected {other}"):
-        Predictor.from_path(str(bundle), load_models=False, expect_version=other)
+        Predictor.from_path(str(cli_bundle), load_models=False, expect_version=other)
     with pytest.raises(UserError, match="at least 12 characters"):
-        Predictor.from_path(str(bundle), load_models=False, expect_version=version[:8])
+        Predictor.from_path(str(cli_bundle), load_models=False, expect_version=version[:8])
     with pytest.raises(UserError, match="is not a bundle"):
         Predictor.from_path(str(members["runs"][0]), load_models=False, expect_version=version)
     # Each command that opens a bundle takes --expect-version: refused in one line, before any work.
@@ -201,7 +203,7 @@ def test_an_expected_version_refuses_any_other_bundle(bundle, members, tmp_path)
         "serve": ["--port", "0"],
     }
     for command, args in commands.items():
-        proc = skinray(command, "--model", str(bundle), *args, "--expect-version", other, timeout=300)
+        proc = skinray(command, "--model", str(cli_bundle), *args, "--expect-version", other, timeout=300)
         assert one_error_line(proc).endswith(
             f"not the expected {other}: refusing it (another bundle was written there, or the wrong path)"
         ), command
@@ -252,18 +254,18 @@ def _edit_manifest(folder) -> str:
     return json.dumps(manifest)
 
 
-def test_a_bundle_is_never_overwritten(bundle, members, ray_cluster, tmp_path):
+def test_a_bundle_is_never_overwritten(cli_bundle, members, ray_cluster, tmp_path):
     from skinray import UserError
     from skinray.config import load_config
     from skinray.ensemble import build_ensemble
 
-    before = (bundle / "bundle.json").read_text()
+    before = (cli_bundle / "bundle.json").read_text()
     with pytest.raises(UserError, match="already exists and is a bundle of other members"):
-        build_ensemble(members["runs"][:1], str(members["archive"]), str(bundle), load_config())
+        build_ensemble(members["runs"][:1], str(members["archive"]), str(cli_bundle), load_config())
     # A resubmitted job (the same members and data) finds its bundle and changes nothing.
-    again = build_ensemble(members["runs"], str(members["archive"]), str(bundle), load_config())
+    again = build_ensemble(members["runs"], str(members["archive"]), str(cli_bundle), load_config())
     assert again["version"] == json.loads(before)["version"]
-    assert (bundle / "bundle.json").read_text() == before
+    assert (cli_bundle / "bundle.json").read_text() == before
     # A folder that is not a bundle is never deleted; what a killed write leaves is written anew.
     foreign = tmp_path / "foreign"
     (foreign / "members").mkdir(parents=True)
@@ -272,7 +274,7 @@ def test_a_bundle_is_never_overwritten(bundle, members, ray_cluster, tmp_path):
         build_ensemble(members["runs"], str(members["archive"]), str(foreign), load_config())
     assert (foreign / "notes.txt").read_text() == "someone's files"
     partial = tmp_path / "partial"
-    shutil.copytree(bundle / "members", partial / "members")  # a write cut short before its manifest
+    shutil.copytree(cli_bundle / "members", partial / "members")  # a write cut short before its manifest
     (partial / "members" / "00-tiny" / "model.keras").write_bytes(b"cut short")
     resumed = build_ensemble(
         members["runs"],
@@ -319,13 +321,13 @@ def test_members_with_other_classes_are_refused(members, tmp_path):
         load_members([members["runs"][0], other], str(members["archive"]))
 
 
-def test_evaluate_reports_the_ensemble_beside_its_members(bundle, members, ray_cluster, tmp_path):
+def test_evaluate_reports_the_ensemble_beside_its_members(cli_bundle, members, ray_cluster, tmp_path):
     from skinray.evaluate import evaluate
 
-    report = evaluate(str(bundle), str(members["archive"]), "test", str(tmp_path))
+    report = evaluate(str(cli_bundle), str(members["archive"]), "test", str(tmp_path))
     assert report["num_images"] == 40
     assert set(report["members"]) == {"00-tiny", "01-tiny"}
-    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest = json.loads((cli_bundle / "bundle.json").read_text())
     assert report["model_version"] == manifest["version"]
     assert report["abstention"]["threshold"] == pytest.approx(manifest["threshold"])
     assert {"ece_before", "ece_after"} <= set(report["calibration"])
@@ -335,7 +337,7 @@ def test_evaluate_reports_the_ensemble_beside_its_members(bundle, members, ray_c
     markdown = (tmp_path / "report.md").read_text()
     assert "| **ensemble** |" in markdown and "| 01-tiny |" in markdown and "F1 00-tiny" in markdown
     # Validation through the same path reproduces the numbers the bundle was fitted with.
-    val = evaluate(str(bundle), str(members["archive"]), "val", str(tmp_path / "val"))
+    val = evaluate(str(cli_bundle), str(members["archive"]), "val", str(tmp_path / "val"))
     assert val["accuracy"] == pytest.approx(manifest["validation"]["ensemble"]["accuracy"])
     assert val["calibration"]["ece_after"] == pytest.approx(
         manifest["validation"]["ensemble"]["ece"], abs=1e-6

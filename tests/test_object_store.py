@@ -62,6 +62,7 @@ def test_data_check_on_a_bucket(ray_cluster, bucket_uri):
     assert report["ok"] and sum(report["counts"]["train"].values()) == 96
 
 
+@pytest.mark.slow
 def test_a_run_reads_and_writes_the_bucket_and_evaluates_into_it(ray_cluster, bucket_uri, capsys):
     """The cluster path: archive, checkpoints, TensorBoard, summary, the report and a bundle all in
     object storage, through URIs that carry credentials: none of it, and no line printed, holds them."""
@@ -133,6 +134,7 @@ def _stored_texts(fs, under: tuple[str, ...]) -> list[str]:
     return texts
 
 
+@pytest.mark.slow
 def test_credentials_in_uris_never_leave(bucket_uri, bundle, s3_server, ray_env, ray_cluster):
     """Every kind of URI the commands take carries credentials (moto takes any): the commands work,
     and the secret is in no console line, no file they wrote, and none of Ray's logs."""

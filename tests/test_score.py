@@ -158,6 +158,7 @@ def test_bad_inputs_are_one_clear_line(bundle, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_with_every_row_exactly_once(bundle, members, ray_env, tmp_path):
     """SIGKILL the `skinray score` process once some parts are written; the same command finishes."""
     archive = tmp_path / "many"

@@ -759,6 +759,7 @@ def test_keys_fail_closed(bundle, tmp_path, monkeypatch, caplog):
     assert len(key_digests(serve_section({"host": "0.0.0.0"}))) == 1
 
 
+@pytest.mark.slow
 def test_skinray_serve_stops_cleanly_on_sigterm(bundle, photos, tmp_path):
     """Its own local Ray (RAY_ADDRESS=local), an answered request, then SIGTERM: exit 0 and no
     process it started is left."""

@@ -254,6 +254,7 @@ def test_run_directory_contents(run):
     assert summary["best_checkpoint"] == run["result"].best_checkpoint
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_when_the_same_command_runs_again(ray_env, archive, tmp_path):
     """max_failures=0: the kill ends the run; the same command then resumes from the latest checkpoint."""
     command = [

@@ -133,6 +133,7 @@ def test_another_search_under_the_same_out_finds_the_embeddings(search, tmp_path
     assert not (tmp_path / "embeddings").exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_search_continues_without_rerunning_finished_trials(search, ray_env):
     """Another search under the first one's --out (its embeddings reused: the trials are the work),
     killed once a trial finished; the same command continues it."""
@@ -185,6 +186,7 @@ def _is_done(result_json):
     return bool(lines) and json.loads(lines[-1]).get("done", False)
 
 
+@pytest.mark.slow
 def test_full_mode_runs_ray_train_trials(ray_env, sample_archive, tmp_path):
     proc = _tune(
         ray_env,
