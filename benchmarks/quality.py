@@ -95,7 +95,6 @@ def keras_run(args, archive: Path, seed: int) -> dict:
 
     cfg = load_config(overrides=settings(args, archive, seed))
     train_cfg = cfg.train
-    keras.utils.set_random_seed(seed)
     catalog = list_archive(str(archive))
     parts = splits(catalog, cfg.data.val_fraction, cfg.data.seed)
     source = ImageSource.of(catalog)
@@ -116,7 +115,7 @@ def keras_run(args, archive: Path, seed: int) -> dict:
         )
         return batch["image"], batch["label_index"]
 
-    model = create_classifier(cfg.model, k)
+    model = create_classifier(cfg.model, k, seed=seed)  # the initial weights skinray's run starts from
     base = scaled_learning_rate(train_cfg.finetune_lr, args.batch, train_cfg.base_batch, train_cfg.lr_scaling)
     model.compile(
         optimizer=keras.optimizers.Adam(base),

@@ -69,7 +69,8 @@ class DataConfig:
     Args:
         archive: folder-per-class archive: a local path or any URI pyarrow.fs reads (s3://, gs://).
         val_fraction: share of each class's training images held out for validation.
-        seed: seeds the split, the per-epoch shuffle and every augmentation draw.
+        seed: seeds the split, the per-epoch shuffle, every augmentation draw and a training
+            run's initial weights and dropout (the same seed starts the same network).
         max_pixels: images claiming more pixels than this are refused (decompression-bomb guard).
         cpus_per_task: CPUs Ray Data reserves for each decode-and-augment task.
         resources: custom Ray resources each decode task reserves, e.g. {cpu_node: 0.001} keeps

@@ -49,6 +49,20 @@ def test_the_factory_builds_the_classifier_and_its_feature_part_alike():
         check_model(ModelConfig(backbone="tiny", weights="imagenet"))
 
 
+def test_a_seed_fixes_the_initial_weights():
+    """data.seed starts a run from the same network (the quality benchmark's two sides, a rerun)."""
+    from skinray.models import create_classifier
+
+    cfg = _model(backbone="tiny", weights="none", image_size=32)
+
+    def weights(seed):
+        return create_classifier(cfg, 3, seed=seed).get_weights()
+
+    first, again, other = weights(3), weights(3), weights(4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 def test_image_size_override_and_minimum():
     assert input_size(get_backbone("resnet50")) == 224
     assert input_size(get_backbone("resnet50"), 128) == 128

@@ -1,9 +1,9 @@
 """The model factory: every network skinray builds comes from these four functions.
 
-    list_backbones()                      the registry's names (what --backbone and model.backbone take)
-    check_model(cfg.model)                validates backbone, input size and weights; (spec, size)
-    create_classifier(cfg.model, classes) uint8 images -> logits (training)
-    create_features(cfg.model)            uint8 images -> pooled features (tuning's cached embeddings)
+    list_backbones()                   the registry's names (what --backbone and model.backbone take)
+    check_model(cfg.model)             validates backbone, input size and weights; (spec, size)
+    create_classifier(cfg.model, k)    uint8 images -> logits (training; `seed=` fixes the start)
+    create_features(cfg.model)         uint8 images -> pooled features (tuning's cached embeddings)
 
 The registry (`backbones.py`) knows each backbone's constructor, native size, preprocessing and
 weights; `classifier.py` puts the preprocessing layer before it and the head after it. Keras and
@@ -38,12 +38,20 @@ def check_model(cfg: ModelConfig) -> tuple[BackboneSpec, int]:
     return spec, size
 
 
-def create_classifier(cfg: ModelConfig, num_classes: int) -> keras.Model:
-    """uint8 images (size x size x 3) -> logits over `num_classes` (see `classifier.build_classifier`)."""
+def create_classifier(cfg: ModelConfig, num_classes: int, seed: int | None = None) -> keras.Model:
+    """uint8 images (size x size x 3) -> logits over `num_classes` (see `classifier.build_classifier`).
+
+    With `seed`, the random initial weights are that seed's (Keras' global seed is set first, so
+    the same seed builds the same network in any process); without it, they are Keras' draw.
+    """
+    import keras
+
     from skinray.models.backbones import resolve_weights
     from skinray.models.classifier import build_classifier
 
     spec, size = check_model(cfg)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     return build_classifier(spec, num_classes, cfg, size, resolve_weights(spec, cfg.weights))
 
 

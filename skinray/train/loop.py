@@ -143,8 +143,11 @@ class WorkerLoop:
 
         self.spec, self.size = check_model(self.cfg.model)
         self.pretrained = self.cfg.model.weights.lower() != "none"
-        with self.strategy.scope():
-            self.model = create_classifier(self.cfg.model, self.num_classes)
+        seed = self.cfg.data.seed
+        with self.strategy.scope():  # the chief's initial values are broadcast to every worker
+            self.model = create_classifier(self.cfg.model, self.num_classes, seed=seed)
+        # Dropout's draws: seeded, and different on each worker (each sees different images).
+        keras.utils.set_random_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
         if self.cfg.train.batchnorm_momentum:
             for layer in _all_layers(self.model):
                 if isinstance(layer, keras.layers.BatchNormalization):
