@@ -321,12 +321,17 @@ class EnsembleConfig:
     Args:
         coverage: share of validation images the ensemble answers; the abstention threshold is the
             top probability that keeps this share (below it: "uncertain, refer").
+        differential_coverage: share of images whose differential (the set of conditions that
+            remain possible) holds the true one: split-conformal sets calibrated on the half of the
+            validation split that nothing else is fitted on (docs/bundle.md, "Differential").
     """
 
     coverage: float = 0.9
+    differential_coverage: float = 0.9
 
     def __post_init__(self):
         _require(0.0 < self.coverage <= 1.0, "coverage", "must be in (0, 1]")
+        _require(0.0 < self.differential_coverage < 1.0, "differential_coverage", "must be in (0, 1)")
 
 
 @dataclass(frozen=True)

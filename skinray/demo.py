@@ -165,6 +165,8 @@ def _serve(out_dir: Path, archive: Path, port: int) -> str:
         f"{answer['label']} ({answer['confidence']:.2f}{', abstained' if answer['abstained'] else ''}), "
         f"{answer['latency_ms']:.0f} ms"
     )
+    if answer.get("differential"):
+        print(f"  differential: {', '.join(answer['differential'])}")
     return url
 
 

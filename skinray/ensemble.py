@@ -5,13 +5,19 @@
 
 Everything is fitted on the members' shared validation split (never on images a member trained
 on): the members' logits come from the same Ray Data decode tasks and model actors as bulk
-scoring. Then, with scipy:
+scoring. The split is cut in two stratified halves (`halves`). On the first, with scipy:
 
 1. a temperature per member (Guo et al. 2017): the T minimising the log-loss of softmax(z / T);
 2. the ensemble weights: the point of the simplex minimising the log-loss of the weighted mean of
    the calibrated probabilities (equal weights are reported beside them as the baseline);
 3. the abstention threshold: a top probability that answers `coverage` of the validation images
    (halfway to the next image's); below it the bundle says "uncertain, refer".
+
+On the second, which nothing above saw: 4. the differential sets' threshold (`skinray.conformal`),
+whose coverage guarantee needs calibration images exchangeable with future ones and unused by the
+fit. Halves rather than cross-fitting: one bundle, one set of fitted values, an exact guarantee.
+(Both halves did choose each member's best epoch, as validation images: a mild optimism the
+evaluation on a test split does not share.)
 
 The bundle format and its verification are in `skinray.bundle`.
 """
@@ -25,7 +31,7 @@ import numpy as np
 
 from skinray import UserError
 from skinray.config import Config
-from skinray.console import say
+from skinray.console import say, warn
 from skinray.metrics import selective_metrics, summary_metrics
 from skinray.predictor import softmax, weighted_mean
 
@@ -121,8 +127,38 @@ def load_members(paths: list[str], archive: str):
 # === The ensemble command ===
 
 
-def fit(member_logits: np.ndarray, labels: np.ndarray, coverage: float) -> dict:
-    """Temperatures, weights and threshold from validation logits, with the metrics before and after."""
+def halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split in two stratified halves (indices): each class's images in a seeded
+    order, dealt alternately, the first to the fitting half (a class of one image goes there)."""
+    first, second = [], []
+    for k in np.unique(labels):
+        members = np.flatnonzero(labels == k)
+        members = members[np.random.default_rng([seed, int(k)]).permutation(len(members))]
+        first.append(members[0::2])
+        second.append(members[1::2])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
+
+
+def fit(
+    member_logits: np.ndarray,
+    labels: np.ndarray,
+    coverage: float,
+    differential_coverage: float = 0.9,
+    u: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict:
+    """Temperatures, weights and the abstention threshold on one stratified half of the validation
+    images, the differential sets' threshold on the other (`skinray.conformal`: its guarantee needs
+    images nothing else was fitted on), with the metrics before and after calibration.
+
+    `u`: each image's draw (`conformal.draws` of its pixels); a seeded uniform one without it.
+    """
+    from skinray import conformal
+
+    u = np.random.default_rng(seed).random(len(labels)) if u is None else np.asarray(u)
+    fitting, calibration = halves(labels, seed)
+    member_logits, held_out = np.asarray(member_logits)[:, fitting], np.asarray(member_logits)[:, calibration]
+    held_labels, labels = labels[calibration], labels[fitting]
     temperatures = [fit_temperature(z, labels) for z in member_logits]
     raw = np.stack([softmax(z) for z in member_logits]).astype(np.float64)
     calibrated = np.stack([softmax(z, t) for z, t in zip(member_logits, temperatures)]).astype(np.float64)
@@ -130,6 +166,12 @@ def fit(member_logits: np.ndarray, labels: np.ndarray, coverage: float) -> dict:
     equal = np.full(len(member_logits), 1.0 / len(member_logits))
     ensemble = weighted_mean(calibrated, weights)
     threshold = abstention_threshold(ensemble, coverage)
+    held_probabilities = weighted_mean(
+        np.stack([softmax(z, t) for z, t in zip(held_out, temperatures)]), weights
+    )
+    q = conformal.threshold(
+        conformal.scores(held_probabilities, held_labels, u[calibration]), differential_coverage
+    )
     metrics = {
         "images": int(len(labels)),
         "members": [
@@ -145,6 +187,12 @@ def fit(member_logits: np.ndarray, labels: np.ndarray, coverage: float) -> dict:
         "weights": weights.tolist(),
         "equal_weights": equal.tolist(),
         "threshold": threshold,
+        "differential": {
+            "method": conformal.METHOD,
+            "coverage": differential_coverage,
+            "threshold": None if math.isinf(q) else q,  # None: every class (too few images for the target)
+            "calibration_images": int(len(calibration)),
+        },
         "metrics": metrics,
     }
 
@@ -165,10 +213,22 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus(cfg, "ensemble"))
     source = ImageSource.of(catalog, predictor.config.data.max_pixels)
-    logits, labels, _ = labelled_logits(
+    logits, labels, _, u = labelled_logits(
         table, member_paths, predictor.sizes, source, cfg.score, "the validation split"
     )
-    fitted = fit(logits, labels, cfg.ensemble.coverage)
+    fitted = fit(
+        logits,
+        labels,
+        cfg.ensemble.coverage,
+        cfg.ensemble.differential_coverage,
+        u,
+        predictor.config.data.seed,
+    )
+    if fitted["differential"]["threshold"] is None:
+        warn(
+            f"{fitted['differential']['calibration_images']} calibration images are too few for a "
+            f"differential covering {cfg.ensemble.differential_coverage:.0%}: every class is in every set"
+        )
     entries = [
         {
             "name": m.name,
@@ -192,6 +252,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
         "classes": predictor.classes,
         "threshold": fitted["threshold"],
         "coverage": cfg.ensemble.coverage,
+        "differential": fitted["differential"],
         "equal_weights": fitted["equal_weights"],
         "validation": {
             "archive": redact(archive),
@@ -227,4 +288,11 @@ def format_manifest(manifest: dict, out: str) -> str:
         f"  abstains below {e['threshold']:.3f}: answers {e['coverage']:.1%} of validation images, "
         f"{e['answered_accuracy']:.3f} of them correctly"
     )
+    d = manifest.get("differential")
+    if d:
+        q = "every class" if d["threshold"] is None else f"score threshold {d['threshold']:.4f}"
+        lines.append(
+            f"  differential: sets covering {d['coverage']:.0%} ({d['method']}, {q}, calibrated on "
+            f"{d['calibration_images']} other validation images)"
+        )
     return "\n".join(lines)

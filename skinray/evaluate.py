@@ -67,6 +67,9 @@ def _markdown(report: dict) -> str:
             f"- abstention threshold {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
             f"of the images, accuracy on those {abstention['answered_accuracy']:.4f}"
         )
+    differential = report.get("differential")
+    if differential:
+        lines += ["", *_differential_lines(differential)]
     members = report.get("members", {})
     if len(members) > 1:
         lines += [
@@ -97,6 +100,25 @@ def _markdown(report: dict) -> str:
             f"{row['support']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _differential_lines(d: dict) -> list[str]:
+    """The differential sets' section of report.md."""
+    low, high = d["interval"]
+    top_k = ", ".join(f"top-{k} {v:.4f}" for k, v in d["top_k_at_mean_size"].items())
+    sizes = ", ".join(f"{size}: {count}" for size, count in d["size_histogram"].items())
+    return [
+        f"## Differential sets ({d['method']}, target coverage {d['target']:.0%})",
+        "",
+        f"- coverage **{d['coverage']:.4f}** on {d['images']} images; expected in [{low:.4f}, {high:.4f}] "
+        f"(95%, from {d['calibration_images']} calibration images; never-empty sets add "
+        f"{d['forced_top']:.4f})",
+        f"- mean set size {d['mean_size']:.2f} (sizes: {sizes}); beside it: {top_k}",
+        "",
+        "| class | coverage |",
+        "|---|---:|",
+        *(f"| {c} | {v:.3f} |" for c, v in d["per_class_coverage"].items()),
+    ]
 
 
 def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
@@ -183,7 +205,7 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
     cfg = cfg or predictor.config
     connect(reserved_cpus(cfg, "evaluate"))
-    logits, labels, failed = labelled_logits(
+    logits, labels, failed, u = labelled_logits(
         table,
         [model_path],
         predictor.sizes,
@@ -193,7 +215,7 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
         predictor.bundle_version,
     )
     report = model_report(
-        predictor, predictor.combine(logits), predictor.combine_uncalibrated(logits), labels
+        predictor, predictor.combine(logits, u), predictor.combine_uncalibrated(logits), labels
     )
     report |= {
         "model": predictor.source,
@@ -247,6 +269,17 @@ def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dic
         },
     }
     report["abstention"] = selective_metrics(after, labels, predictor.threshold)
+    if calibrated.in_set is not None:
+        from skinray.conformal import report as set_report
+
+        fitted = predictor.manifest["differential"]
+        report["differential"] = set_report(
+            after,
+            labels,
+            calibrated.draws,
+            fitted | {"threshold": predictor.set_threshold},
+            predictor.classes,
+        )
     return report
 
 
@@ -265,5 +298,11 @@ def format_report(report: dict, out: str) -> str:
         f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
         f"{abstention['answered_accuracy']:.4f} of them correctly"
     )
+    d = report.get("differential")
+    if d:
+        lines.append(
+            f"differential: covers {d['coverage']:.1%} (target {d['target']:.0%}, expected "
+            f"{d['interval'][0]:.1%}-{d['interval'][1]:.1%}), mean size {d['mean_size']:.2f}"
+        )
     lines.append(f"report: {join_uri(out, 'report.md')}")
     return "\n".join(lines)

@@ -150,7 +150,7 @@ def _font(size: int):
 
 def caption_lines(answer: dict, version: str) -> list[str]:
     """What a reader needs beside the picture (`Prediction.answers`' answer): the answer (or the
-    referral), the runners-up, the model."""
+    referral), the runners-up, the differential (a bundle's), the model."""
     label, confidence = answer["label"], answer["confidence"]
     first = (
         f"uncertain, refer (most likely {label}, {confidence:.0%})"
@@ -158,7 +158,10 @@ def caption_lines(answer: dict, version: str) -> list[str]:
         else f"{label} ({confidence:.0%} confidence)"
     )
     top = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in answer["top_k"])
-    return [first, f"top: {top}", f"model {version}"]
+    lines = [first, f"top: {top}"]
+    if answer.get("differential"):
+        lines.append(f"differential: {', '.join(answer['differential'])}")
+    return [*lines, f"model {version}"]
 
 
 # === skinray explain ===

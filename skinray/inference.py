@@ -2,7 +2,7 @@
 
     predict_rows(ds, ...)      a Dataset of rows -> a Dataset of prediction rows (streaming)
     predict_table(table, ...)  a small table -> its prediction rows on the driver, in input order
-    labelled_logits(...)       a labelled split -> member logits and labels (ensemble, evaluation)
+    labelled_logits(...)       a labelled split -> member logits, labels, draws (ensemble, evaluation)
 
 Every batch consumer runs through it: `skinray score` (which adds the listing, checkpointed writes
 and the summary), `skinray evaluate`, the ensemble's fitting, and tune's embeddings (its task
@@ -56,6 +56,7 @@ def prediction_table(
     scored = np.full(n, -1)
     scored[where] = np.arange(len(where))
     order, top_probs = prediction.top_k(top_k)
+    differentials = prediction.differentials(classes)
 
     def per_row(make):
         return [make(scored[i]) if scored[i] >= 0 else None for i in range(n)]
@@ -72,6 +73,7 @@ def prediction_table(
             ),
             pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float32())])),
         ),
+        "differential": pa.array(per_row(lambda j: differentials[j]), pa.list_(pa.string())),
         "abstained": pa.array(per_row(lambda j: bool(prediction.abstained[j])), pa.bool_()),
         "probabilities": pa.array(
             per_row(lambda j: prediction.probabilities[j].tolist()), pa.list_(pa.float32())
@@ -94,6 +96,7 @@ def prediction_table(
         columns["member_logits"] = pa.array(
             per_row(lambda j: prediction.member_logits[:, j].tolist()), pa.list_(pa.list_(pa.float32()))
         )
+        columns["draw"] = pa.array(per_row(lambda j: float(prediction.draws[j])), pa.float64())
     return pa.table(columns)
 
 
@@ -186,12 +189,13 @@ def labelled_logits(
     cfg: ScoreConfig,
     what: str,
     version: str = "",
-) -> tuple[np.ndarray, np.ndarray, pa.Table]:
-    """A split's member logits (members, n, classes) and labels (n,) of the images that could be
-    read, and the rows of those that could not; `what` names the split in the error when none could."""
+) -> tuple[np.ndarray, np.ndarray, pa.Table, np.ndarray]:
+    """A split's member logits (members, n, classes), labels (n,) and differential draws (n,) of the
+    images that could be read, and the rows of those that could not; `what` names the split in the
+    error when none could."""
     rows = predict_table(table, model, sizes, source, cfg, with_logits=True, version=version)
     good, failed = rows.filter(rows["error"].is_null()), rows.filter(rows["error"].is_valid())
     if good.num_rows == 0:
         raise UserError(f"no image of {what} could be read ({failed.num_rows} failed)")
     logits = np.array(good["member_logits"].to_pylist(), np.float32).transpose(1, 0, 2)
-    return logits, good["label_index"].to_numpy(), failed
+    return logits, good["label_index"].to_numpy(), failed, good["draw"].to_numpy()

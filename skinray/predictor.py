@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class Prediction:
     member_probabilities: np.ndarray  # (members, n, classes), each member calibrated
     member_logits: np.ndarray  # (members, n, classes), raw
     threshold: float  # top probability below which the ensemble abstains
+    draws: np.ndarray | None = None  # (n,) each image's u for its differential (`conformal.draws`)
+    set_threshold: float | None = None  # the differential sets' score threshold; None: no sets fitted
 
     @property
     def labels(self) -> np.ndarray:
@@ -85,10 +88,29 @@ class Prediction:
         order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
         return order, np.take_along_axis(self.probabilities, order, axis=1)
 
+    @property
+    def in_set(self) -> np.ndarray | None:
+        """(n, classes) bool: each image's differential set; None for a model without fitted sets."""
+        if self.set_threshold is None or self.draws is None:
+            return None
+        from skinray.conformal import sets
+
+        return sets(self.probabilities, self.draws, self.set_threshold)
+
+    def differentials(self, classes: list[str]) -> list[list[str] | None]:
+        """Each image's differential: the labels of its set, most probable first (None: no sets)."""
+        inside = self.in_set
+        if inside is None:
+            return [None] * len(self.probabilities)
+        from skinray.conformal import differential
+
+        return differential(self.probabilities, inside, classes)
+
     def answers(self, classes: list[str], k: int) -> list[dict]:
-        """One {label, confidence, top_k: [{label, probability}], abstained} per image: what the
-        endpoint answers and an explanation's caption says."""
+        """One {label, confidence, top_k: [{label, probability}], differential, abstained} per image:
+        what the endpoint answers and an explanation's caption says."""
         order, probs = self.top_k(k)
+        differentials = self.differentials(classes)
         return [
             {
                 "label": classes[int(self.labels[i])],
@@ -96,6 +118,7 @@ class Prediction:
                 "top_k": [
                     {"label": classes[int(j)], "probability": float(p)} for j, p in zip(order[i], probs[i])
                 ],
+                "differential": differentials[i],
                 "abstained": bool(self.abstained[i]),
             }
             for i in range(len(self.probabilities))
@@ -149,6 +172,15 @@ class Predictor:
         """The bundle's version, which the processes that load the models again must find; empty
         for runs and checkpoints (which have no sealed version)."""
         return self.version if self.manifest else ""
+
+    @property
+    def set_threshold(self) -> float | None:
+        """The differential sets' score threshold (`skinray.conformal`): a bundle's; None for a run
+        or a bundle without sets; infinity when its calibration images were too few (every class)."""
+        fitted = self.manifest.get("differential")
+        if not fitted:
+            return None
+        return math.inf if fitted["threshold"] is None else float(fitted["threshold"])
 
     @property
     def config(self) -> Config:
@@ -260,21 +292,28 @@ class Predictor:
     # === Scoring ===
 
     def predict(self, views: dict[int, np.ndarray] | np.ndarray) -> Prediction:
-        """uint8 images, keyed by input size (one array when all members share one) -> Prediction."""
+        """uint8 images, keyed by input size (one array when all members share one) -> Prediction.
+
+        Each image's draw for its differential is a hash of its largest view (`conformal.draws`)."""
+        from skinray.conformal import draws
+
         if isinstance(views, np.ndarray):
             views = {size: views for size in self.sizes}
         n = len(next(iter(views.values())))
         if n == 0:
             empty = np.zeros((len(self.members), 0, len(self.classes)), np.float32)
-            return Prediction(empty[0], empty, empty, self.threshold)
+            return Prediction(empty[0], empty, empty, self.threshold, np.zeros(0), self.set_threshold)
         logits = np.stack([m.logits(views[m.image_size]) for m in self.members])
-        return self.combine(logits)
+        return self.combine(logits, draws(views[max(views)]))
 
-    def combine(self, member_logits: np.ndarray) -> Prediction:
-        """Members' raw logits (members, n, classes) -> calibrated, weighted probabilities."""
+    def combine(self, member_logits: np.ndarray, draws: np.ndarray | None = None) -> Prediction:
+        """Members' raw logits (members, n, classes) -> calibrated, weighted probabilities (and,
+        with the images' `draws`, their differentials)."""
         calibrated = np.stack([softmax(z, m.temperature) for z, m in zip(member_logits, self.members)])
         ensemble = weighted_mean(calibrated, [m.weight for m in self.members])
-        return Prediction(ensemble.astype(np.float32), calibrated, member_logits, self.threshold)
+        return Prediction(
+            ensemble.astype(np.float32), calibrated, member_logits, self.threshold, draws, self.set_threshold
+        )
 
     def combine_uncalibrated(self, member_logits: np.ndarray) -> Prediction:
         """The same members before calibration: temperature 1, equal weights (the baseline)."""

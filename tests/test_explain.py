@@ -115,3 +115,22 @@ def test_skinray_explain_refuses_a_missing_input(bundle, tmp_path, capsys):
 
     assert main(["explain", "--model", str(bundle), str(tmp_path / "nope.jpg"), "--out", str(tmp_path)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_the_caption_names_the_differential_of_a_bundle():
+    from skinray.explain import caption_lines
+
+    answer = {
+        "label": "Eczema",
+        "confidence": 0.52,
+        "top_k": [{"label": "Eczema", "probability": 0.52}, {"label": "Psoriasis", "probability": 0.3}],
+        "differential": ["Eczema", "Psoriasis"],
+        "abstained": False,
+    }
+    assert caption_lines(answer, "v1") == [
+        "Eczema (52% confidence)",
+        "top: Eczema 52%, Psoriasis 30%",
+        "differential: Eczema, Psoriasis",
+        "model v1",
+    ]
+    assert "differential" not in " ".join(caption_lines(answer | {"differential": None}, "v1"))

@@ -78,6 +78,8 @@ def test_the_page_answers_an_upload_and_shows_a_readable_error(page, endpoint, p
     assert page.text_content("#confidence") == f"{100 * expected['confidence']:.1f}% confidence"
     assert page.is_visible("#refer") == expected["abstained"]
     assert len(page.query_selector_all("#top-k li")) == len(expected["top_k"])
+    assert page.text_content("#differential") == ", ".join(expected["differential"])
+    assert "holds the true one for 90% of images" in page.text_content("#differential-panel")
     overlay = page.locator("#overlay")
     expect(overlay).to_have_attribute("src", re.compile("^data:image/png;base64,"))
     assert overlay.evaluate("img => img.decode().then(() => img.naturalWidth)") >= 320

@@ -61,6 +61,8 @@ def test_predict_answers_raw_bytes_and_multipart_alike(endpoint, bundle, photos)
         (t["probability"] for t in a["top_k"]), reverse=True
     )
     assert a["abstained"] == (a["confidence"] < manifest["threshold"])
+    assert a["differential"] == b["differential"] and a["differential"][0] == a["label"]
+    assert set(a["differential"]) <= set(manifest["classes"])
     assert a["latency_ms"] > 0
 
 
@@ -146,7 +148,8 @@ def test_same_probabilities_as_the_predictor_and_bulk_scoring(
     endpoint, bundle, photos, ray_cluster, tmp_path
 ):
     """HTTP (OIP, full vectors), an in-process Predictor and `skinray score` agree on the same files
-    (to float32 rounding: oneDNN's results depend on the batch composition)."""
+    (to float32 rounding: oneDNN's results depend on the batch composition), and give each photo
+    the same differential (its draw comes from its pixels, whichever way it arrived)."""
     from skinray.config import load_config
     from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
@@ -155,8 +158,14 @@ def test_same_probabilities_as_the_predictor_and_bulk_scoring(
     served = oip_probabilities(endpoint, [p.read_bytes() for p in photos])
     predictor = Predictor.from_path(str(bundle))
     views = [decode_views(p.read_bytes(), predictor.sizes) for p in photos]
-    direct = predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes}).probabilities
-    np.testing.assert_allclose(served, direct, atol=1e-5)
+    prediction = predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes})
+    np.testing.assert_allclose(served, prediction.probabilities, atol=1e-5)
+    differentials = prediction.differentials(predictor.classes)
+    batch = requests.post(
+        f"{endpoint}/v1/predict/batch",
+        files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos],
+    ).json()["results"]
+    assert [r["differential"] for r in batch] == differentials
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -168,10 +177,9 @@ def test_same_probabilities_as_the_predictor_and_bulk_scoring(
         str(folder),
         str(tmp_path / "out"),
     )
-    rows = {
-        Path(r["path"]).name: r["probabilities"] for r in read_predictions(str(tmp_path / "out")).to_pylist()
-    }
-    np.testing.assert_allclose(served, np.array([rows[p.name] for p in photos]), atol=1e-5)
+    rows = {Path(r["path"]).name: r for r in read_predictions(str(tmp_path / "out")).to_pylist()}
+    np.testing.assert_allclose(served, np.array([rows[p.name]["probabilities"] for p in photos]), atol=1e-5)
+    assert [rows[p.name]["differential"] for p in photos] == differentials
 
 
 def test_both_layouts_answer_the_same(endpoint, keyed, photos):
@@ -240,6 +248,12 @@ def test_oip_through_tritonclient(endpoint, bundle, photos):
         classes[i] for i in probabilities.argmax(1)
     ]
     assert binary.as_numpy("abstained").dtype == np.bool_ and binary.get_response()["id"] == "r1"
+    in_set = binary.as_numpy("in_set")
+    assert in_set.shape == (2, len(classes)) and in_set.dtype == np.bool_
+    differentials = [json.loads(d) for d in binary.as_numpy("differential")]
+    assert [sorted(d) for d in differentials] == [sorted(np.array(classes)[row]) for row in in_set]
+    assert [d[0] for d in differentials] == [classes[i] for i in probabilities.argmax(1)]
+    assert {"differential", "in_set"} <= {o["name"] for o in meta["outputs"]}
 
     as_json = client.infer(
         "skinray", [image], outputs=[http.InferRequestedOutput("probabilities", binary_data=False)]

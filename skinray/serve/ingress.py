@@ -79,7 +79,9 @@ class Service:
             parts = await asyncio.gather(*calls)
         except Exception as exc:
             raise _unavailable(exc) from None
-        return self.predictor.combine(np.concatenate(parts, axis=0))
+        from skinray.conformal import draws
+
+        return self.predictor.combine(np.concatenate(parts, axis=0), draws(stacked[max(self.sizes)]))
 
     async def explain(self, image: Image.Image, views: dict[int, np.ndarray]) -> tuple[dict, bytes]:
         """One photo and its views -> (its answer, the explanation drawn as a PNG)."""
@@ -125,7 +127,7 @@ class Service:
     # === Answers ===
 
     def answers(self, prediction: Prediction) -> list[dict]:
-        """One {label, confidence, top_k, abstained} per image; counted in the metrics."""
+        """One {label, confidence, top_k, differential, abstained} per image; counted in the metrics."""
         answers = prediction.answers(self.predictor.classes, self.cfg.top_k)
         for answer in answers:
             self.metrics.predicted(answer["label"], answer["abstained"])
@@ -137,6 +139,7 @@ class Service:
             "version": p.version,
             "classes": p.classes,
             "threshold": p.threshold,
+            "differential": p.manifest.get("differential"),
             "members": [
                 {
                     "name": m.name,

@@ -6,7 +6,10 @@
     GET  /v2/models/skinray/ready
     POST /v2/models/skinray/infer     inputs: `image` BYTES [N] (encoded image files) or
                                       `pixels` UINT8 [N, H, W, 3]; outputs: `probabilities` FP32
-                                      [N, classes], `label` BYTES [N], `abstained` BOOL [N]
+                                      [N, classes], `label` BYTES [N], `abstained` BOOL [N], and
+                                      for a bundle with differential sets `differential` BYTES [N]
+                                      (a JSON list of labels per image, most probable first) and
+                                      `in_set` BOOL [N, classes]
 
 Tensors travel as JSON (`data`; BYTES elements as base64 strings, since JSON cannot carry raw
 bytes) or with the binary tensor data extension: the JSON header's length in the
@@ -35,7 +38,6 @@ from skinray.serve.ingress import Service
 MODEL = "skinray"
 HEADER = "Inference-Header-Content-Length"
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
-OUTPUTS = ("probabilities", "label", "abstained")
 NUMERIC = {"UINT8": np.uint8, "FP32": np.float32, "BOOL": np.bool_}
 
 
@@ -72,6 +74,14 @@ def oip_router(service: Service, authorized) -> APIRouter:
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(service.predictor.classes)]},
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
+                *(
+                    [
+                        {"name": "differential", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "in_set", "datatype": "BOOL", "shape": [-1, len(service.predictor.classes)]},
+                    ]
+                    if service.predictor.set_threshold is not None
+                    else []
+                ),
             ],
             "parameters": {"classes": service.predictor.classes},
         }
@@ -87,6 +97,9 @@ def oip_router(service: Service, authorized) -> APIRouter:
             "label": ("BYTES", [a["label"].encode() for a in answers]),
             "abstained": ("BOOL", prediction.abstained),
         }
+        if prediction.in_set is not None:
+            outputs["differential"] = ("BYTES", [json.dumps(a["differential"]).encode() for a in answers])
+            outputs["in_set"] = ("BOOL", prediction.in_set)
         body, header_length = encode_response(request_json, outputs, version)
         if header_length is None:
             return JSONResponse(json.loads(body))
@@ -264,11 +277,11 @@ def encode_response(request: dict, outputs: dict, version: str) -> tuple[bytes, 
     wanted = request.get("outputs")
     if wanted is None:
         binary_all = bool(_parameters(request, "the request").get("binary_data_output", False))
-        wanted = [{"name": name, "parameters": {"binary_data": binary_all}} for name in OUTPUTS]
+        wanted = [{"name": name, "parameters": {"binary_data": binary_all}} for name in outputs]
     if not isinstance(wanted, list) or not all(
         isinstance(w, dict) and isinstance(w.get("name"), str) and w["name"] in outputs for w in wanted
     ):
-        raise ApiError(422, f"requested outputs must be among {', '.join(OUTPUTS)}")
+        raise ApiError(422, f"requested outputs must be among {', '.join(outputs)}")
     entries, chunks = [], []
     for w in wanted:
         datatype, value = outputs[w["name"]]

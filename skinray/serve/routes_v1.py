@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import logging
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ class Answer(BaseModel):
     label: str
     confidence: float
     top_k: list[Probability]
+    differential: list[str] | None  # the conditions that remain possible (None: the model has no sets)
     abstained: bool
     model_version: str
     latency_ms: float
@@ -91,6 +93,7 @@ class BatchItem(BaseModel):
     label: str | None = None
     confidence: float | None = None
     top_k: list[Probability] | None = None
+    differential: list[str] | None = None
     abstained: bool | None = None
     error: str | None = None
 
@@ -193,6 +196,7 @@ def make_app(service: Service) -> FastAPI:
                     "X-Skinray-Label": quote(answer["label"]),
                     "X-Skinray-Confidence": f"{answer['confidence']:.6f}",
                     "X-Skinray-Abstained": str(answer["abstained"]).lower(),
+                    "X-Skinray-Differential": quote(json.dumps(answer["differential"])),
                     "X-Skinray-Model-Version": quote(answer["model_version"]),
                 },
             )

@@ -46,9 +46,12 @@ async function loadModel() {
     return;
   }
   const model = await response.json();
+  differentialCoverage = model.differential ? model.differential.coverage : null;
   $("version").textContent = `${model.version} · ${model.members.length} member(s) · ${model.classes.length} classes`;
   $("error").hidden = true;
 }
+
+let differentialCoverage = null;  // the served bundle's target, from /v1/model
 
 function percent(p) {
   return `${(100 * p).toFixed(1)}%`;
@@ -74,6 +77,12 @@ function showAnswer(answer) {
     row.append(name, track);
     return row;
   }));
+  const differential = answer.differential || [];
+  $("differential-panel").hidden = differential.length === 0;
+  $("differential").textContent = differential.join(", ");
+  $("differential-coverage").textContent = differentialCoverage === null
+    ? "the conditions that remain possible"
+    : `the conditions that remain possible; holds the true one for ${Math.round(100 * differentialCoverage)}% of images`;
   $("overlay").src = `data:image/png;base64,${answer.explanation_png}`;
   $("result").hidden = false;
   $("status").textContent = `Answered in ${Math.round(answer.latency_ms)} ms by model ${answer.model_version}.`;
