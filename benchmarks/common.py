@@ -47,14 +47,24 @@ def latest(benchmark: str) -> list[dict]:
 # === The docs' rows: each benchmark prints its run as the row docs/benchmarks.md holds ===
 
 
+def _row(cells: list[str]) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def _cell(s: dict, digits: int = 0) -> str:
     return f"{s['median']:.{digits}f} ({s['spread'][0]:.{digits}f}-{s['spread'][1]:.{digits}f})"
 
 
 def ingest_row(line: dict) -> str:
-    cells = " | ".join(_cell(line[k]) for k in ("pool", "pool_batches", "ray", "tfdata", "decode"))
-    ratios = f"{line['ray_vs_tfdata']:.2f} | {line['ray_vs_pool']:.2f} | {line['ray_vs_pool_batches']:.2f}"
-    return f"| {line['date']} | {line['size']} | {cells} | {ratios} |"
+    return _row(
+        [
+            line["date"],
+            str(line["size"]),
+            *(_cell(line[k]) for k in ("pool", "pool_batches", "ray", "tfdata", "decode")),
+            *(f"{line[k]:.2f}" for k in ("ray_vs_tfdata", "ray_vs_pool", "ray_vs_pool_batches")),
+        ]
+    )
 
 
 def score_row(line: dict) -> str:
@@ -70,7 +80,7 @@ def score_row(line: dict) -> str:
         f"{line['matmul_peak_gflops']:.1f}",
         f"{line['flops_vs_matmul_peak']:.2f}",
     ]
-    return "| " + " | ".join(cells) + " |"
+    return _row(cells)
 
 
 def tune_row(line: dict) -> str:
@@ -86,7 +96,7 @@ def tune_row(line: dict) -> str:
         f"{line['full_seconds_per_trial']:.1f}",
         f"{line['cached_vs_full']:.1f}",
     ]
-    return "| " + " | ".join(cells) + " |"
+    return _row(cells)
 
 
 def train_row(line: dict) -> str:
@@ -98,7 +108,7 @@ def train_row(line: dict) -> str:
         f"{line['e2e_1_worker']:.0f}",
         f"{line['e2e_2_workers']:.0f}",
     ]
-    return "| " + " | ".join(cells) + " |"
+    return _row(cells)
 
 
 def quality_row(line: dict) -> str:
@@ -113,7 +123,7 @@ def quality_row(line: dict) -> str:
         side("keras"),
         f"{line['accuracy_vs_keras_fit']:+.3f}",
     ]
-    return "| " + " | ".join(cells) + " |"
+    return _row(cells)
 
 
 def serve_row(line: dict) -> str:
@@ -130,7 +140,24 @@ def serve_row(line: dict) -> str:
             " / ".join(f"{r['p50_ms']:.0f}" for r in runs),
             " / ".join(f"{r['p99_ms']:.0f}" for r in runs),
         ]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(_row(cells))
+    return "\n".join(rows)
+
+
+def ood_row(line: dict) -> str:
+    """One row per method: known images refused, then AUROC / share caught per foreign set."""
+    rows = []
+    for method, r in line["results"].items():
+        sets = [k for k in r if k != "false_refusal"]
+        cells = [
+            line["date"],
+            f"tiny, {line['classes']} x {line['per_class']} photos, {line['size']} px "
+            f"(accuracy {line['accuracy']:.2f})",
+            method,
+            f"{r['false_refusal']:.1%}",
+            *(f"{r[s]['auroc']:.3f} / {r[s]['caught']:.0%}" for s in sets),
+        ]
+        rows.append(_row(cells))
     return "\n".join(rows)
 
 
@@ -141,4 +168,5 @@ ROWS = {
     "train": train_row,
     "quality": quality_row,
     "serve": serve_row,
+    "ood": ood_row,
 }

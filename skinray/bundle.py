@@ -4,6 +4,7 @@
       bundle.json                    the manifest (below)
       members/NN-NAME/model.keras    each member model (preprocessing inside)
       members/NN-NAME/config.yaml    the member's resolved training config
+      members/NN-NAME/ood.npz        its class means and precision for out-of-distribution refusal
 
 `bundle.json` holds the classes, each member's file, backbone, input size, temperature and weight,
 the abstention threshold and the coverage it was chosen for, the validation metrics, the creation
@@ -25,6 +26,7 @@ from skinray.console import say
 
 MANIFEST = "bundle.json"
 FORMAT = 1
+MEMBER_FILES = ("ood_statistics",)  # optional files of a member, beside its model and config
 
 
 class BundleError(UserError, ValueError):
@@ -109,14 +111,39 @@ def verify(folder: Path) -> dict:
     problems += [
         f"member {entry.get('name')!r}: {what} {entry.get(what)!r} is not one of the bundle's files"
         for entry in manifest.get("members", [])
-        for what in ("file", "config")
-        if entry.get(what) not in expected
+        for what in ("file", "config", *MEMBER_FILES)
+        if (what in entry or what in ("file", "config")) and entry.get(what) not in expected
     ]
     if problems:
         raise BundleError(
             f"bundle at '{folder}' fails verification, refusing to load it: " + "; ".join(problems)
         )
     return manifest
+
+
+def refuse_promotion(out: str, promotion: dict) -> dict:
+    """Marks the bundle at `out` as not promoted (`promotion`: why), resealing its manifest (a new
+    version, which `skinray serve` refuses unless `serve.allow_unpromoted`). Returns the manifest."""
+    from skinray.storage import join_uri, read_text, write_text
+
+    manifest = json.loads(read_text(join_uri(out, MANIFEST)))
+    if manifest.get("promotion", {}).get("promoted") is False:
+        return manifest  # a rerun of the same gate
+    manifest = {k: v for k, v in manifest.items() if k != "version"}
+    manifest["promotion"] = {"promoted": False, **promotion}
+    manifest["version"] = manifest_version(manifest)
+    write_text(join_uri(out, MANIFEST), json.dumps(manifest, indent=2))
+    return manifest
+
+
+def check_promoted(manifest: dict, source: str, allowed: bool) -> None:
+    """Refuses a bundle the pipeline did not promote, unless `allowed` (serve.allow_unpromoted)."""
+    promotion = manifest.get("promotion", {})
+    if promotion.get("promoted") is False and not allowed:
+        raise BundleError(
+            f"'{source}' was not promoted: {promotion.get('why', 'its evaluation failed a gate')}; "
+            "serve it anyway with --set serve.allow_unpromoted=true"
+        )
 
 
 def built_before(out: str, sources: list[str], archive: str) -> dict | None:
@@ -152,7 +179,12 @@ def built_before(out: str, sources: list[str], archive: str) -> dict | None:
 
 
 def write_bundle(
-    out: str, members: list[dict], model_files: list[Path], configs: list, manifest: dict
+    out: str,
+    members: list[dict],
+    model_files: list[Path],
+    configs: list,
+    manifest: dict,
+    member_files: list[dict[str, tuple[str, bytes]]] | None = None,
 ) -> dict:
     """Writes a bundle to `out` (a folder or any pyarrow.fs URI) and returns its sealed manifest.
 
@@ -162,6 +194,8 @@ def write_bundle(
         model_files: each member's local `model.keras`.
         configs: each member's resolved `Config`.
         manifest: everything else the manifest holds (classes, threshold, metrics, ...).
+        member_files: per member, more files ({key: (file name, bytes)}, keys from MEMBER_FILES):
+            written beside its model, their paths in its entry under the key.
     """
     import shutil
 
@@ -176,11 +210,16 @@ def write_bundle(
             member_dir.mkdir(parents=True)
             shutil.copyfile(model_file, member_dir / "model.keras")
             save_config(config, member_dir)
+            extra = {}
+            for key, (name, data) in (member_files[len(entries)] if member_files else {}).items():
+                (member_dir / name).write_bytes(data)
+                extra[key] = f"members/{entry['name']}/{name}"
             entries.append(
                 {
                     **entry,
                     "file": f"members/{entry['name']}/model.keras",
                     "config": f"members/{entry['name']}/config.yaml",
+                    **extra,
                 }
             )
         sealed = seal(folder, {**manifest, "members": entries})

@@ -41,10 +41,19 @@ COMMAND_FLAGS = {
     },
     "ensemble": {"--coverage": "ensemble.coverage"},
     "score": {"--top-k": "score.top_k", "--expect-version": "score.expect_version"},
-    "evaluate": {"--batch-size": "score.batch_size", "--expect-version": "score.expect_version"},
+    "evaluate": {
+        "--batch-size": "score.batch_size",
+        "--expect-version": "score.expect_version",
+        "--by": "evaluate.by",
+        "--metadata": "evaluate.metadata",
+    },
     "serve": {"--host": "serve.host", "--port": "serve.port", "--expect-version": "serve.expect_version"},
     "explain": {"--top-k": "score.top_k", "--expect-version": "score.expect_version"},
-    "pipeline": {},
+    "pipeline": {
+        "--by": "evaluate.by",
+        "--metadata": "evaluate.metadata",
+        "--max-group-gap": "evaluate.max_group_gap",
+    },
     "check": {"--max-pixels": "data.max_pixels"},
 }
 
@@ -142,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument(
         "--out", required=True, help="folder for report.json, report.md and the confusion matrix"
+    )
+    evaluate.add_argument(
+        "--ood",
+        metavar="DIR",
+        help="foreign images (a folder or manifest): report how a bundle's out-of-distribution check "
+        "tells them from the split's (AUROC, refused shares)",
     )
 
     pipeline = commands.add_parser(
@@ -241,13 +256,18 @@ def main(argv: list[str] | None = None) -> int:
 # === From flags to a config, and to a cluster ===
 
 
+def flag_settings(args: argparse.Namespace) -> list[str]:
+    """The command's own flags that were given, as `key=value` settings."""
+    flags = COMMAND_FLAGS["check" if args.command == "data" else args.command]
+    return [f"{key}={vars(args)[key]}" for key in flags.values() if vars(args).get(key) is not None]
+
+
 def config_of(args: argparse.Namespace):
     """--config, then --set, then the command's own flags (which win)."""
     from skinray.config import load_config
 
-    flags = COMMAND_FLAGS["check" if args.command == "data" else args.command]
     path, settings = getattr(args, "config", None), list(getattr(args, "set", ()))
-    overrides = [f"{key}={vars(args)[key]}" for key in flags.values() if vars(args).get(key) is not None]
+    overrides = flag_settings(args)
     epochs = vars(args).get("train.epochs")
     if epochs is not None and load_config(path, settings).train.head_epochs > epochs:
         overrides.append(f"train.head_epochs={epochs}")  # fewer epochs than the file's head phase
@@ -311,7 +331,7 @@ def _evaluate(args) -> int:
     from skinray.evaluate import evaluate, format_report
 
     cfg = config_of(args)
-    report = evaluate(args.model, args.data, args.split, args.out, cfg)
+    report = evaluate(args.model, args.data, args.split, args.out, cfg, args.ood)
     print(format_report(report, args.out))
     return 0
 
@@ -333,13 +353,13 @@ def _pipeline(args) -> int:
     from skinray.pipeline import DEFAULT_MEMBERS, GPU_SETTINGS, MemberSpec, member_configs, run_pipeline
 
     members = [MemberSpec.of_file(path) for path in (args.members or DEFAULT_MEMBERS)]
-    settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set]
+    settings = [*(GPU_SETTINGS if args.gpu else ()), *args.set, *flag_settings(args)]
     configs = member_configs(args.data, members, settings, args.config)  # bad settings fail here, before Ray
     connect(reserved_cpus=max(reserved_cpus(cfg, "pipeline") for cfg in configs))
     report = run_pipeline(
         args.data, args.out, members, settings, tune=not args.no_tune, base_config=args.config
     )
-    return 0 if report["num_images"] else 1
+    return 0 if report["num_images"] and report.get("promoted", True) else 1
 
 
 def _demo(args) -> int:

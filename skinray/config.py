@@ -323,15 +323,51 @@ class EnsembleConfig:
             top probability that keeps this share (below it: "uncertain, refer").
         differential_coverage: share of images whose differential (the set of conditions that
             remain possible) holds the true one: split-conformal sets calibrated on the half of the
-            validation split that nothing else is fitted on (docs/bundle.md, "Differential").
+            validation split that nothing else is fitted on (docs/bundle-and-scoring.md, "Differential").
+        ood_false_refusal: share of in-distribution images the out-of-distribution check may refuse;
+            its threshold is set on that same half (docs/bundle-and-scoring.md, "Out of distribution").
     """
 
     coverage: float = 0.9
     differential_coverage: float = 0.9
+    ood_false_refusal: float = 0.05
 
     def __post_init__(self):
         _require(0.0 < self.coverage <= 1.0, "coverage", "must be in (0, 1]")
         _require(0.0 < self.differential_coverage < 1.0, "differential_coverage", "must be in (0, 1)")
+        _require(0.0 < self.ood_false_refusal < 1.0, "ood_false_refusal", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Subgroup reports of `skinray evaluate` and the promotion gate of `skinray pipeline`.
+
+    Args:
+        by: metadata columns reported per group, comma-separated (e.g. fitzpatrick,site); each
+            group's accuracy, macro-F1, ECE, differential coverage and size, abstention and
+            out-of-distribution rates, with 95% bootstrap intervals, and the worst-group gap.
+        metadata: a CSV or Parquet file with a `path` column (relative to the archive) and any
+            columns; empty: the archive's own metadata.csv or metadata.parquet, when it has one.
+        max_group_gap: the pipeline does not promote a bundle whose accuracy gap between its best
+            and worst group (of a `by` column) has a 95% lower bound above this (0: no gate).
+        bootstrap: resamples behind every interval.
+    """
+
+    by: str = ""
+    metadata: str = ""
+    max_group_gap: float = 0.0
+    bootstrap: int = 1000
+
+    def __post_init__(self):
+        _require(0.0 <= self.max_group_gap < 1.0, "max_group_gap", "must be in [0, 1)")
+        _require(self.bootstrap >= 100, "bootstrap", "must be at least 100")
+        _require(
+            not self.max_group_gap or self.by, "max_group_gap", "needs evaluate.by (the groups to compare)"
+        )
+
+    @property
+    def columns(self) -> list[str]:
+        return [c.strip() for c in self.by.split(",") if c.strip()]
 
 
 @dataclass(frozen=True)
@@ -504,6 +540,8 @@ class ServeConfig:
             SKINRAY_API_KEYS (comma separated) adds more. A file without a key is refused.
         allow_unauthenticated: serve a host other machines reach without any API key (behind a
             gateway that authenticates); without it, that is refused. On 127.0.0.1 no key is needed.
+        allow_unpromoted: serve a bundle `skinray pipeline` did not promote (its evaluation failed
+            the subgroup gate, `evaluate.max_group_gap`); without it, that is refused.
         docs: serve /docs, /redoc and /openapi.json (Swagger's page loads scripts from a CDN).
         request_timeout_s: Serve's proxy answers 408 to a request not answered in this time, from its
             first byte: a slow upload cannot hold a connection and an ingress slot for longer.
@@ -540,6 +578,7 @@ class ServeConfig:
     top_k: int = 3
     api_keys_file: str = ""
     allow_unauthenticated: bool = False
+    allow_unpromoted: bool = False
     docs: bool = False
     request_timeout_s: float = 60.0
     max_drain_mb: float = 100.0
@@ -630,6 +669,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

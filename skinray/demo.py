@@ -155,11 +155,7 @@ def _serve(out_dir: Path, archive: Path, port: int) -> str:
     serve.run(build_app(app_args(str(out_dir / "bundle"), cfg)), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     photo = sorted((archive / "test").rglob("*.jpg"))[0]
-    request = urllib.request.Request(
-        f"{url}/v1/predict", data=photo.read_bytes(), headers={"Content-Type": "image/jpeg"}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        answer = json.loads(response.read())
+    answer = _post(f"{url}/v1/predict", photo.read_bytes())
     print(
         f"POST {url}/v1/predict  {photo.parent.name}/{photo.name} (true class {photo.parent.name}) -> "
         f"{answer['label']} ({answer['confidence']:.2f}{', abstained' if answer['abstained'] else ''}), "
@@ -167,7 +163,34 @@ def _serve(out_dir: Path, archive: Path, port: int) -> str:
     )
     if answer.get("differential"):
         print(f"  differential: {', '.join(answer['differential'])}")
+    foreign = _post(f"{url}/v1/predict", foreign_photo())
+    print(
+        f"POST {url}/v1/predict  a photo of a temple (scikit-learn's china.jpg, not skin) -> "
+        + (
+            f"not answered: {foreign['reason']} (out-of-distribution score {foreign['ood_score']:.2f})"
+            if foreign["out_of_distribution"]
+            else f"{foreign['label']} ({foreign['confidence']:.2f}): not refused"
+        )
+    )
     return url
+
+
+def _post(url: str, data: bytes) -> dict:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "image/jpeg"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def foreign_photo() -> bytes:
+    """A real photograph that is not of skin (scikit-learn ships it), as JPEG bytes."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_sample_image("china.jpg")).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def _where(out_dir: Path, scores: str, url: str) -> None:

@@ -13,9 +13,10 @@ scoring. The split is cut in two stratified halves (`halves`). On the first, wit
 3. the abstention threshold: a top probability that answers `coverage` of the validation images
    (halfway to the next image's); below it the bundle says "uncertain, refer".
 
-On the second, which nothing above saw: 4. the differential sets' threshold (`skinray.conformal`),
-whose coverage guarantee needs calibration images exchangeable with future ones and unused by the
-fit. Halves rather than cross-fitting: one bundle, one set of fitted values, an exact guarantee.
+On the second, which nothing above saw: 4. the differential sets' threshold (`skinray.conformal`)
+and 5. the out-of-distribution threshold (`skinray.ood`; its class means and covariance come from
+the first half), whose guarantees need calibration images exchangeable with future ones and
+unused by any fit. Halves rather than cross-fitting: one bundle, one set of fitted values, an exact guarantee.
 (Both halves did choose each member's best epoch, as validation images: a mild optimism the
 evaluation on a test split does not share.)
 
@@ -29,7 +30,7 @@ import time
 
 import numpy as np
 
-from skinray import UserError
+from skinray import UserError, ood
 from skinray.config import Config
 from skinray.console import say, warn
 from skinray.metrics import selective_metrics, summary_metrics
@@ -213,17 +214,28 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus(cfg, "ensemble"))
     source = ImageSource.of(catalog, predictor.config.data.max_pixels)
-    logits, labels, _, u = labelled_logits(
-        table, member_paths, predictor.sizes, source, cfg.score, "the validation split"
+    split = labelled_logits(
+        table, member_paths, predictor.sizes, source, cfg.score, "the validation split", with_features=True
     )
+    seed = predictor.config.data.seed
     fitted = fit(
-        logits,
-        labels,
+        split.logits,
+        split.labels,
         cfg.ensemble.coverage,
         cfg.ensemble.differential_coverage,
-        u,
-        predictor.config.data.seed,
+        split.draws,
+        seed,
     )
+    fitting, calibration = halves(split.labels, seed)
+    ood_fit = ood.fit(
+        split.features, split.labels, fitting, calibration, fitted["weights"], cfg.ensemble.ood_false_refusal
+    )
+    if ood_fit["threshold"] is None:
+        warn(
+            f"{ood_fit['calibration_images']} calibration images are too few for an out-of-distribution "
+            f"threshold refusing at most {cfg.ensemble.ood_false_refusal:.0%} of known images: "
+            "nothing is refused"
+        )
     if fitted["differential"]["threshold"] is None:
         warn(
             f"{fitted['differential']['calibration_images']} calibration images are too few for a "
@@ -238,13 +250,15 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
             "weight": w,
             "source": redact(path),
             "validation": metrics,
+            "ood_scale": scale,
         }
-        for m, t, w, path, metrics in zip(
+        for m, t, w, path, metrics, scale in zip(
             predictor.members,
             fitted["temperatures"],
             fitted["weights"],
             member_paths,
             fitted["metrics"]["members"],
+            ood_fit["scales"],
         )
     ]
     manifest = {
@@ -253,6 +267,13 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
         "threshold": fitted["threshold"],
         "coverage": cfg.ensemble.coverage,
         "differential": fitted["differential"],
+        "ood": {
+            "method": ood.METHOD,
+            "false_refusal": cfg.ensemble.ood_false_refusal,
+            "threshold": ood_fit["threshold"],  # None: nothing is refused (too few images)
+            "reference_images": int(len(fitting)),
+            "calibration_images": ood_fit["calibration_images"],
+        },
         "equal_weights": fitted["equal_weights"],
         "validation": {
             "archive": redact(archive),
@@ -261,8 +282,14 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
             **fitted["metrics"],
         },
     }
+    statistics = [{"ood_statistics": ("ood.npz", ood.save_statistics(st))} for st in ood_fit["statistics"]]
     return write_bundle(
-        out, entries, [m.file for m in predictor.members], [m.config for m in predictor.members], manifest
+        out,
+        entries,
+        [m.file for m in predictor.members],
+        [m.config for m in predictor.members],
+        manifest,
+        statistics,
     )
 
 
@@ -288,6 +315,13 @@ def format_manifest(manifest: dict, out: str) -> str:
         f"  abstains below {e['threshold']:.3f}: answers {e['coverage']:.1%} of validation images, "
         f"{e['answered_accuracy']:.3f} of them correctly"
     )
+    o = manifest.get("ood")
+    if o:
+        t = "nothing (too few images)" if o["threshold"] is None else f"above {o['threshold']:.3f}"
+        lines.append(
+            f"  out of distribution: refuses {t} ({o['method']}, fitted on {o['reference_images']} "
+            f"images; at most {o['false_refusal']:.0%} of known images)"
+        )
     d = manifest.get("differential")
     if d:
         q = "every class" if d["threshold"] is None else f"score threshold {d['threshold']:.4f}"

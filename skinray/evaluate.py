@@ -11,10 +11,12 @@ threshold. The numbers come from `skinray.metrics` (scikit-learn's where it has 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from skinray import UserError, subgroups
 from skinray.config import Config
 from skinray.metrics import build_report, reliability_bins, selective_metrics, summary_metrics
 from skinray.storage import join_uri, redact
@@ -40,6 +42,9 @@ def write_report(report: dict, out: str | Path) -> dict[str, Path]:
     paths["markdown"].write_text(_markdown(report))
     _plot_confusion(np.array(report["confusion_matrix"]), report["classes"], paths["confusion_png"])
     _plot_reliability(report["calibration"]["reliability"], paths["reliability_png"])
+    for column, r in report.get("groups", {}).items():
+        paths[f"groups_{column}"] = out / f"groups_{column}.png"
+        subgroups.plot(column, r, paths[f"groups_{column}"])
     return paths
 
 
@@ -70,6 +75,10 @@ def _markdown(report: dict) -> str:
     differential = report.get("differential")
     if differential:
         lines += ["", *_differential_lines(differential)]
+    if report.get("ood"):
+        lines += ["", *_ood_lines(report["ood"], report.get("out_of_distribution", {}))]
+    for column, r in report.get("groups", {}).items():
+        lines += ["", *subgroups.markdown(column, r), "", f"![accuracy by {column}](groups_{column}.png)"]
     members = report.get("members", {})
     if len(members) > 1:
         lines += [
@@ -100,6 +109,19 @@ def _markdown(report: dict) -> str:
             f"{row['support']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ood_lines(o: dict, refused: dict) -> list[str]:
+    """The out-of-distribution section of report.md (`skinray evaluate --ood`)."""
+    auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.4f}"
+    return [
+        "## Out of distribution",
+        "",
+        f"- {o['foreign_images']} foreign images from `{o['folder']}` against the split's {o['images']}: "
+        f"AUROC **{auroc}**",
+        f"- at the bundle's threshold {o['threshold']:.4f}: {o['caught']:.1%} of the foreign images "
+        f"refused, {o['false_refusal']:.1%} of the split's (target at most {refused.get('target', 0):.0%})",
+    ]
 
 
 def _differential_lines(d: dict) -> list[str]:
@@ -180,14 +202,17 @@ def _plot_reliability(curves: dict[str, list[dict]], path: Path) -> None:
 # === The evaluate command ===
 
 
-def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | None = None) -> dict:
+def evaluate(
+    model_path: str, archive: str, split: str, out: str, cfg: Config | None = None, ood_dir: str | None = None
+) -> dict:
     """Scores one split of an archive with a model and writes the report to `out`.
 
     The validation split is re-derived with the model's own seed and fraction, so `--split val`
     scores exactly the images the run validated on (and a bundle was calibrated on). Archive
     classes are matched to the model's by name; an archive class the model does not know is an error.
     The engine runs with `cfg.score` (actors, GPUs, batch size: the command's config); without a
-    `cfg`, with the model's own.
+    `cfg`, with the model's own. `ood_dir`: a folder (or manifest) of foreign images, to report how
+    well a bundle's out-of-distribution check tells them from the split's.
     """
     from skinray.cluster import connect, reserved_cpus
     from skinray.data.catalog import list_archive, model_split
@@ -205,7 +230,12 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
     cfg = cfg or predictor.config
     connect(reserved_cpus(cfg, "evaluate"))
-    logits, labels, failed, u = labelled_logits(
+    if ood_dir and predictor.ood_threshold is None:
+        raise UserError(
+            f"'{redact(model_path)}' has no out-of-distribution check (only bundles made by skinray "
+            "ensemble have one): --ood has nothing to evaluate"
+        )
+    scored = labelled_logits(
         table,
         [model_path],
         predictor.sizes,
@@ -214,9 +244,13 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
         f"the {split} split",
         predictor.bundle_version,
     )
-    report = model_report(
-        predictor, predictor.combine(logits, u), predictor.combine_uncalibrated(logits), labels
-    )
+    labels, failed = scored.labels, scored.failed
+    calibrated = replace(predictor.combine(scored.logits, scored.draws), ood_scores=scored.ood_scores)
+    report = model_report(predictor, calibrated, predictor.combine_uncalibrated(scored.logits), labels)
+    if ood_dir:
+        report["ood"] = _foreign_report(predictor, model_path, scored.ood_scores, ood_dir, cfg)
+    if cfg.evaluate.columns:
+        report["groups"] = _group_reports(predictor, calibrated, scored, catalog, archive, cfg)
     report |= {
         "model": predictor.source,
         "model_version": predictor.version,
@@ -228,6 +262,67 @@ def evaluate(model_path: str, archive: str, split: str, out: str, cfg: Config | 
     }
     _store(report, predictor.config, out)
     return report
+
+
+def _group_reports(predictor, calibrated, scored, catalog, archive: str, cfg: Config) -> dict:
+    """`skinray.subgroups.report` for each `evaluate.by` column, on the archive's metadata."""
+    from skinray import subgroups
+    from skinray.conformal import sets
+
+    metadata = subgroups.read_metadata(archive, cfg.evaluate.metadata)
+    if metadata is None:
+        raise UserError(
+            f"--by {cfg.evaluate.by} needs metadata: '{redact(archive)}' has no metadata.csv or "
+            "metadata.parquet (a `path` column relative to the archive, and the columns to group by); "
+            "or give one with --metadata"
+        )
+    root = f"{catalog.prefix}{catalog.root}/"
+    relative = [p[len(root) :] if p.startswith(root) else p for p in scored.paths]
+    data = {
+        "labels": scored.labels,
+        "probabilities": calibrated.probabilities,
+        "abstained": calibrated.abstained,
+        "ood": calibrated.out_of_distribution,
+        "in_set": None
+        if predictor.set_threshold is None
+        else sets(calibrated.probabilities, calibrated.draws, predictor.set_threshold),
+    }
+    return {
+        column: subgroups.report(
+            subgroups.group_labels(relative, metadata, column), data, cfg.evaluate.bootstrap
+        )
+        for column in cfg.evaluate.columns
+    }
+
+
+def _foreign_report(predictor, model_path: str, in_scores, ood_dir: str, cfg: Config) -> dict:
+    """AUROC, false refusals and foreign images caught (`skinray.ood.report`), foreign images scored
+    through the same engine."""
+    import pyarrow as pa
+
+    from skinray.inference import predict_table
+    from skinray.ood import report
+    from skinray.score import list_inputs
+
+    source, inputs = list_inputs(ood_dir)
+    table = pa.table({"path": inputs["path"], "label_index": pa.array([-1] * inputs.num_rows, pa.int32())})
+    rows = predict_table(
+        table,
+        [model_path],
+        predictor.sizes,
+        source,
+        cfg.score,
+        with_logits=False,
+        version=predictor.bundle_version,
+    )
+    good = rows.filter(rows["error"].is_null())
+    if good.num_rows == 0:
+        raise UserError(f"no image in '{redact(ood_dir)}' could be read ({rows.num_rows} files)")
+    foreign = good["ood_score"].to_numpy().astype(np.float64)
+    return report(in_scores, foreign, predictor.ood_threshold) | {
+        "folder": redact(ood_dir),
+        "unreadable": rows.num_rows - good.num_rows,
+    }
 
 
 def _store(report: dict, config, out: str) -> None:
@@ -269,6 +364,16 @@ def model_report(predictor, calibrated, uncalibrated, labels: np.ndarray) -> dic
         },
     }
     report["abstention"] = selective_metrics(after, labels, predictor.threshold)
+    if calibrated.ood_scores is not None:
+        refused = calibrated.out_of_distribution
+        report["out_of_distribution"] = {
+            "target": predictor.manifest["ood"]["false_refusal"],
+            "threshold": predictor.ood_threshold,
+            "refused": float(refused.mean()),
+            "accuracy_of_refused": float((calibrated.labels[refused] == labels[refused]).mean())
+            if refused.any()
+            else None,
+        }
     if calibrated.in_set is not None:
         from skinray.conformal import report as set_report
 
@@ -298,11 +403,30 @@ def format_report(report: dict, out: str) -> str:
         f"answers {abstention['coverage']:.1%} at threshold {abstention['threshold']:.3f}, "
         f"{abstention['answered_accuracy']:.4f} of them correctly"
     )
+    if report.get("out_of_distribution"):
+        r = report["out_of_distribution"]
+        lines.append(f"refused as out of distribution: {r['refused']:.1%} (target at most {r['target']:.0%})")
+    if report.get("ood"):
+        o = report["ood"]
+        auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.3f}"
+        lines.append(
+            f"foreign images ({o['foreign_images']}): AUROC {auroc}, {o['caught']:.1%} refused "
+            f"at the bundle's threshold"
+        )
     d = report.get("differential")
     if d:
         lines.append(
             f"differential: covers {d['coverage']:.1%} (target {d['target']:.0%}, expected "
             f"{d['interval'][0]:.1%}-{d['interval'][1]:.1%}), mean size {d['mean_size']:.2f}"
         )
+    for column, r in report.get("groups", {}).items():
+        gap = r["gap"]
+        summary = ", ".join(f"{g} {v['accuracy']:.3f} ({v['images']})" for g, v in r["groups"].items())
+        lines.append(f"by {column}: accuracy {summary}")
+        if gap:
+            lines.append(
+                f"  worst-group gap {gap['accuracy_gap']:.3f} ({gap['interval'][0]:.3f}-"
+                f"{gap['interval'][1]:.3f}, 95%): {gap['best']} over {gap['worst']}"
+            )
     lines.append(f"report: {join_uri(out, 'report.md')}")
     return "\n".join(lines)

@@ -152,11 +152,12 @@ def caption_lines(answer: dict, version: str) -> list[str]:
     """What a reader needs beside the picture (`Prediction.answers`' answer): the answer (or the
     referral), the runners-up, the differential (a bundle's), the model."""
     label, confidence = answer["label"], answer["confidence"]
-    first = (
-        f"uncertain, refer (most likely {label}, {confidence:.0%})"
-        if answer["abstained"]
-        else f"{label} ({confidence:.0%} confidence)"
-    )
+    if answer.get("out_of_distribution"):
+        first = f"not answered: {answer['reason']} (most likely {label}, {confidence:.0%})"
+    elif answer["abstained"]:
+        first = f"uncertain, refer (most likely {label}, {confidence:.0%})"
+    else:
+        first = f"{label} ({confidence:.0%} confidence)"
     top = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in answer["top_k"])
     lines = [first, f"top: {top}"]
     if answer.get("differential"):

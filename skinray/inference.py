@@ -2,7 +2,7 @@
 
     predict_rows(ds, ...)      a Dataset of rows -> a Dataset of prediction rows (streaming)
     predict_table(table, ...)  a small table -> its prediction rows on the driver, in input order
-    labelled_logits(...)       a labelled split -> member logits, labels, draws (ensemble, evaluation)
+    labelled_logits(...)       a labelled split -> `Labelled` predictions (ensemble, evaluation)
 
 Every batch consumer runs through it: `skinray score` (which adds the listing, checkpointed writes
 and the summary), `skinray evaluate`, the ensemble's fitting, and tune's embeddings (its task
@@ -15,6 +15,7 @@ Evaluating on a cluster therefore uses the cluster, exactly as scoring does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -23,13 +24,29 @@ from skinray import UserError
 from skinray.config import ScoreConfig
 from skinray.data.ingest import ImageSource, load_views, view_column
 
+# Every column a prediction row may have, and those the batches carry on the way: an input
+# manifest's own columns, passed through to the rows, may not take these names.
+OUTPUT_COLUMNS = (
+    "path", "label", "confidence", "top_k", "differential", "abstained", "reason", "out_of_distribution",
+    "ood_score", "probabilities", "member_probabilities", "model_version", "error", "label_index",
+    "member_logits", "draw", "member_features", "ok", "epoch",
+)  # fmt: skip
+
 # === The model actor ===
 
 
 class ModelActor:
     """Holds the Predictor (loaded once per actor) and turns decoded views into output rows."""
 
-    def __init__(self, model: list[str], top_k: int, with_logits: bool = False, version: str = ""):
+    def __init__(
+        self,
+        model: list[str],
+        top_k: int,
+        with_logits: bool = False,
+        version: str = "",
+        with_features: bool = False,
+        passthrough: pa.Schema | None = None,
+    ):
         import ray
 
         from skinray.console import load_tensorflow, quiet_process
@@ -38,13 +55,19 @@ class ModelActor:
         quiet_process()  # before TensorFlow loads in this actor
         load_tensorflow(expect_gpu=bool(ray.get_gpu_ids()))
         self.predictor = Predictor.from_paths(model, expect_version=version)
-        self.top_k, self.with_logits = top_k, with_logits
+        self.top_k, self.with_logits, self.with_features = top_k, with_logits, with_features
+        self.passthrough = passthrough
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = np.asarray(batch["ok"], bool)
         views = {size: batch[view_column(size)][ok] for size in self.predictor.sizes}
-        prediction = self.predictor.predict(views)
-        return prediction_table(self.predictor, prediction, batch, ok, self.top_k, self.with_logits)
+        prediction = self.predictor.predict(views, keep_features=self.with_features)
+        table = prediction_table(self.predictor, prediction, batch, ok, self.top_k, self.with_logits)
+        for field in self.passthrough or ():  # the input manifest's own columns, as they were typed
+            table = table.append_column(
+                field, pa.array(list(batch[field.name]), field.type, from_pandas=True)
+            )
+        return table
 
 
 def prediction_table(
@@ -56,7 +79,11 @@ def prediction_table(
     scored = np.full(n, -1)
     scored[where] = np.arange(len(where))
     order, top_probs = prediction.top_k(top_k)
-    differentials = prediction.differentials(classes)
+    differentials, reasons, ood = (
+        prediction.differentials(classes),
+        prediction.reasons,
+        prediction.out_of_distribution,
+    )
 
     def per_row(make):
         return [make(scored[i]) if scored[i] >= 0 else None for i in range(n)]
@@ -75,6 +102,12 @@ def prediction_table(
         ),
         "differential": pa.array(per_row(lambda j: differentials[j]), pa.list_(pa.string())),
         "abstained": pa.array(per_row(lambda j: bool(prediction.abstained[j])), pa.bool_()),
+        "reason": pa.array(per_row(lambda j: reasons[j]), pa.string()),
+        "out_of_distribution": pa.array(per_row(lambda j: bool(ood[j])), pa.bool_()),
+        "ood_score": pa.array(
+            per_row(lambda j: None if prediction.ood_scores is None else float(prediction.ood_scores[j])),
+            pa.float32(),
+        ),
         "probabilities": pa.array(
             per_row(lambda j: prediction.probabilities[j].tolist()), pa.list_(pa.float32())
         ),
@@ -97,6 +130,11 @@ def prediction_table(
             per_row(lambda j: prediction.member_logits[:, j].tolist()), pa.list_(pa.list_(pa.float32()))
         )
         columns["draw"] = pa.array(per_row(lambda j: float(prediction.draws[j])), pa.float64())
+    if prediction.member_features is not None:
+        columns["member_features"] = pa.array(
+            per_row(lambda j: [f[j].tolist() for f in prediction.member_features]),
+            pa.list_(pa.list_(pa.float32())),
+        )
     return pa.table(columns)
 
 
@@ -112,9 +150,13 @@ def predict_rows(
     task_options: dict | None = None,
     with_logits: bool = False,
     version: str = "",
+    with_features: bool = False,
+    passthrough: pa.Schema | None = None,
 ):
     """A Dataset of rows with a `path` -> a Dataset of prediction rows (see `prediction_table`).
-    `version`: the bundle version the driver planned for; an actor refuses any other."""
+    `version`: the bundle version the driver planned for; an actor refuses any other.
+    `with_logits`: each member's logits and the image's draw; `with_features`: its pooled features;
+    `passthrough`: input columns copied to each row, with these types."""
     import ray.data
 
     views = ds.map_batches(
@@ -137,6 +179,8 @@ def predict_rows(
             "top_k": cfg.top_k,
             "with_logits": with_logits,
             "version": version,
+            "with_features": with_features,
+            "passthrough": passthrough,
         },
     )
 
@@ -159,6 +203,7 @@ def predict_table(
     cfg: ScoreConfig,
     with_logits: bool = True,
     version: str = "",
+    with_features: bool = False,
 ) -> pa.Table:
     """Predictions for a small table of rows (an archive split), collected on the driver, in input order.
 
@@ -176,9 +221,23 @@ def predict_table(
         cfg,
         with_logits=with_logits,
         version=version,
+        with_features=with_features,
     )
     ds.context.execution_options.preserve_order = True
     return pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
+@dataclass
+class Labelled:
+    """A labelled split's predictions, for fitting (`skinray ensemble`) and reporting (`evaluate`)."""
+
+    logits: np.ndarray  # (members, n, classes), raw, of the n images that could be read
+    labels: np.ndarray  # (n,)
+    paths: list[str]  # (n,)
+    draws: np.ndarray  # (n,) each image's draw for its differential
+    ood_scores: np.ndarray | None  # (n,) the ensemble's out-of-distribution scores (a bundle's)
+    features: list[np.ndarray] | None  # each member's (n, d) pooled features, when asked for
+    failed: pa.Table  # the rows of the images that could not be read, with their error
 
 
 def labelled_logits(
@@ -189,13 +248,28 @@ def labelled_logits(
     cfg: ScoreConfig,
     what: str,
     version: str = "",
-) -> tuple[np.ndarray, np.ndarray, pa.Table, np.ndarray]:
-    """A split's member logits (members, n, classes), labels (n,) and differential draws (n,) of the
-    images that could be read, and the rows of those that could not; `what` names the split in the
-    error when none could."""
-    rows = predict_table(table, model, sizes, source, cfg, with_logits=True, version=version)
+    with_features: bool = False,
+) -> Labelled:
+    """A split's predictions (`Labelled`); `what` names the split in the error when no image could
+    be read."""
+    rows = predict_table(
+        table, model, sizes, source, cfg, with_logits=True, version=version, with_features=with_features
+    )
     good, failed = rows.filter(rows["error"].is_null()), rows.filter(rows["error"].is_valid())
     if good.num_rows == 0:
         raise UserError(f"no image of {what} could be read ({failed.num_rows} failed)")
     logits = np.array(good["member_logits"].to_pylist(), np.float32).transpose(1, 0, 2)
-    return logits, good["label_index"].to_numpy(), failed, good["draw"].to_numpy()
+    features = None
+    if with_features:
+        per_row = good["member_features"].to_pylist()
+        features = [np.array([row[m] for row in per_row], np.float32) for m in range(len(per_row[0]))]
+    scores = good["ood_score"]
+    return Labelled(
+        logits,
+        good["label_index"].to_numpy(),
+        good["path"].to_pylist(),
+        good["draw"].to_numpy(),
+        None if scores.null_count else scores.to_numpy().astype(np.float64),
+        features,
+        failed,
+    )

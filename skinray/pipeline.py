@@ -170,7 +170,36 @@ def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config) -> dict:
         for name, m in report["members"].items()
     ]
     say("\n".join(lines) + f"\nreport: {join_uri(where, 'report.md')}")
-    return report
+    return report | {"promoted": promotion_gate(bundle, report, cfg)}
+
+
+def promotion_gate(bundle: str, report: dict, cfg: Config) -> bool:
+    """With `evaluate.max_group_gap`: a bundle whose worst-group accuracy gap has a 95% lower bound
+    above the limit is marked not promoted (the bundle and the report stay); says which groups."""
+    from skinray.bundle import refuse_promotion
+    from skinray.console import warn
+
+    limit = cfg.evaluate.max_group_gap
+    if not limit:
+        return True
+    failed = [
+        (column, r["gap"])
+        for column, r in report.get("groups", {}).items()
+        if r["gap"] and r["gap"]["interval"][0] > limit
+    ]
+    if not failed:
+        say(f"promotion gate: every worst-group accuracy gap is within {limit:.3f} (95% lower bound)")
+        return True
+    why = "; ".join(
+        f"by {column}, {gap['worst']} is {gap['accuracy_gap']:.3f} below {gap['best']} in accuracy (95% "
+        f"interval {gap['interval'][0]:.3f}-{gap['interval'][1]:.3f}, limit {limit:.3f})"
+        for column, gap in failed
+    )
+    manifest = refuse_promotion(
+        bundle, {"why": why, "limit": limit, "evaluated_version": report["model_version"]}
+    )
+    warn(f"bundle not promoted: {why}; its manifest says so (version now {manifest['version'][:16]})")
+    return False
 
 
 # `skinray pipeline --gpu`: one GPU per Train worker and per model actor.

@@ -54,11 +54,13 @@ PREDICTIONS, LISTING, CHECKPOINT, RUN, LOCK = "predictions", "_listing", "_check
 # === Listing the input ===
 
 
-def list_inputs(uri: str) -> tuple[ImageSource, list[str]]:
+def list_inputs(uri: str) -> tuple[ImageSource, pa.Table]:
     """A folder tree (every non-hidden file, recursively) or a Parquet/CSV manifest with a `path` column.
 
-    Returns the source to read with and the files as full paths or URIs. Non-image files are
-    listed too: they get a row with their error, never a silent drop.
+    Returns the source to read with and the inputs: a `path` column of full paths or URIs and, for
+    a manifest, its other columns, which scoring passes through to each output row (so that rows
+    join back to the user's own records). Non-image files are listed too: they get a row with
+    their error, never a silent drop.
     """
     found = kind(uri)
     if found is None:
@@ -68,19 +70,24 @@ def list_inputs(uri: str) -> tuple[ImageSource, list[str]]:
         paths = sorted(f"{prefix}{root}/{f}" for f in files if not is_hidden(f))
         if not paths:
             raise UserError(f"input folder '{uri}' holds no files")
-        return ImageSource(fs, prefix), paths
+        return ImageSource(fs, prefix), pa.table({"path": pa.array(paths, pa.string())})
     fs, root, prefix = resolve(uri)
-    return ImageSource(fs, prefix), _manifest_paths(fs, root, prefix, uri)
+    table = _read_manifest(fs, root, uri)
+    paths = _manifest_paths(table, root, prefix, uri)
+    return ImageSource(fs, prefix), table.set_column(0, "path", pa.array(paths, pa.string()))
 
 
-def _manifest_paths(fs, root: str, prefix: str, uri: str) -> list[str]:
+def _read_manifest(fs, root: str, uri: str) -> pa.Table:
+    """The manifest, `path` first; refused when another column would clash with an output column."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
+
+    from skinray.inference import OUTPUT_COLUMNS
 
     suffix = PurePosixPath(root).suffix.lower()
     try:
         if suffix == ".parquet":
-            table = pq.read_table(root, filesystem=fs, columns=["path"])
+            table = pq.read_table(root, filesystem=fs)
         elif suffix == ".csv":
             with fs.open_input_stream(root) as f:
                 table = pacsv.read_csv(f)
@@ -90,6 +97,18 @@ def _manifest_paths(fs, root: str, prefix: str, uri: str) -> list[str]:
         raise UserError(f"manifest '{uri}' cannot be read: {exc}") from None
     if "path" not in table.column_names:
         raise UserError(f"manifest '{uri}' has no 'path' column (columns: {', '.join(table.column_names)})")
+    clashes = sorted(
+        c for c in table.column_names if c != "path" and (c in OUTPUT_COLUMNS or c.startswith("image_"))
+    )
+    if clashes:
+        raise UserError(
+            f"manifest '{uri}' has columns named as skinray's output columns ({', '.join(clashes)}): "
+            "rename them (every other column is passed through to the output rows)"
+        )
+    return table.select(["path", *(c for c in table.column_names if c != "path")])
+
+
+def _manifest_paths(table: pa.Table, root: str, prefix: str, uri: str) -> list[str]:
     folder = str(PurePosixPath(root).parent)
     paths = []
     for path in table["path"].to_pylist():
@@ -108,7 +127,7 @@ def _manifest_paths(fs, root: str, prefix: str, uri: str) -> list[str]:
     return paths
 
 
-def _write_listing(paths: list[str], output: str, rows_per_file: int) -> tuple[str, int]:
+def _write_listing(inputs: pa.Table, output: str, rows_per_file: int) -> tuple[str, int]:
     """The listing as Parquet parts under OUTPUT/_listing/: the read operator the checkpoint needs,
     and the unit of work a killed job keeps (one part becomes one output file)."""
     import pyarrow.parquet as pq
@@ -117,9 +136,9 @@ def _write_listing(paths: list[str], output: str, rows_per_file: int) -> tuple[s
     listing = f"{root}/{LISTING}"
     clear_dir(join_uri(output, LISTING))
     make_dir(join_uri(output, LISTING))
-    for part, start in enumerate(range(0, len(paths), rows_per_file)):
+    for part, start in enumerate(range(0, inputs.num_rows, rows_per_file)):
         pq.write_table(
-            pa.table({"path": paths[start : start + rows_per_file]}),
+            inputs.slice(start, rows_per_file),
             f"{listing}/part-{part:06d}.parquet",
             filesystem=fs,
         )
@@ -137,13 +156,13 @@ def score(cfg: Config, model: str, input_uri: str, output: str) -> dict:
     model = absolute(model)  # the actors open it from their own working directories
     # A bad model fails here, before any work; the actors load the version planned for, or nothing.
     predictor = Predictor.from_path(model, load_models=False, expect_version=cfg.score.expect_version)
-    source, paths = list_inputs(input_uri)
+    source, inputs = list_inputs(input_uri)
     source = ImageSource(source.filesystem, source.prefix, cfg.data.max_pixels)
     connect(reserved_cpus(cfg, "score"))
     make_dir(output)
     with lock(join_uri(output, LOCK), f"output '{redact(output)}'"):
         _claim(output, predictor, input_uri)
-        return _score(cfg, model, predictor, source, paths, output)
+        return _score(cfg, model, predictor, source, inputs, output)
 
 
 def _claim(output: str, predictor, input_uri: str) -> None:
@@ -166,14 +185,14 @@ def _claim(output: str, predictor, input_uri: str) -> None:
         )
 
 
-def _score(cfg: Config, model: str, predictor, source: ImageSource, paths: list[str], output: str) -> dict:
+def _score(cfg: Config, model: str, predictor, source: ImageSource, inputs: pa.Table, output: str) -> dict:
     """The scoring itself, under the output's lock: listing, the engine, checkpointed writes, summary."""
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
     score_cfg = cfg.score
     fs, _, _ = resolve(output)
-    listing, parts = _write_listing(paths, output, score_cfg.rows_per_file)
+    listing, parts = _write_listing(inputs, output, score_cfg.rows_per_file)
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config, context.use_datasource_v2
     context.checkpoint_config = CheckpointConfig(
@@ -196,10 +215,11 @@ def _score(cfg: Config, model: str, predictor, source: ImageSource, paths: list[
             score_cfg,
             task_options=cfg.data.task_options,
             version=predictor.bundle_version,
+            passthrough=inputs.schema.remove(0),
         ).write_parquet(_path_of(join_uri(output, PREDICTIONS)), filesystem=fs)
     finally:
         context.checkpoint_config, context.use_datasource_v2 = previous
-    summary = summarise(output, len(paths), predictor, time.perf_counter() - started)
+    summary = summarise(output, inputs.num_rows, predictor, time.perf_counter() - started)
     write_json(join_uri(output, "summary.json"), summary)
     return summary
 

@@ -24,6 +24,10 @@ def test_the_quick_demo_runs_every_stage(demo):
     scored = pq.read_table(out / "scores" / "predictions")
     assert scored.num_rows == report["num_images"]  # the test split, one row per photo
     assert f"POST http://127.0.0.1:{port}/v1/predict" in text and "true class" in text
+    assert "  differential: " in text  # the answer's set of conditions that remain possible
+    assert (
+        "(scikit-learn's china.jpg, not skin) -> not answered: not like the images this model knows" in text
+    )
     assert f"upload page       http://127.0.0.1:{port}/" in text
 
 

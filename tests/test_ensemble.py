@@ -134,8 +134,8 @@ def test_thresholds_are_fitted_on_their_own_halves_of_validation(cli_bundle, mem
         prediction.probabilities[calibration], labels[calibration], prediction.draws[calibration]
     )
     assert predictor.set_threshold == pytest.approx(np.sort(scores)[math.ceil(25 * 0.9) - 1], abs=1e-6)
-    covered = prediction.in_set[calibration, labels[calibration]]
-    assert covered.mean() >= 0.9
+    inside = conformal.sets(prediction.probabilities, prediction.draws, predictor.set_threshold)
+    assert inside[calibration, labels[calibration]].mean() >= 0.9
     answers = prediction.answers(predictor.classes, 3)
     assert all(a["differential"][0] == a["label"] for a in answers)
 
@@ -365,6 +365,7 @@ def test_evaluate_reports_the_ensemble_beside_its_members(cli_bundle, members, r
     assert low < 0.9 < high and set(differential["per_class_coverage"]) == set(manifest["classes"])
     assert "## Differential sets (aps-randomised, target coverage 90%)" in markdown
     # Validation through the same path gives what the bundle gives in this process, differentials too.
+    from skinray import conformal
     from skinray.data.catalog import list_archive, model_split
     from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
@@ -376,6 +377,104 @@ def test_evaluate_reports_the_ensemble_beside_its_members(cli_bundle, members, r
     here = predictor.predict({s: np.stack([v[s] for v in views]) for s in predictor.sizes})
     labels = rows["label_index"].to_numpy()
     assert val["accuracy"] == pytest.approx((here.labels == labels).mean())
-    assert val["differential"]["coverage"] == pytest.approx(
-        here.in_set[np.arange(len(labels)), labels].mean()
+    inside = conformal.sets(here.probabilities, here.draws, predictor.set_threshold)
+    assert val["differential"]["coverage"] == pytest.approx(inside[np.arange(len(labels)), labels].mean())
+    assert val["out_of_distribution"]["refused"] == pytest.approx(here.out_of_distribution.mean())
+
+
+# === Subgroups and the promotion gate ===
+
+
+@pytest.fixture(scope="module")
+def planted(members, tmp_path_factory):
+    """The demo's test split as an archive of its own, with metadata: half of each class's photos
+    in group `grey` are turned to greyscale (each class's lesions differ by hue: much harder), the
+    others `colour`; two photos are left out of the metadata."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("planted") / "archive"
+    shutil.copytree(members["archive"] / "train", root / "train")
+    rows = []
+    for folder in sorted((members["archive"] / "test").iterdir()):
+        for i, photo in enumerate(sorted(folder.iterdir())):
+            target = root / "test" / folder.name / photo.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image = Image.open(photo)
+            group = "grey" if i % 2 else "colour"
+            (image.convert("L").convert("RGB") if group == "grey" else image).save(target)
+            rows.append((f"test/{folder.name}/{photo.name}", group))
+    lines = ["path,tone"] + [f'"{p}",{g}' for p, g in rows[2:]]
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_evaluate_by_a_metadata_column_finds_the_planted_gap(cli_bundle, planted, ray_cluster, tmp_path):
+    proc = skinray(
+        "evaluate",
+        "--model",
+        str(cli_bundle),
+        "--data",
+        str(planted),
+        "--out",
+        str(tmp_path),
+        "--by",
+        "tone",
+        timeout=600,
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    groups = report["groups"]["tone"]
+    assert {g: v["images"] for g, v in groups["groups"].items()} == {
+        "colour": 19,
+        "grey": 19,
+        "(no metadata)": 2,
+    }
+    gap = groups["gap"]
+    assert (gap["best"], gap["worst"]) == ("colour", "grey") and gap["interval"][0] > 0.1
+    assert "worst-group gap" in proc.stdout and "## By tone" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "groups_tone.png").read_bytes()[:4] == b"\x89PNG"
+    proc = skinray(
+        "evaluate",
+        "--model",
+        str(cli_bundle),
+        "--data",
+        str(planted),
+        "--out",
+        str(tmp_path / "x"),
+        "--by",
+        "site",
+        timeout=600,
+    )
+    assert proc.returncode == 2 and "the metadata has no column 'site' (it has: tone)" in proc.stderr
+
+
+def test_a_bundle_over_the_gap_limit_is_not_promoted_and_not_served(cli_bundle, tmp_path):
+    """The pipeline's gate (`evaluate.max_group_gap`), on a report whose gap's lower bound is over
+    the limit: the bundle stays and loads, its manifest says why, and serve refuses it unless told."""
+    from skinray.bundle import BundleError
+    from skinray.config import load_config
+    from skinray.pipeline import promotion_gate
+    from skinray.predictor import Predictor
+    from skinray.serve.app import build_app
+    from skinray.serve.command import app_args
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(cli_bundle, copy)
+    before = json.loads((copy / "bundle.json").read_text())["version"]
+    gap = {"best": "I-II", "worst": "V-VI", "accuracy_gap": 0.21, "interval": [0.12, 0.30]}
+    report = {"model_version": before, "groups": {"fitzpatrick": {"gap": gap}}}
+    within = load_config(overrides=["evaluate.by=fitzpatrick", "evaluate.max_group_gap=0.15"])
+    assert promotion_gate(str(copy), report, within) is True  # 0.12 <= 0.15: promoted
+    cfg = load_config(overrides=["evaluate.by=fitzpatrick", "evaluate.max_group_gap=0.05"])
+    assert promotion_gate(str(copy), report, cfg) is False
+    manifest = json.loads((copy / "bundle.json").read_text())
+    assert manifest["promotion"]["promoted"] is False and manifest["version"] != before
+    assert "by fitzpatrick, V-VI is 0.210 below I-II" in manifest["promotion"]["why"]
+    assert Predictor.from_path(str(copy), load_models=False).version == manifest["version"]
+    with pytest.raises(
+        BundleError, match="was not promoted: by fitzpatrick, V-VI.*serve.allow_unpromoted=true"
+    ):
+        build_app(app_args(str(copy), load_config()))
+    build_app(app_args(str(copy), load_config(overrides=["serve.allow_unpromoted=true"])))
+    assert promotion_gate(str(copy), report, cfg) is False  # a rerun: resealed once
+    assert json.loads((copy / "bundle.json").read_text())["version"] == manifest["version"]

@@ -86,3 +86,41 @@ def test_written_files_of_a_two_member_ensemble(predictions, tmp_path):
     assert "| a |" in markdown and "| **ensemble** |" in markdown and "F1 01-b" in markdown
     for png in ("confusion_png", "reliability_png"):
         assert paths[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_subgroup_report_intervals_and_the_worst_group_gap():
+    """Per group: the metrics of its images, each inside its bootstrap interval; the gap between
+    the best and worst group leaves out the images without metadata."""
+    from skinray.subgroups import NO_METADATA, report
+
+    rng = np.random.default_rng(0)
+    n, k = 300, 4
+    labels = rng.integers(0, k, n)
+    groups = np.array(["light"] * 120 + ["dark"] * 120 + [NO_METADATA] * 60)
+    correct = np.where(groups == "dark", rng.random(n) < 0.5, rng.random(n) < 0.9)
+    predicted = np.where(correct, labels, (labels + 1) % k)
+    probabilities = np.full((n, k), 0.1 / (k - 1))
+    probabilities[np.arange(n), predicted] = 0.9
+    data = {
+        "labels": labels,
+        "probabilities": probabilities,
+        "abstained": groups == "dark",
+        "ood": np.zeros(n, bool),
+        "in_set": probabilities > 0.02,  # every class: covered
+    }
+    r = report(list(groups), data, resamples=300)
+    assert list(r["groups"]) == ["dark", "light", NO_METADATA]
+    for name, g in r["groups"].items():
+        mask = groups == name
+        assert g["images"] == mask.sum()
+        assert g["accuracy"] == pytest.approx(correct[mask].mean())
+        for metric, (low, high) in g["intervals"].items():
+            assert low <= g[metric] + 1e-9 and g[metric] <= high + 1e-9, (name, metric)
+    assert r["groups"]["dark"]["abstained"] == 1.0 and r["groups"]["light"]["coverage"] == 1.0
+    gap = r["gap"]
+    assert (gap["best"], gap["worst"]) == ("light", "dark")
+    assert gap["accuracy_gap"] == pytest.approx(
+        correct[groups == "light"].mean() - correct[groups == "dark"].mean()
+    )
+    assert 0.25 < gap["interval"][0] < gap["accuracy_gap"] < gap["interval"][1] < 0.6
+    assert report(["a"] * 10, {key: v[:10] for key, v in data.items()}, resamples=100)["gap"] is None

@@ -134,3 +134,13 @@ def test_the_caption_names_the_differential_of_a_bundle():
         "model v1",
     ]
     assert "differential" not in " ".join(caption_lines(answer | {"differential": None}, "v1"))
+    refused = answer | {
+        "abstained": True,
+        "differential": [],
+        "out_of_distribution": True,
+        "reason": "not like the images this model knows",
+    }
+    assert caption_lines(refused, "v1")[0] == (
+        "not answered: not like the images this model knows (most likely Eczema, 52%)"
+    )
+    assert "differential" not in " ".join(caption_lines(refused, "v1"))

@@ -17,6 +17,7 @@ import pytest
 from commands import SKINRAY, skinray
 from corpus import dds_without_pixel_format
 
+from skinray import UserError
 from skinray.config import load_config
 from skinray.score import read_predictions
 
@@ -111,23 +112,43 @@ def test_a_training_run_scores_as_a_one_member_model(members, mixed_folder, ray_
     assert {r["model_version"] for r in rows} == {f"{members['runs'][0]}/{Path(best).name}"}
 
 
-def test_a_manifest_lists_the_inputs(bundle, mixed_folder, ray_cluster, tmp_path):
+def test_a_manifest_lists_the_inputs_and_its_columns_reach_the_rows(
+    bundle, mixed_folder, ray_cluster, tmp_path
+):
+    """Users join scores back to their own records by their own ids: every other column of the
+    manifest is passed through to the output rows, with its type, failed files included."""
     from skinray.score import score
 
     pq.write_table(
-        pa.table({"path": ["a/01.jpg", str(mixed_folder / "notes.txt")]}), mixed_folder / "list.parquet"
+        pa.table(
+            {
+                "record_id": pa.array([1001, None], pa.int64()),
+                "path": ["a/01.jpg", str(mixed_folder / "notes.txt")],
+                "taken": pa.array([None, "2026-11-30"], pa.string()),
+            }
+        ),
+        mixed_folder / "list.parquet",
     )
     (tmp_path / "list.csv").write_text(f"path,source\n{mixed_folder / 'a' / '01.jpg'},clinic\n")
     summary = score(
         load_config(overrides=SMALL), str(bundle), str(mixed_folder / "list.parquet"), str(tmp_path / "o1")
     )
     assert (summary["rows"], summary["scored"], summary["failed"]) == (2, 1, 1)
-    assert str(mixed_folder / "a" / "01.jpg") in read_predictions(str(tmp_path / "o1"))["path"].to_pylist()
+    table = read_predictions(str(tmp_path / "o1"))
+    assert table.schema.field("record_id").type == pa.int64()
+    rows = {Path(r["path"]).name: r for r in table.to_pylist()}
+    assert (rows["01.jpg"]["record_id"], rows["01.jpg"]["taken"]) == (1001, None)
+    assert (rows["notes.txt"]["record_id"], rows["notes.txt"]["taken"]) == (None, "2026-11-30")
+    assert rows["notes.txt"]["error"] is not None
     (mixed_folder / "list.parquet").unlink()
     summary = score(
         load_config(overrides=SMALL), str(bundle), str(tmp_path / "list.csv"), str(tmp_path / "o2")
     )
     assert summary["scored"] == 1
+    assert read_predictions(str(tmp_path / "o2"))["source"].to_pylist() == ["clinic"]
+    (tmp_path / "clash.csv").write_text(f"path,label\n{mixed_folder / 'a' / '01.jpg'},Eczema\n")
+    with pytest.raises(UserError, match=r"output columns \(label\): rename them"):
+        score(load_config(overrides=SMALL), str(bundle), str(tmp_path / "clash.csv"), str(tmp_path / "o3"))
 
 
 def test_bad_inputs_are_one_clear_line(bundle, tmp_path):

@@ -67,8 +67,9 @@ class Model:
             [{m.image_size: np.zeros((1, m.image_size, m.image_size, 3), np.uint8) for m in self.members}]
         )
 
-    async def __call__(self, views: dict[int, np.ndarray]) -> np.ndarray:
-        """(members here, n, classes) logits for n images."""
+    async def __call__(self, views: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(members here, n, classes) logits for n images, and the members' (members here, n)
+        out-of-distribution scores (None without references)."""
         return await self.logits_batch(views)
 
     def ready(self) -> bool:
@@ -80,16 +81,18 @@ class Model:
         return await asyncio.to_thread(self.explainer.cams, views, classes)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # both set from the config at start
-    async def logits_batch(self, requests: list[dict[int, np.ndarray]]) -> list[np.ndarray]:
+    async def logits_batch(self, requests: list[dict[int, np.ndarray]]) -> list[tuple]:
         return await asyncio.to_thread(self._run, requests)
 
-    def _run(self, requests: list[dict[int, np.ndarray]]) -> list[np.ndarray]:
+    def _run(self, requests: list[dict[int, np.ndarray]]) -> list[tuple]:
         counts = [len(next(iter(r.values()))) for r in requests]
         self.batch_sizes.observe(sum(counts))
-        logits = np.stack(
-            [m.logits(np.concatenate([r[m.image_size] for r in requests])) for m in self.members]
-        )
-        return np.split(logits, np.cumsum(counts)[:-1], axis=1)
+        runs = [m.run(np.concatenate([r[m.image_size] for r in requests])) for m in self.members]
+        cuts = np.cumsum(counts)[:-1]
+        logits = np.split(np.stack([z for z, _ in runs]), cuts, axis=1)
+        if any(s is None for _, s in runs):
+            return [(z, None) for z in logits]
+        return list(zip(logits, np.split(np.stack([s for _, s in runs]), cuts, axis=1)))
 
 
 @serve.deployment
@@ -123,6 +126,7 @@ class Ingress:
 
 def build_app(args: dict) -> serve.Application:
     """The application for `args` = {"model": PATH, "serve": {ServeConfig settings}}."""
+    from skinray.bundle import check_promoted
     from skinray.predictor import Predictor
     from skinray.serve.guards import key_digests
     from skinray.storage import absolute
@@ -134,6 +138,7 @@ def build_app(args: dict) -> serve.Application:
     cfg = serve_section(settings)
     # A bad path or version fails here, before deploying.
     predictor = Predictor.from_path(model, load_models=False, expect_version=cfg.expect_version)
+    check_promoted(predictor.manifest, predictor.source, cfg.allow_unpromoted)
     version = predictor.bundle_version
     groups = (
         [[i] for i in range(len(predictor.members))]

@@ -68,7 +68,7 @@ class Service:
         """Views of n images -> the ensemble's calibrated prediction (n may be 0)."""
         if not views:
             return self.predictor.combine(
-                np.zeros((len(self.predictor.members), 0, len(self.predictor.classes)))
+                np.zeros((len(self.predictor.members), 0, len(self.predictor.classes))), np.zeros(0)
             )
         stacked = {size: np.stack([v[size] for v in views]) for size in self.sizes}
         calls = [
@@ -81,7 +81,10 @@ class Service:
             raise _unavailable(exc) from None
         from skinray.conformal import draws
 
-        return self.predictor.combine(np.concatenate(parts, axis=0), draws(stacked[max(self.sizes)]))
+        logits = np.concatenate([z for z, _ in parts], axis=0)  # the groups list the members in order
+        scores = [s for _, s in parts]
+        member_ood = None if any(s is None for s in scores) else np.concatenate(scores, axis=0)
+        return self.predictor.combine(logits, draws(stacked[max(self.sizes)]), member_ood)
 
     async def explain(self, image: Image.Image, views: dict[int, np.ndarray]) -> tuple[dict, bytes]:
         """One photo and its views -> (its answer, the explanation drawn as a PNG)."""
@@ -127,7 +130,7 @@ class Service:
     # === Answers ===
 
     def answers(self, prediction: Prediction) -> list[dict]:
-        """One {label, confidence, top_k, differential, abstained} per image; counted in the metrics."""
+        """One answer per image (`Prediction.answers`); counted in the metrics."""
         answers = prediction.answers(self.predictor.classes, self.cfg.top_k)
         for answer in answers:
             self.metrics.predicted(answer["label"], answer["abstained"])
@@ -140,6 +143,7 @@ class Service:
             "classes": p.classes,
             "threshold": p.threshold,
             "differential": p.manifest.get("differential"),
+            "ood": p.manifest.get("ood"),
             "members": [
                 {
                     "name": m.name,

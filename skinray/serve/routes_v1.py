@@ -79,6 +79,9 @@ class Answer(BaseModel):
     top_k: list[Probability]
     differential: list[str] | None  # the conditions that remain possible (None: the model has no sets)
     abstained: bool
+    reason: str | None  # why not answered: "uncertain, refer" or "not like the images this model knows"
+    out_of_distribution: bool
+    ood_score: float | None  # None: the model has no out-of-distribution check
     model_version: str
     latency_ms: float
 
@@ -95,6 +98,9 @@ class BatchItem(BaseModel):
     top_k: list[Probability] | None = None
     differential: list[str] | None = None
     abstained: bool | None = None
+    reason: str | None = None
+    out_of_distribution: bool | None = None
+    ood_score: float | None = None
     error: str | None = None
 
 

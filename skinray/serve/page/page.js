@@ -61,6 +61,9 @@ function showAnswer(answer) {
   $("label").textContent = answer.label;
   $("confidence").textContent = `${percent(answer.confidence)} confidence`;
   $("refer").hidden = !answer.abstained;
+  $("refer").textContent = answer.out_of_distribution
+    ? "Not answered: this photo is not like the images this model knows."
+    : "Uncertain, refer: the ensemble is not confident enough to answer.";
   $("explained").textContent = answer.explained_label;
   const list = $("top-k");
   list.replaceChildren(...answer.top_k.map((item) => {

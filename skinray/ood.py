@@ -1,0 +1,122 @@
+"""Out-of-distribution refusal: a photo unlike every image the bundle was fitted on is not answered.
+
+A classifier gives a confident label to anything, a photo of a temple or a scanned letter
+included. Each member therefore also scores how far an image's pooled backbone features lie from
+those of known images, with the Mahalanobis distance of Lee et al. 2018: the squared distance to
+the nearest class mean under the covariance shared by the classes (estimated with Ledoit-Wolf
+shrinkage: a covariance of hundreds or thousands of dimensions from a few hundred images is
+otherwise singular). `benchmarks/ood.py` measured it against the k-nearest-neighbour distance of
+Sun et al. 2022 and the maximum softmax probability on three foreign image sets; it was chosen on
+those measurements (docs/bundle-and-scoring.md, "Out of distribution").
+
+At `skinray ensemble`: class means and the shared precision come from the fitting half of the
+validation split; each member's scores on the other half set its scale (their median), the
+ensemble's score is the weighted mean of the members' scaled scores, and the threshold is the
+ceil((n + 1)(1 - r))-th smallest ensemble score on that half, so that at most a share r
+(`ensemble.ood_false_refusal`) of in-distribution images is refused (split-conformal, as the
+differential's threshold).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+METHOD = "mahalanobis"
+REASON = "not like the images this model knows"
+
+
+def fit_statistics(features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Class means (classes present, d) and the shared precision (d, d) of one member's features."""
+    from sklearn.covariance import LedoitWolf
+
+    f = np.asarray(features, np.float64)
+    classes = np.unique(labels)
+    means = np.stack([f[labels == c].mean(axis=0) for c in classes])
+    centred = f - means[np.searchsorted(classes, labels)]
+    precision = LedoitWolf().fit(centred).precision_
+    return {"means": means.astype(np.float32), "precision": precision.astype(np.float32)}
+
+
+def mahalanobis_scores(statistics: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Each image's smallest squared Mahalanobis distance to a class mean (n,)."""
+    f = np.asarray(features, np.float64)
+    if len(f) == 0:
+        return np.zeros(0, np.float32)
+    means, precision = (np.asarray(statistics[k], np.float64) for k in ("means", "precision"))
+    projected = f @ precision
+    distances = (
+        np.einsum("nd,nd->n", projected, f)[:, None]
+        - 2.0 * projected @ means.T
+        + np.einsum("kd,de,ke->k", means, precision, means)[None, :]
+    )
+    return np.maximum(distances.min(axis=1), 0.0).astype(np.float32)
+
+
+def quantile_threshold(scores: np.ndarray, false_refusal: float) -> float:
+    """The ceil((n + 1)(1 - r))-th smallest in-distribution score: a new in-distribution image
+    scores above it with probability at most r. Infinity (refuse nothing) when n is too small."""
+    s = np.sort(np.asarray(scores, np.float64))
+    rank = math.ceil((len(s) + 1) * (1 - false_refusal) - 1e-9)
+    return math.inf if rank > len(s) else float(s[rank - 1])
+
+
+def save_statistics(statistics: dict[str, np.ndarray]) -> bytes:
+    """A member's statistics as .npz bytes (no pickles): a bundle file."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **statistics)
+    return buffer.getvalue()
+
+
+def load_statistics(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        return {k: stored[k] for k in ("means", "precision")}
+
+
+def fit(
+    member_features: list[np.ndarray],
+    labels: np.ndarray,
+    fitting: np.ndarray,
+    calibration: np.ndarray,
+    weights: list[float],
+    false_refusal: float,
+) -> dict:
+    """Each member's statistics (from the fitting half) and scale, and the ensemble's threshold (on
+    the calibration half). Returns {statistics, scales, threshold (None: infinite), calibration_images}."""
+    statistics = [fit_statistics(f[fitting], labels[fitting]) for f in member_features]
+    member_scores = [mahalanobis_scores(s, f[calibration]) for s, f in zip(statistics, member_features)]
+    scales = [float(np.median(s)) if len(s) and np.median(s) > 0 else 1.0 for s in member_scores]
+    ensemble = combine(np.stack(member_scores), scales, weights)
+    threshold = quantile_threshold(ensemble, false_refusal)
+    return {
+        "statistics": statistics,
+        "scales": scales,
+        "threshold": None if math.isinf(threshold) else threshold,
+        "calibration_images": int(len(calibration)),
+    }
+
+
+def combine(member_scores: np.ndarray, scales: list[float], weights: list[float]) -> np.ndarray:
+    """The ensemble's score: the weighted mean of each member's score over its scale."""
+    w = np.asarray(weights, np.float64)
+    scaled = np.asarray(member_scores, np.float64) / np.asarray(scales, np.float64)[:, None]
+    return (w / w.sum()) @ scaled
+
+
+def report(in_scores: np.ndarray, foreign_scores: np.ndarray, threshold: float) -> dict:
+    """What `skinray evaluate --ood DIR` says: AUROC (foreign images as positives), the false-refusal
+    rate on the evaluated split, and the share of foreign images caught at the bundle's threshold."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(in_scores)), np.ones(len(foreign_scores))]
+    scores = np.r_[in_scores, foreign_scores]
+    return {
+        "images": int(len(in_scores)),
+        "foreign_images": int(len(foreign_scores)),
+        "auroc": float(roc_auc_score(y, scores)) if len(in_scores) and len(foreign_scores) else None,
+        "false_refusal": float((np.asarray(in_scores) > threshold).mean()) if len(in_scores) else 0.0,
+        "caught": float((np.asarray(foreign_scores) > threshold).mean()) if len(foreign_scores) else 0.0,
+        "threshold": threshold,
+    }
