@@ -166,3 +166,37 @@ def test_bad_sample_flags_are_one_line(tmp_path):
     ):
         proc = skinray("data", "sample", "--dest", str(tmp_path / "s"), *flags)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_subgroup_flags_reach_evaluate_and_the_pipeline_as_config():
+    from skinray.cli import build_parser, config_of, flag_settings
+    from skinray.config import load_config
+
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--by",
+            "fitzpatrick,site",
+            "--metadata",
+            "x.csv",
+        ]
+    )
+    assert config_of(args).evaluate.columns == ["fitzpatrick", "site"]
+    assert config_of(args).evaluate.metadata == "x.csv"
+    args = build_parser().parse_args(
+        ["pipeline", "--data", "d", "--out", "o", "--by", "fitzpatrick", "--max-group-gap", "0.05"]
+    )
+    settings = flag_settings(args)
+    assert load_config(overrides=settings).evaluate.max_group_gap == 0.05
+    proc = skinray("pipeline", "--data", "d", "--out", "o", "--max-group-gap", "0.05")
+    assert (
+        proc.returncode == 2
+        and "evaluate.max_group_gap" in proc.stderr
+        and "needs evaluate.by" in proc.stderr
+    )

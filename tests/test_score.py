@@ -68,7 +68,21 @@ def test_one_row_per_file_with_errors_as_rows(scored, mixed_folder, bundle):
         assert row["label"] in manifest["classes"] and row["model_version"] == manifest["version"]
         assert [t["label"] for t in row["top_k"]][0] == row["label"] and len(row["top_k"]) == 2
         assert row["confidence"] == pytest.approx(max(row["probabilities"]))
-        assert row["abstained"] == (row["confidence"] < manifest["threshold"])
+        unsure = row["confidence"] < manifest["threshold"]
+        assert row["out_of_distribution"] == (row["ood_score"] > manifest["ood"]["threshold"])
+        assert row["abstained"] == (unsure or row["out_of_distribution"])
+        expected = (
+            "not like the images this model knows"
+            if row["out_of_distribution"]
+            else "uncertain, refer"
+            if unsure
+            else None
+        )
+        assert row["reason"] == expected
+        if row["out_of_distribution"]:
+            assert row["differential"] == []  # refused: nothing said
+        else:
+            assert row["differential"][0] == row["label"]
         assert set(row["member_probabilities"]) == {"00-tiny", "01-tiny"}
     assert (summary["rows"], summary["scored"], summary["failed"]) == (24, 20, 4)
     assert summary["unique_paths"] == summary["listed"] == 24

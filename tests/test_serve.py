@@ -60,7 +60,8 @@ def test_predict_answers_raw_bytes_and_multipart_alike(endpoint, bundle, photos)
     assert len(a["top_k"]) == 3 and [t["probability"] for t in a["top_k"]] == sorted(
         (t["probability"] for t in a["top_k"]), reverse=True
     )
-    assert a["abstained"] == (a["confidence"] < manifest["threshold"])
+    assert a["out_of_distribution"] == (a["ood_score"] > manifest["ood"]["threshold"])
+    assert a["abstained"] == (a["confidence"] < manifest["threshold"] or a["out_of_distribution"])
     assert a["differential"] == b["differential"] and a["differential"][0] == a["label"]
     assert set(a["differential"]) <= set(manifest["classes"])
     assert a["latency_ms"] > 0
