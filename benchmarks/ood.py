@@ -105,7 +105,7 @@ def main() -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from skinray import ood
+    from skinray import conformal, ood
     from skinray.cluster import connect
     from skinray.config import load_config
     from skinray.data.catalog import list_archive, model_split
@@ -151,7 +151,7 @@ def main() -> None:
         }
         results = {}
         for method, score in methods.items():
-            threshold = ood.quantile_threshold(score(known)[calibration], 0.05)
+            threshold = conformal.threshold(score(known)[calibration], 0.95)
             in_scores = score(fresh)
             results[method] = {"false_refusal": float((in_scores > threshold).mean())}
             for name, prediction in foreign.items():

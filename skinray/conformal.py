@@ -65,11 +65,18 @@ def scores(probabilities: np.ndarray, labels: np.ndarray, u: np.ndarray) -> np.n
 
 
 def threshold(calibration_scores: np.ndarray, coverage: float) -> float:
-    """q: the ceil((n + 1) * coverage)-th smallest score; infinity (every class) when n is too small
-    for the target (n + 1 < 1 / (1 - coverage))."""
+    """q: the ceil((n + 1) * coverage)-th smallest score, moved halfway to the next one (past the
+    largest by a relative 1e-6), so that float rounding elsewhere (another batch composition,
+    another machine) cannot move a calibration image across it; any q at or above that order
+    statistic keeps the guarantee. Infinity (every class) when n is too small for the target
+    (n + 1 < 1 / (1 - coverage)). The out-of-distribution threshold is this rule too."""
     s = np.sort(np.asarray(calibration_scores, np.float64))
     rank = math.ceil((len(s) + 1) * coverage - 1e-9)
-    return math.inf if rank > len(s) else float(s[rank - 1])
+    if rank > len(s):
+        return math.inf
+    if rank < len(s):
+        return float((s[rank - 1] + s[rank]) / 2)
+    return float(s[-1] + 1e-6 * max(abs(s[-1]), 1.0))
 
 
 def sets(probabilities: np.ndarray, u: np.ndarray, q: float) -> np.ndarray:

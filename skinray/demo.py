@@ -32,6 +32,7 @@ SHARED = [
     "tune.max_epochs=4",
     "tune.grace_period=1",
     "score.max_actors=1",
+    "evaluate.by=skin_tone",  # the sample's metadata.csv: the evaluation reports each tone
 ]
 MEMBERS = [
     MemberSpec(

@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from skinray import conformal
+
 METHOD = "mahalanobis"
 REASON = "not like the images this model knows"
 
@@ -55,14 +57,6 @@ def mahalanobis_scores(statistics: dict[str, np.ndarray], features: np.ndarray) 
     return np.maximum(distances.min(axis=1), 0.0).astype(np.float32)
 
 
-def quantile_threshold(scores: np.ndarray, false_refusal: float) -> float:
-    """The ceil((n + 1)(1 - r))-th smallest in-distribution score: a new in-distribution image
-    scores above it with probability at most r. Infinity (refuse nothing) when n is too small."""
-    s = np.sort(np.asarray(scores, np.float64))
-    rank = math.ceil((len(s) + 1) * (1 - false_refusal) - 1e-9)
-    return math.inf if rank > len(s) else float(s[rank - 1])
-
-
 def save_statistics(statistics: dict[str, np.ndarray]) -> bytes:
     """A member's statistics as .npz bytes (no pickles): a bundle file."""
     buffer = io.BytesIO()
@@ -89,7 +83,7 @@ def fit(
     member_scores = [mahalanobis_scores(s, f[calibration]) for s, f in zip(statistics, member_features)]
     scales = [float(np.median(s)) if len(s) and np.median(s) > 0 else 1.0 for s in member_scores]
     ensemble = combine(np.stack(member_scores), scales, weights)
-    threshold = quantile_threshold(ensemble, false_refusal)
+    threshold = conformal.threshold(ensemble, 1 - false_refusal)
     return {
         "statistics": statistics,
         "scales": scales,

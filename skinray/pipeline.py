@@ -169,6 +169,19 @@ def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config) -> dict:
         f"  member {name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
         for name, m in report["members"].items()
     ]
+    for column, r in report.get("groups", {}).items():
+        lines.append(f"  by {column} (accuracy, 95% interval, images):")
+        lines += [
+            f"    {g:14s} {v['accuracy']:.3f} ({v['intervals']['accuracy'][0]:.3f}-"
+            f"{v['intervals']['accuracy'][1]:.3f})  {v['images']}"
+            for g, v in r["groups"].items()
+        ]
+        if r["gap"]:
+            gap = r["gap"]
+            lines.append(
+                f"    worst-group gap {gap['accuracy_gap']:.3f} ({gap['interval'][0]:.3f}-"
+                f"{gap['interval'][1]:.3f}): {gap['worst']} below {gap['best']}"
+            )
     say("\n".join(lines) + f"\nreport: {join_uri(where, 'report.md')}")
     return report | {"promoted": promotion_gate(bundle, report, cfg)}
 

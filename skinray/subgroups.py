@@ -19,11 +19,11 @@ import pyarrow as pa
 from skinray import UserError
 
 NO_METADATA = "(no metadata)"
-METADATA_FILES = ("metadata.csv", "metadata.parquet")
 
 
 def read_metadata(archive: str, explicit: str = "") -> pa.Table | None:
     """The metadata table (`explicit`, else the archive's own file), or None when there is none."""
+    from skinray.data.catalog import METADATA_FILES
     from skinray.storage import join_uri, kind, resolve
 
     candidates = [explicit] if explicit else [join_uri(archive, name) for name in METADATA_FILES]

@@ -50,10 +50,13 @@ def test_sets_are_the_papers_sets_prefixes_of_the_ranking_and_never_empty(p, u, 
         assert np.allclose(conformal.scores(p, labels, np.array(u)), np.array(before) + np.array(u) * p[:, y])
 
 
-def test_the_threshold_is_the_finite_sample_quantile():
+def test_the_threshold_is_the_finite_sample_quantile_with_a_margin():
     scores = np.arange(1, 20) / 20  # n = 19
-    assert conformal.threshold(scores, 0.9) == pytest.approx(0.9)  # ceil(20 * 0.9) = 18th smallest
-    assert conformal.threshold(scores, 0.5) == pytest.approx(0.5)  # the 10th
+    assert conformal.threshold(scores, 0.9) == pytest.approx(
+        0.925
+    )  # ceil(20 * 0.9) = 18th, halfway to the 19th
+    assert conformal.threshold(scores, 0.5) == pytest.approx(0.525)  # the 10th, halfway to the 11th
+    assert conformal.threshold(scores, 0.95) == pytest.approx(0.95 * (1 + 1e-6))  # the 19th: the largest
     assert math.isinf(conformal.threshold(scores[:8], 0.9))  # ceil(9 * 0.9) = 9 > 8: every class
 
 

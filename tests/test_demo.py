@@ -25,6 +25,8 @@ def test_the_quick_demo_runs_every_stage(demo):
     assert scored.num_rows == report["num_images"]  # the test split, one row per photo
     assert f"POST http://127.0.0.1:{port}/v1/predict" in text and "true class" in text
     assert "  differential: " in text  # the answer's set of conditions that remain possible
+    assert "  by skin_tone (accuracy, 95% interval, images):" in text and "worst-group gap" in text
+    assert set(report["groups"]["skin_tone"]["groups"]) <= {"1", "2", "3", "4"}  # the sample's metadata
     assert (
         "(scikit-learn's china.jpg, not skin) -> not answered: not like the images this model knows" in text
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from skinray import ood
+from skinray import conformal, ood
 
 
 def test_the_score_is_the_smallest_mahalanobis_distance_under_the_shared_covariance():
@@ -32,10 +32,10 @@ def test_the_threshold_refuses_at_most_the_asked_share_of_known_images():
     refused = []
     for seed in range(200):
         scores = np.random.default_rng(seed).gamma(2.0, size=300)
-        t = ood.quantile_threshold(scores[:100], 0.05)
+        t = conformal.threshold(scores[:100], 0.95)
         refused.append((scores[100:] > t).mean())
     assert np.mean(refused) <= 0.05 and np.mean(refused) > 0.035
-    assert math.isinf(ood.quantile_threshold(np.ones(10), 0.05))  # 11 * 0.95 -> the 11th of 10
+    assert math.isinf(conformal.threshold(np.ones(10), 0.95))  # 11 * 0.95 -> the 11th of 10
 
 
 def test_foreign_features_are_refused_and_known_ones_kept():

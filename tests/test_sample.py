@@ -12,8 +12,15 @@ def test_dermnet_names_are_kaggles():
 def test_layout_sizes_formats(sample_archive):
     train = sorted((sample_archive / "train").iterdir())
     assert [p.name for p in train] == list(DERMNET_CLASSES[:4])
-    files = sorted(p for p in sample_archive.rglob("*") if p.is_file())
+    files = sorted(p for p in sample_archive.rglob("*") if p.is_file() and p.name != "metadata.csv")
     assert len(files) == 4 * (24 + 6)
+    metadata = (sample_archive / "metadata.csv").read_text().splitlines()
+    assert metadata[0] == "path,skin_tone" and len(metadata) == 1 + len(files)
+    tones = {line.rsplit(",", 1)[1] for line in metadata[1:]}
+    listed = {line.rsplit(",", 1)[0].strip('"') for line in metadata[1:]}
+    assert tones == {"1", "2", "3", "4"} and listed == {
+        p.relative_to(sample_archive).as_posix() for p in files
+    }
     suffixes = {p.suffix for p in files}
     assert suffixes == {".jpg", ".png"}
     sizes = [Image.open(p).size for p in files[:40]]

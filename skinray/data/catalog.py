@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from skinray import UserError, storage
 from skinray.data.decode import is_image_name
 
+METADATA_FILES = ("metadata.csv", "metadata.parquet")  # beside the split folders: skinray.subgroups
 SPLIT_ALIASES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 SCHEMA = pa.schema(
     [("path", pa.string()), ("label", pa.string()), ("label_index", pa.int32()), ("split", pa.string())]
@@ -80,6 +81,8 @@ def list_archive(uri: str) -> Catalog:
     rows, skipped = [], Counter()
     for rel in rel_files:
         parts = rel.parts
+        if rel.as_posix() in METADATA_FILES:  # the archive's metadata (skinray.subgroups), not an image
+            continue
         if is_hidden(rel):
             skipped["hidden"] += 1
             continue

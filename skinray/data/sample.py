@@ -4,8 +4,9 @@ DermNet itself needs a Kaggle account and network access; this writes photos of 
 (480 to 1024 px a side, varied aspect ratios, one in eight a PNG) under `train/<class>/` and
 `test/<class>/`, with the 23 class folder names exactly as Kaggle spells them. Each class draws its
 lesions in its own colour, texture and shape on a textured skin background, so that a small CNN can
-learn the classes even through the seed notebook's strong augmentation. The same seed writes the
-same bytes.
+learn the classes even through the seed notebook's strong augmentation. `metadata.csv` records
+each photo's skin tone (`skin_tone`, 1 lightest to 4 darkest), which `skinray evaluate --by
+skin_tone` reports by. The same seed writes the same bytes.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def class_style(index: int) -> tuple[tuple[int, int, int], str]:
     return (int(r * 255), int(g * 255), int(b * 255)), PATTERNS[index % len(PATTERNS)]
 
 
-def render(index: int, rng: np.random.Generator) -> Image.Image:
-    """One photo of class `index`: skin background, then the class's lesions."""
+def render(index: int, rng: np.random.Generator) -> tuple[Image.Image, int]:
+    """One photo of class `index`: skin background, then the class's lesions; and the skin tone
+    drawn (an index into SKIN_TONES, lightest first)."""
     width, height = (int(v) for v in rng.integers(480, 1025, size=2))
-    tone = np.array(SKIN_TONES[rng.integers(len(SKIN_TONES))], dtype=np.float32)
+    tone_index = int(rng.integers(len(SKIN_TONES)))
+    tone = np.array(SKIN_TONES[tone_index], dtype=np.float32)
     # Low-frequency shading plus fine grain: texture that is not the class signal.
     shade = rng.normal(0, 12, size=(height // 32 + 1, width // 32 + 1)).astype(np.float32)
     shade = np.asarray(Image.fromarray(shade, "F").resize((width, height), Image.Resampling.BICUBIC))
@@ -75,7 +78,7 @@ def render(index: int, rng: np.random.Generator) -> Image.Image:
         cx, cy = rng.uniform(0.25, 0.75) * width, rng.uniform(0.25, 0.75) * height
         r = rng.uniform(0.12, 0.22) * side
         _draw_lesion(draw, pattern, colour, cx, cy, r, rng)
-    return image.filter(ImageFilter.GaussianBlur(radius=1.5))
+    return image.filter(ImageFilter.GaussianBlur(radius=1.5)), tone_index
 
 
 def _draw_lesion(draw, pattern, colour, cx, cy, r, rng) -> None:
@@ -120,15 +123,19 @@ def write_sample(
         raise UserError(f"--per-class must be at least 1, got {per_class}")
     dest = Path(dest)
     counts = {"train": per_class, "test": max(1, round(per_class * test_fraction))}
+    metadata = []  # metadata.csv: each photo's skin tone, 1 (lightest) to 4 (what evaluate --by reads)
     for split_id, (split, n) in enumerate(counts.items()):
         for index, name in enumerate(DERMNET_CLASSES[:classes]):
             folder = dest / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 rng = np.random.default_rng([seed, split_id, index, i])
-                image = render(index, rng)
+                image, tone = render(index, rng)
+                file_name = f"{split}_{index:02d}_{i:04d}.{'png' if i % 8 == 7 else 'jpg'}"
                 if i % 8 == 7:
-                    image.save(folder / f"{split}_{index:02d}_{i:04d}.png", optimize=False)
+                    image.save(folder / file_name, optimize=False)
                 else:
-                    image.save(folder / f"{split}_{index:02d}_{i:04d}.jpg", quality=90)
+                    image.save(folder / file_name, quality=90)
+                metadata.append(f'"{split}/{name}/{file_name}",{tone + 1}')
+    (dest / "metadata.csv").write_text("path,skin_tone\n" + "\n".join(metadata) + "\n")
     return {split: n * classes for split, n in counts.items()}
