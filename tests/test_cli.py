@@ -188,7 +188,11 @@ def test_the_subgroup_flags_reach_evaluate_and_the_pipeline_as_config():
         ]
     )
     assert config_of(args).evaluate.columns == ["fitzpatrick", "site"]
-    assert config_of(args).evaluate.metadata == "x.csv"
+    assert config_of(args).evaluate.metadata == "x.csv" and args.ood is None
+    assert (
+        build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o", "--ood", "f"]).ood
+        == "f"
+    )
     args = build_parser().parse_args(
         ["pipeline", "--data", "d", "--out", "o", "--by", "fitzpatrick", "--max-group-gap", "0.05"]
     )

@@ -478,3 +478,40 @@ def test_a_bundle_over_the_gap_limit_is_not_promoted_and_not_served(cli_bundle, 
     build_app(app_args(str(copy), load_config(overrides=["serve.allow_unpromoted=true"])))
     assert promotion_gate(str(copy), report, cfg) is False  # a rerun: resealed once
     assert json.loads((copy / "bundle.json").read_text())["version"] == manifest["version"]
+
+
+def test_evaluate_with_foreign_images_reports_how_well_they_are_refused(
+    cli_bundle, members, ray_cluster, tmp_path
+):
+    """`skinray evaluate --ood DIR`: real scans that are not skin (scikit-learn's handwritten digits)
+    against the test split, through the same engine; the bundle's check tells them apart."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from skinray import UserError
+    from skinray.evaluate import evaluate, format_report
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for i, digit in enumerate(load_digits().images[:30]):
+        pixels = np.round(digit * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels).resize((256, 256), Image.NEAREST).convert("RGB").save(
+            foreign / f"{i:02d}.png"
+        )
+    (foreign / "notes.txt").write_text("not an image")  # unreadable: counted, not scored
+    report = evaluate(
+        str(cli_bundle), str(members["archive"]), "test", str(tmp_path / "r"), ood_dir=str(foreign)
+    )
+    o = report["ood"]
+    assert (o["images"], o["foreign_images"], o["unreadable"]) == (40, 30, 1)
+    assert (
+        o["auroc"] > 0.9
+        and o["caught"] > 0.8
+        and o["false_refusal"] == report["out_of_distribution"]["refused"]
+    )
+    assert "foreign images (30): AUROC" in format_report(report, str(tmp_path / "r"))
+    assert "## Out of distribution" in (tmp_path / "r" / "report.md").read_text()
+    with pytest.raises(UserError, match="has no out-of-distribution check"):
+        evaluate(
+            members["runs"][0], str(members["archive"]), "test", str(tmp_path / "x"), ood_dir=str(foreign)
+        )

@@ -254,7 +254,16 @@ def test_oip_through_tritonclient(endpoint, bundle, photos):
     differentials = [json.loads(d) for d in binary.as_numpy("differential")]
     assert [sorted(d) for d in differentials] == [sorted(np.array(classes)[row]) for row in in_set]
     assert [d[0] for d in differentials] == [classes[i] for i in probabilities.argmax(1)]
-    assert {"differential", "in_set"} <= {o["name"] for o in meta["outputs"]}
+    assert {"differential", "in_set", "out_of_distribution", "ood_score"} <= {
+        o["name"] for o in meta["outputs"]
+    }
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    refused = binary.as_numpy("out_of_distribution")
+    assert (
+        refused.dtype == np.bool_
+        and refused.tolist() == (binary.as_numpy("ood_score") > manifest["ood"]["threshold"]).tolist()
+    )
+    assert all(binary.as_numpy("abstained")[refused])
 
     as_json = client.infer(
         "skinray", [image], outputs=[http.InferRequestedOutput("probabilities", binary_data=False)]

@@ -9,7 +9,8 @@
                                       [N, classes], `label` BYTES [N], `abstained` BOOL [N], and
                                       for a bundle with differential sets `differential` BYTES [N]
                                       (a JSON list of labels per image, most probable first) and
-                                      `in_set` BOOL [N, classes]
+                                      `in_set` BOOL [N, classes]; with an out-of-distribution
+                                      check `out_of_distribution` BOOL [N], `ood_score` FP32 [N]
 
 Tensors travel as JSON (`data`; BYTES elements as base64 strings, since JSON cannot carry raw
 bytes) or with the binary tensor data extension: the JSON header's length in the
@@ -82,6 +83,14 @@ def oip_router(service: Service, authorized) -> APIRouter:
                     if service.predictor.set_threshold is not None
                     else []
                 ),
+                *(
+                    [
+                        {"name": "out_of_distribution", "datatype": "BOOL", "shape": [-1]},
+                        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+                    ]
+                    if service.predictor.ood_threshold is not None
+                    else []
+                ),
             ],
             "parameters": {"classes": service.predictor.classes},
         }
@@ -100,6 +109,9 @@ def oip_router(service: Service, authorized) -> APIRouter:
         if prediction.in_set is not None:
             outputs["differential"] = ("BYTES", [json.dumps(a["differential"]).encode() for a in answers])
             outputs["in_set"] = ("BOOL", prediction.in_set)
+        if prediction.ood_scores is not None:
+            outputs["out_of_distribution"] = ("BOOL", prediction.out_of_distribution)
+            outputs["ood_score"] = ("FP32", prediction.ood_scores.astype(np.float32))
         body, header_length = encode_response(request_json, outputs, version)
         if header_length is None:
             return JSONResponse(json.loads(body))
