@@ -229,12 +229,13 @@ def evaluate(
     catalog = list_archive(archive)
     table = model_split(catalog, split, predictor.classes, predictor.config.data)
     cfg = cfg or predictor.config
-    connect(reserved_cpus(cfg, "evaluate"))
+    metadata = subgroups.metadata_for(archive, cfg.evaluate)  # a missing file or column: before any work
     if ood_dir and predictor.ood_threshold is None:
         raise UserError(
             f"'{redact(model_path)}' has no out-of-distribution check (only bundles made by skinray "
             "ensemble have one): --ood has nothing to evaluate"
         )
+    connect(reserved_cpus(cfg, "evaluate"))
     scored = labelled_logits(
         table,
         [model_path],
@@ -249,8 +250,8 @@ def evaluate(
     report = model_report(predictor, calibrated, predictor.combine_uncalibrated(scored.logits), labels)
     if ood_dir:
         report["ood"] = _foreign_report(predictor, model_path, scored.ood_scores, ood_dir, cfg)
-    if cfg.evaluate.columns:
-        report["groups"] = _group_reports(predictor, calibrated, scored, catalog, archive, cfg)
+    if metadata is not None:
+        report["groups"] = _group_reports(predictor, calibrated, scored, catalog, metadata, cfg)
     report |= {
         "model": predictor.source,
         "model_version": predictor.version,
@@ -264,18 +265,10 @@ def evaluate(
     return report
 
 
-def _group_reports(predictor, calibrated, scored, catalog, archive: str, cfg: Config) -> dict:
+def _group_reports(predictor, calibrated, scored, catalog, metadata, cfg: Config) -> dict:
     """`skinray.subgroups.report` for each `evaluate.by` column, on the archive's metadata."""
-    from skinray import subgroups
     from skinray.conformal import sets
 
-    metadata = subgroups.read_metadata(archive, cfg.evaluate.metadata)
-    if metadata is None:
-        raise UserError(
-            f"--by {cfg.evaluate.by} needs metadata: '{redact(archive)}' has no metadata.csv or "
-            "metadata.parquet (a `path` column relative to the archive, and the columns to group by); "
-            "or give one with --metadata"
-        )
     root = f"{catalog.prefix}{catalog.root}/"
     relative = [p[len(root) :] if p.startswith(root) else p for p in scored.paths]
     data = {
@@ -420,13 +413,6 @@ def format_report(report: dict, out: str) -> str:
             f"{d['interval'][0]:.1%}-{d['interval'][1]:.1%}), mean size {d['mean_size']:.2f}"
         )
     for column, r in report.get("groups", {}).items():
-        gap = r["gap"]
-        summary = ", ".join(f"{g} {v['accuracy']:.3f} ({v['images']})" for g, v in r["groups"].items())
-        lines.append(f"by {column}: accuracy {summary}")
-        if gap:
-            lines.append(
-                f"  worst-group gap {gap['accuracy_gap']:.3f} ({gap['interval'][0]:.3f}-"
-                f"{gap['interval'][1]:.3f}, 95%): {gap['best']} over {gap['worst']}"
-            )
+        lines += subgroups.console_lines(column, r)
     lines.append(f"report: {join_uri(out, 'report.md')}")
     return "\n".join(lines)

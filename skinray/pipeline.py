@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from skinray import UserError, console
+from skinray import UserError, console, subgroups
 from skinray.config import Config, load_config
 from skinray.storage import absolute, join_uri, read_marker, read_text, write_json
 
@@ -50,13 +50,16 @@ class MemberSpec:
 def member_configs(
     archive: str, members: list[MemberSpec], settings: list[str] = (), base_config: str | None = None
 ) -> list[Config]:
-    """Each member's config: `base_config`, then its own file, then its settings, then `settings`."""
+    """Each member's config: `base_config`, then its own file, then its settings, then `settings`.
+    Bad settings fail here, and `--by` without its metadata, before Ray or any training."""
     if len({m.name for m in members}) != len(members):
         raise UserError("two members share a name: give each member config its own file name")
-    return [
+    configs = [
         load_config(m.config, [*m.settings, *settings, f"data.archive={archive}"], base=base_config)
         for m in members
     ]
+    subgroups.metadata_for(archive, configs[0].evaluate)
+    return configs
 
 
 def run_pipeline(
@@ -170,18 +173,7 @@ def evaluate_stage(bundle: str, archive: str, out: str, cfg: Config) -> dict:
         for name, m in report["members"].items()
     ]
     for column, r in report.get("groups", {}).items():
-        lines.append(f"  by {column} (accuracy, 95% interval, images):")
-        lines += [
-            f"    {g:14s} {v['accuracy']:.3f} ({v['intervals']['accuracy'][0]:.3f}-"
-            f"{v['intervals']['accuracy'][1]:.3f})  {v['images']}"
-            for g, v in r["groups"].items()
-        ]
-        if r["gap"]:
-            gap = r["gap"]
-            lines.append(
-                f"    worst-group gap {gap['accuracy_gap']:.3f} ({gap['interval'][0]:.3f}-"
-                f"{gap['interval'][1]:.3f}): {gap['worst']} below {gap['best']}"
-            )
+        lines += [f"  {line}" for line in subgroups.console_lines(column, r)]
     say("\n".join(lines) + f"\nreport: {join_uri(where, 'report.md')}")
     return report | {"promoted": promotion_gate(bundle, report, cfg)}
 

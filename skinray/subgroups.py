@@ -21,6 +21,27 @@ from skinray import UserError
 NO_METADATA = "(no metadata)"
 
 
+def metadata_for(archive: str, cfg) -> pa.Table | None:
+    """The metadata `evaluate.by` groups by (`cfg`: the EvaluateConfig), read and checked before any
+    work: a missing file or column is refused in one line. None when nothing is grouped."""
+    if not cfg.columns:
+        return None
+    from skinray.storage import redact
+
+    metadata = read_metadata(archive, cfg.metadata)
+    if metadata is None:
+        raise UserError(
+            f"--by {cfg.by} needs metadata: '{redact(archive)}' has no metadata.csv or "
+            "metadata.parquet (a `path` column relative to the archive, and the columns to group by); "
+            "or give one with --metadata"
+        )
+    missing = [c for c in cfg.columns if c not in metadata.column_names]
+    if missing:
+        known = ", ".join(c for c in metadata.column_names if c != "path")
+        raise UserError(f"the metadata has no column '{missing[0]}' (it has: {known})")
+    return metadata
+
+
 def read_metadata(archive: str, explicit: str = "") -> pa.Table | None:
     """The metadata table (`explicit`, else the archive's own file), or None when there is none."""
     from skinray.data.catalog import METADATA_FILES
@@ -51,10 +72,8 @@ def _read_table(fs, path: str) -> pa.Table:
 
 
 def group_labels(relative_paths: list[str], metadata: pa.Table, column: str) -> list[str]:
-    """Each image's group in `column` (as text); `NO_METADATA` where the metadata has no value."""
-    if column not in metadata.column_names:
-        known = ", ".join(c for c in metadata.column_names if c != "path")
-        raise UserError(f"the metadata has no column '{column}' (it has: {known})")
+    """Each image's group in `column` (as text; `metadata_for` checked it exists); `NO_METADATA`
+    where the metadata has no value."""
     values = {
         str(p).lstrip("/"): (None if v is None else str(v))
         for p, v in zip(metadata["path"].to_pylist(), metadata[column].to_pylist())
@@ -125,6 +144,24 @@ def report(groups: list[str], data: dict, resamples: int, seed: int = 0) -> dict
             "interval": [float(np.percentile(boot_gap, 2.5)), float(np.percentile(boot_gap, 97.5))],
         }
     return {"groups": per_group, "gap": gap, "resamples": resamples}
+
+
+def console_lines(column: str, r: dict) -> list[str]:
+    """What `skinray evaluate` and the pipeline print: each group's accuracy, interval and images,
+    then the gap."""
+    lines = [f"by {column} (accuracy, 95% interval, images):"]
+    lines += [
+        f"  {g:14s} {v['accuracy']:.3f} ({v['intervals']['accuracy'][0]:.3f}-"
+        f"{v['intervals']['accuracy'][1]:.3f})  {v['images']}"
+        for g, v in r["groups"].items()
+    ]
+    gap = r["gap"]
+    if gap:
+        lines.append(
+            f"  worst-group gap {gap['accuracy_gap']:.3f} ({gap['interval'][0]:.3f}-"
+            f"{gap['interval'][1]:.3f}): {gap['worst']} below {gap['best']}"
+        )
+    return lines
 
 
 def markdown(column: str, r: dict) -> list[str]:

@@ -168,7 +168,7 @@ def test_bad_sample_flags_are_one_line(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_the_subgroup_flags_reach_evaluate_and_the_pipeline_as_config():
+def test_the_subgroup_flags_reach_evaluate_and_the_pipeline_as_config(tmp_path):
     from skinray.cli import build_parser, config_of, flag_settings
     from skinray.config import load_config
 
@@ -204,3 +204,6 @@ def test_the_subgroup_flags_reach_evaluate_and_the_pipeline_as_config():
         and "evaluate.max_group_gap" in proc.stderr
         and "needs evaluate.by" in proc.stderr
     )
+    proc = skinray("pipeline", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--by", "fitzpatrick")
+    assert proc.returncode == 2 and "--by fitzpatrick needs metadata" in proc.stderr  # before any training
+    assert not (tmp_path / "o").exists()
