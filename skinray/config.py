@@ -7,6 +7,7 @@ so a result can always be traced back to exactly the settings that produced it. 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -850,6 +851,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 2e-3 and 1E5 as strings
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if hint in (int, float, str, bool):
@@ -857,6 +860,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
         return value
     raise ConfigError(key, f"unsupported type {hint}")
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 # === Describing keys: what the CLI's flags and the configuration reference show ===

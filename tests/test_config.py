@@ -28,6 +28,14 @@ def test_int_is_accepted_for_float():
     assert load_config(overrides=["train.head_lr=1"]).train.head_lr == 1.0
 
 
+def test_exponent_notation_is_a_float():
+    # PyYAML (YAML 1.1) reads 2e-3 as the string '2e-3'; a learning rate is written so.
+    cfg = load_config(overrides=["train.finetune_lr=2e-3", "train.head_lr=1E-4"])
+    assert (cfg.train.finetune_lr, cfg.train.head_lr) == (0.002, 0.0001)
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(overrides=["train.head_lr=fast"])
+
+
 @pytest.mark.parametrize(
     "override, key, words",
     [
