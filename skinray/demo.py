@@ -34,31 +34,22 @@ SHARED = [
     "score.max_actors=1",
     "evaluate.by=skin_tone",  # the sample's metadata.csv: the evaluation reports each tone
 ]
+# 12 epochs of 6 steps (192 photos, 2 workers x 16): with the scratch recipe's identity-initialised
+# residual blocks each backbone passes 0.9 validation accuracy by then (ResNet50 0.73 and
+# EfficientNetV2S 0.52 without them, measured 2026-12-01); ResNet50 and EfficientNetV2S at 64 px,
+# InceptionV3 at its smallest input, 75 px.
 MEMBERS = [
     MemberSpec(
-        "resnet50",
-        settings=("model.backbone=resnet50", "model.image_size=64", "train.batch_size=16", "train.epochs=4"),
-    ),
-    MemberSpec(
-        "inception_v3",
+        backbone,
         settings=(
-            "model.backbone=inception_v3",
-            "model.image_size=75",
+            f"model.backbone={backbone}",
+            f"model.image_size={size}",
             "train.batch_size=16",
-            "train.epochs=4",
+            "train.epochs=12",
         ),
-        tune=False,
-    ),
-    MemberSpec(
-        "efficientnetv2s",
-        settings=(
-            "model.backbone=efficientnetv2s",
-            "model.image_size=64",
-            "train.batch_size=16",
-            "train.epochs=4",
-        ),
-        tune=False,
-    ),
+        tune=backbone == "resnet50",
+    )
+    for backbone, size in (("resnet50", 64), ("inception_v3", 75), ("efficientnetv2s", 64))
 ]
 # The tiny-member recipe: the quick demo's members (which the tests share as their trained members
 # and bundle) and configs/tiny_smoke.yaml (a test keeps them equal). The scratch recipe, 2 workers

@@ -63,6 +63,45 @@ def test_a_seed_fixes_the_initial_weights():
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+def test_the_scratch_recipe_starts_residual_blocks_as_the_identity():
+    """model.zero_init_residual (the scratch recipe's): the BatchNormalization ending each residual
+    branch starts at zero scale, so a block passes its shortcut through; a shortcut's own layer (the
+    previous block's output, or ResNet's projection) keeps its scale. Pretrained or off: untouched."""
+    import keras
+
+    from skinray.models import create_classifier
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+
+    def outputs(model, *names):
+        backbone = model.get_layer("backbone")
+        probe = keras.Model(backbone.inputs, [backbone.get_layer(n).output for n in names])
+        x = model.get_layer("preprocessing")(images)
+        return [np.asarray(y) for y in probe(x, training=False)]
+
+    resnet = create_classifier(_model(backbone="resnet50", weights="none", image_size=64), 3)
+    a, b = outputs(resnet, "conv2_block1_out", "conv2_block2_out")
+    assert np.array_equal(a, b)  # relu(shortcut + 0) of a relu output
+    gammas = {
+        layer.name: np.asarray(layer.gamma)
+        for layer in resnet.get_layer("backbone").layers
+        if "_bn" in layer.name
+    }
+    assert sum(not g.any() for g in gammas.values()) == 16 and gammas["conv2_block1_0_bn"].all()
+
+    effnet = create_classifier(_model(backbone="efficientnetv2s", weights="none", image_size=64), 3)
+    shortcut, added = outputs(effnet, "block2a_project_bn", "block2b_add")
+    assert shortcut.any() and np.allclose(shortcut, added)
+    zeroed = [x.name for x in effnet.get_layer("backbone").layers if "_bn" in x.name and not np.any(x.gamma)]
+    assert len(zeroed) == 35 and "block2a_project_bn" not in zeroed
+
+    off = create_classifier(
+        _model(backbone="resnet50", weights="none", image_size=64, zero_init_residual=False), 3
+    )
+    a, b = outputs(off, "conv2_block1_out", "conv2_block2_out")
+    assert not np.array_equal(a, b)
+
+
 def test_image_size_override_and_minimum():
     assert input_size(get_backbone("resnet50")) == 224
     assert input_size(get_backbone("resnet50"), 128) == 128

@@ -41,6 +41,9 @@ class BackboneSpec:
         cam_layer: the backbone's layer whose output Grad-CAM explains (its last convolutional
             feature map), by name.
         min_size: the smallest input side the architecture accepts.
+        residual_bn: a pattern (`re.search`) naming the BatchNormalization layers that end a
+            residual branch; those feeding an Add start at zero scale under
+            `model.zero_init_residual` ('' for backbones without residual blocks).
         weights_file: the no-top ImageNet weights as Keras caches them (None: no ImageNet weights).
         weights_url: where Keras downloads them from.
         weights_hash: their MD5, as Keras checks it.
@@ -53,6 +56,7 @@ class BackboneSpec:
     feature_size: int
     cam_layer: str
     min_size: int = 32
+    residual_bn: str = ""
     weights_file: str | None = None
     weights_url: str | None = None
     weights_hash: str | None = None
@@ -108,6 +112,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             "caffe",
             2048,
             "conv5_block3_out",
+            residual_bn=r"_3_bn$",
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=KERAS_APPLICATIONS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_hash="4d473c1dd8becc155b73f8504c6f6626",
@@ -132,6 +137,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             "raw",
             1280,
             "top_activation",
+            residual_bn=r"_project_bn$",  # the blocks whose input and output shapes match: 35 of 40
             weights_file="efficientnetv2-s_notop.h5",
             weights_url=KERAS_APPLICATIONS + "efficientnet_v2/efficientnetv2-s_notop.h5",
             weights_hash="af0682fb74e8c54910f2d4393339c070",

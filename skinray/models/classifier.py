@@ -60,7 +60,10 @@ def build_classifier(
     The logits stay float32 under mixed precision, for a numerically safe softmax and loss.
     """
     inputs, features = build_features(spec, size, weights)
-    return keras.Model(inputs, head(features, num_classes, cfg), name=f"skinray_{spec.name}")
+    model = keras.Model(inputs, head(features, num_classes, cfg), name=f"skinray_{spec.name}")
+    if weights is None and cfg.zero_init_residual:
+        zero_init_residual(model.get_layer("backbone"), spec.residual_bn)
+    return model
 
 
 def build_features(spec: BackboneSpec, size: int, weights: str | None):
@@ -116,3 +119,36 @@ def unfreeze_top(model: keras.Model, count: int, keep_batchnorm_frozen: bool) ->
         batchnorm = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = i >= cut and not (batchnorm and keep_batchnorm_frozen)
     return len(layers) - cut
+
+
+def zero_init_residual(backbone: keras.Model, pattern: str) -> int:
+    """Starts every residual block as the identity: the BatchNormalization that ends each residual
+    branch gets a zero scale, so the signal first flows through the shortcuts alone (Goyal et al.
+    2017, "Accurate, Large Minibatch SGD", section 5.1). Returns how many layers were set.
+
+    A layer ends a residual branch when its name matches `pattern` and its output reaches nothing
+    but an Add (through stochastic depth's Dropout or an activation, which map zero to zero); a
+    block's output that the next block's shortcut adds is also read by that block's convolution.
+    """
+    import re
+
+    def only_into_add(layer) -> bool:
+        consumers = [node.operation for node in layer._outbound_nodes]
+        return bool(consumers) and all(
+            isinstance(c, keras.layers.Add)
+            or isinstance(c, (keras.layers.Dropout, keras.layers.Activation))
+            and only_into_add(c)
+            for c in consumers
+        )
+
+    count = 0
+    for layer in backbone.layers:
+        if (
+            pattern
+            and isinstance(layer, keras.layers.BatchNormalization)
+            and re.search(pattern, layer.name)
+            and only_into_add(layer)
+        ):
+            layer.gamma.assign(ops.zeros_like(layer.gamma))
+            count += 1
+    return count

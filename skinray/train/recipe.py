@@ -38,7 +38,13 @@ def describe(cfg: Config, global_batch: int) -> str:
     )
     return (
         f"recipe {train.recipe} ({why}): {phases}{layers} at {rate(train.finetune_lr)}; {schedule}; "
-        f"dropout {model.dropout:.3g}/{model.head_dropout:.3g}, label smoothing {train.label_smoothing:.3g}, "
+        + (
+            "residual blocks start as the identity; "
+            if model.zero_init_residual and model.weights == "none"
+            else ""
+        )
+        + f"dropout {model.dropout:.3g}/{model.head_dropout:.3g}, "
+        f"label smoothing {train.label_smoothing:.3g}, "
         f"early stopping after {train.early_stopping_patience or 'never'} epochs without improvement"
     )
 
