@@ -126,6 +126,24 @@ def quality_row(line: dict) -> str:
     return _row(cells)
 
 
+def transfer_row(line: dict) -> str:
+    def side(name: str) -> str:
+        return f"{line[name + '_mean']:.3f} ({line[name + '_min']:.3f}-{line[name + '_max']:.3f})"
+
+    cells = [
+        line["date"],
+        f"{line['train_images']} / {line['test_images']}, {line['size']} px, {line['epochs']} epochs, "
+        f"batch {line['global_batch']}",
+        " ".join(map(str, line["seeds"])),
+        side("transfer"),
+        side("keras"),
+        side("scratch"),
+        f"{line['transfer_vs_keras']:+.3f}",
+        f"{line['transfer_vs_scratch']:+.3f}",
+    ]
+    return _row(cells)
+
+
 def serve_row(line: dict) -> str:
     """One row per mode: requests/s (median and spread), p50 and p99 of the median run, at
     concurrency 1, 8 and 32; then the handle, the load shedding and the ratios."""
@@ -169,4 +187,5 @@ ROWS = {
     "quality": quality_row,
     "serve": serve_row,
     "ood": ood_row,
+    "transfer": transfer_row,
 }

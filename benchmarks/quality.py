@@ -31,8 +31,9 @@ import numpy as np
 from common import quality_row, record
 
 
-def write_digits(root: Path) -> Path:
-    """The digits as `train/<digit>/*.png` and `test/<digit>/*.png` (stratified, fixed split)."""
+def write_digits(root: Path, train_size: float | int = 0.8) -> Path:
+    """The digits as `train/<digit>/*.png` and `test/<digit>/*.png` (stratified, fixed split):
+    `train_size` is the training share, or (an int) the number of training scans."""
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -40,7 +41,7 @@ def write_digits(root: Path) -> Path:
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 17 grey levels -> 0..255
     indices = np.arange(len(images))
-    train, test = train_test_split(indices, test_size=0.2, stratify=digits.target, random_state=0)
+    train, test = train_test_split(indices, train_size=train_size, stratify=digits.target, random_state=0)
     for split, chosen in (("train", train), ("test", test)):
         for i in chosen:
             folder = root / split / str(digits.target[i])
@@ -160,17 +161,18 @@ def keras_run(args, archive: Path, seed: int) -> dict:
     return {"test_accuracy": accuracy, "best_epoch": monitor.best_epoch + 1, "seconds": seconds}
 
 
-def _keras_in_process(args, archive: Path, seed: int, queue) -> None:
-    queue.put(keras_run(args, archive, seed))
+def _keras_in_process(run, args, archive: Path, seed: int, extra: tuple, queue) -> None:
+    queue.put(run(args, archive, seed, *extra))
 
 
-def keras_fresh(args, archive: Path, seed: int) -> dict:
-    """In a fresh process (TensorFlow's state and threads as a user's own script would have them)."""
+def keras_fresh(args, archive: Path, seed: int, run=keras_run, *extra) -> dict:
+    """`run(args, archive, seed, *extra)` in a fresh process (TensorFlow's state and threads as a
+    user's own script would have them)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_keras_in_process, args=(args, archive, seed, queue))
+    process = ctx.Process(target=_keras_in_process, args=(run, args, archive, seed, extra, queue))
     process.start()
     result = queue.get()
     process.join()

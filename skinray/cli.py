@@ -25,6 +25,7 @@ MODEL_FLAGS = {
     "--data": "data.archive",
     "--image-size": "model.image_size",
     "--weights": "model.weights",
+    "--weights-member": "model.weights_member",
 }
 COMMAND_FLAGS = {
     "train": {
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--overwrite", action="store_true", help="replace PNGs already in --out (refused otherwise)"
     )
+
+    export = commands.add_parser(
+        "export-weights", help="write a trained model's backbone weights for plain Keras (.weights.h5)"
+    )
+    export.add_argument("model", metavar="RUN_OR_BUNDLE", help="run directory, checkpoint or bundle")
+    export.add_argument("--member", default="", help="a bundle's member (default: its only one)")
+    export.add_argument("--out", required=True, help="file or URI ending in .weights.h5")
 
     evaluate = _command(commands, "evaluate", "per-class report of a bundle or trained model")
     evaluate.add_argument("--model", required=True, help="bundle, run directory, checkpoint, or .keras file")
@@ -405,6 +413,15 @@ def _data(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _export_weights(args) -> int:
+    from skinray.console import load_tensorflow
+    from skinray.models.sources import export_backbone
+
+    load_tensorflow(expect_gpu=False)
+    print(export_backbone(args.model, args.out, args.member))
+    return 0
+
+
 COMMANDS = {
     "data": _data,
     "train": _train,
@@ -414,6 +431,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "serve": _serve,
     "explain": _explain,
+    "export-weights": _export_weights,
     "pipeline": _pipeline,
     "demo": _demo,
 }

@@ -132,7 +132,14 @@ class ModelConfig:
     Args:
         backbone: a name from the backbone registry (`skinray.models.backbones`).
         image_size: input side in pixels; 0 means the backbone's native size.
-        weights: 'imagenet', 'none', or a path to a weights file for the backbone.
+        weights: 'imagenet', 'none', a Keras weights file for the backbone (`.h5`, `.weights.h5`),
+            or a trained skinray model whose backbone to start from: a run directory (its best
+            checkpoint), a checkpoint or a bundle (local or URI). The head is always new.
+        weights_member: with a bundle as `weights`, the member whose backbone to take (e.g.
+            '00-resnet50'); empty: the bundle's only member.
+        weights_from: written by training, not set: the bundle version and member, or the
+            checkpoint, that the backbone's weights came from (a run's config.yaml records it, and a
+            resume refuses a source that has changed since).
         head_units: width of the head's hidden dense layer.
         head_activation: activation of that layer (any Keras activation name).
         dropout: dropout before the hidden dense layer (unset: the recipe's, see `RECIPES`).
@@ -141,12 +148,14 @@ class ModelConfig:
         zero_init_residual: with random weights, start every residual block as the identity: the
             BatchNormalization ending each residual branch starts at zero scale (Goyal et al. 2017).
             The scratch recipe's (on the sample archive it took ResNet50 from validation accuracy
-            0.73 to 0.96 in 12 epochs); unset: the recipe's. Pretrained weights are never changed.
+            0.73 to 0.98 in 12 epochs); unset: the recipe's. Pretrained weights are never changed.
     """
 
     backbone: str = "resnet50"
     image_size: int = 0
     weights: str = "imagenet"
+    weights_member: str = ""
+    weights_from: str = ""
     head_units: int = 256
     head_activation: str = "relu"
     dropout: float | None = None

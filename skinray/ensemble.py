@@ -228,7 +228,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     )
     fitting, calibration = halves(split.labels, seed)
     ood_fit = ood.fit(
-        split.features, split.labels, fitting, calibration, fitted["weights"], cfg.ensemble.ood_false_refusal
+        split.features, split.labels, fitting, calibration, cfg.ensemble.ood_false_refusal
     )
     if ood_fit["threshold"] is None:
         warn(

@@ -393,7 +393,7 @@ class Predictor:
         if member_ood is not None and self.ood_threshold is not None:
             from skinray.ood import combine
 
-            ood_scores = combine(member_ood, [m.ood_scale for m in self.members], weights)
+            ood_scores = combine(member_ood, [m.ood_scale for m in self.members])
         return Prediction(
             ensemble.astype(np.float32),
             calibrated,

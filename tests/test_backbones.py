@@ -226,3 +226,87 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precis
     loss, changed, total = ray.get(one_step.remote(name, size))
     assert np.isfinite(loss) and loss > 0
     assert changed == total  # every trainable weight moved
+
+
+# === A trained model as the source of a backbone's weights (fine-tuning, export) ===
+
+
+def _backbone_kernels(model) -> list[np.ndarray]:
+    return [np.asarray(w) for w in model.get_layer("backbone").get_weights()]
+
+
+def test_a_run_or_a_bundle_member_gives_its_backbone_and_never_its_head(members, bundle):
+    """--weights RUN / BUNDLE --weights-member NAME: the backbone starts from the source's weights
+    (at another input size too), the head is new and sized for the new classes."""
+    from skinray.models import create_classifier
+    from skinray.predictor import Predictor
+
+    run = members["runs"][0]  # tiny, 48 px
+    source = Predictor.from_path(run).members[0].model
+    model = create_classifier(_model(backbone="tiny", weights=run, image_size=56), 7, seed=0)
+    assert model.output_shape == (None, 7) and model.input_shape[1] == 56
+    for theirs, ours in zip(_backbone_kernels(source), _backbone_kernels(model), strict=True):
+        assert np.array_equal(theirs, ours)
+
+    member = Predictor.from_path(str(bundle)).members[1]  # the 64 px member
+    model = create_classifier(
+        _model(backbone="tiny", weights=str(bundle), weights_member=member.name, image_size=64), 3
+    )
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(_backbone_kernels(member.model), _backbone_kernels(model), strict=True)
+    )
+    assert not np.array_equal(  # the other member's backbone is another
+        _backbone_kernels(Predictor.from_path(str(bundle)).members[0].model)[0], _backbone_kernels(model)[0]
+    )
+
+
+def test_a_source_that_does_not_fit_is_a_one_line_error_naming_both(members, bundle, tmp_path):
+    from skinray.models import check_model
+    from skinray.predictor import Predictor
+
+    run, names = members["runs"][0], [m.name for m in Predictor.from_path(str(bundle), False).members]
+    cases = [
+        (_model(backbone="resnet50", weights=run), ["holds a tiny backbone", "builds a resnet50"]),
+        (_model(backbone="tiny", weights=str(bundle)), ["2 members", *names, "--weights-member"]),
+        (_model(backbone="tiny", weights=str(bundle), weights_member="tiny99"), ["tiny99", *names]),
+        (_model(backbone="tiny", weights=str(tmp_path / "nothing")), ["not 'imagenet', 'none'"]),
+        (_model(backbone="inception_v3", weights=run, image_size=64), ["at least 75"]),
+    ]
+    for cfg, words in cases:
+        with pytest.raises(BackboneError) as err:
+            check_model(cfg)
+        assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_exported_weights_load_into_plain_keras_and_back(tmp_path):
+    """`skinray export-weights` writes the backbone so that Keras' own constructor loads it (by
+    structure, at its native size), and `--weights FILE` starts a skinray model from it."""
+    import keras
+
+    from skinray import rundir
+    from skinray.config import Config
+    from skinray.models import create_classifier
+    from skinray.models.sources import export_backbone
+
+    cfg = Config(model=_model(backbone="resnet50", weights="none", image_size=32))
+    trained = create_classifier(cfg.model, 3, seed=5)
+    checkpoint = tmp_path / "checkpoint_epoch_0001"
+    checkpoint.mkdir()
+    trained.save(checkpoint / rundir.MODEL)
+    rundir.write_checkpoint_files(checkpoint, cfg, ["a", "b", "c"], {}, {"image_size": 32})
+    out = tmp_path / "resnet50.weights.h5"
+    line = export_backbone(str(checkpoint), str(out))
+    assert "keras.applications.ResNet50(include_top=False, weights=None).load_weights" in line
+
+    plain = keras.applications.ResNet50(include_top=False, weights=None)
+    plain.load_weights(out)
+    expected = trained.get_layer("backbone").get_layer("conv4_block2_2_conv").get_weights()[0]
+    assert np.array_equal(plain.get_layer("conv4_block2_2_conv").get_weights()[0], expected)
+
+    again = create_classifier(_model(backbone="resnet50", weights=str(out), image_size=48), 5)
+    assert np.array_equal(
+        again.get_layer("backbone").get_layer("conv4_block2_2_conv").get_weights()[0], expected
+    )
+    with pytest.raises(BackboneError, match="must end in .weights.h5"):
+        export_backbone(str(checkpoint), str(tmp_path / "resnet50.h5"))

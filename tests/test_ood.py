@@ -50,14 +50,14 @@ def test_foreign_features_are_refused_and_known_ones_kept():
 
     a, labels = known(400)
     fitting, calibration = np.arange(0, 400, 2), np.arange(1, 400, 2)
-    fitted = ood.fit([a, a @ view], labels, fitting, calibration, [0.7, 0.3], 0.05)
+    fitted = ood.fit([a, a @ view], labels, fitting, calibration, 0.05)
     assert len(fitted["statistics"]) == 2 and fitted["calibration_images"] == 200
 
     def ensemble_scores(features):
         members = [
             ood.mahalanobis_scores(st, f) for st, f in zip(fitted["statistics"], (features, features @ view))
         ]
-        return ood.combine(np.stack(members), fitted["scales"], [0.7, 0.3])
+        return ood.combine(np.stack(members), fitted["scales"])
 
     fresh, _ = known(500)
     foreign = rng.normal(size=(200, 32)) * 3 + 10 * rng.normal(size=32)

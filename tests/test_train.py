@@ -345,3 +345,33 @@ def test_a_resume_on_other_classes_or_settings_is_refused_naming_the_difference(
     with lock(str(folder / ".lock"), "the test"):  # a second training of the same run, still alive
         with pytest.raises(UserError, match=f"being written by another run \\(pid {os.getpid()} "):
             train(run["cfg"], str(folder.parent), "faulty")
+
+
+def test_fine_tuning_a_bundle_member_on_a_clinics_own_archive(ray_env, bundle, tmp_path):
+    """--weights BUNDLE --weights-member NAME on an archive of other classes: the transfer recipe
+    starts from the member's backbone (frozen in the head phase: unchanged after it), trains a new
+    head for 3 classes, and the run's config.yaml records the bundle version and member."""
+    from commands import skinray
+
+    from skinray.data.sample import write_sample
+    from skinray.predictor import Predictor
+
+    write_sample(tmp_path / "clinic", per_class=12, classes=3, seed=7)
+    source = Predictor.from_path(str(bundle))
+    member = source.members[0]
+    proc = skinray(
+        "train", "--data", tmp_path / "clinic", "--out", tmp_path / "runs", "--name", "clinic",
+        "--weights", bundle, "--weights-member", member.name, "--backbone", "tiny",
+        "--image-size", 56, "--epochs", 1, "--workers", 2, "--set", "train.batch_size=8",
+        env=ray_env, timeout=600, expect=0,
+    )  # fmt: skip
+    described = f"bundle {source.version}, member {member.name}"
+    assert f"backbone weights from {bundle}: {described}; the head is new" in proc.stdout + proc.stderr
+    assert "recipe transfer" in proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "clinic"
+    assert load_config(run / "config.yaml").model.weights_from == described
+    tuned = Predictor.from_path(str(run)).members[0].model
+    assert tuned.output_shape == (None, 3) and tuned.input_shape[1] == 56
+    theirs, ours = member.model.get_layer("backbone"), tuned.get_layer("backbone")
+    for a, b in zip(theirs.get_weights(), ours.get_weights(), strict=True):
+        assert np.array_equal(a, b)

@@ -1,7 +1,8 @@
-"""The model factory: every network skinray builds comes from these four functions.
+"""The model factory: every network skinray builds comes from these functions.
 
     list_backbones()                   the registry's names (what --backbone and model.backbone take)
     check_model(cfg.model)             validates backbone, input size and weights; (spec, size)
+    weights_file(spec, cfg.model)      the starting weights' local file (`sources.py`: from a run)
     create_classifier(cfg.model, k)    uint8 images -> logits (training; `seed=` fixes the start)
     create_features(cfg.model)         uint8 images -> pooled features (tuning's cached embeddings)
 
@@ -30,12 +31,23 @@ def list_backbones() -> tuple[str, ...]:
 def check_model(cfg: ModelConfig) -> tuple[BackboneSpec, int]:
     """The backbone's spec and the input side, after checking that the backbone exists, takes that
     size and has its weights (the driver calls it before a cluster starts: mistakes fail early)."""
-    from skinray.models.backbones import get_backbone, input_size, resolve_weights
+    from skinray.models.backbones import get_backbone, input_size
 
     spec = get_backbone(cfg.backbone)
     size = input_size(spec, cfg.image_size)
-    resolve_weights(spec, cfg.weights)
+    weights_file(spec, cfg)
     return spec, size
+
+
+def weights_file(spec: BackboneSpec, cfg: ModelConfig) -> str | None:
+    """The local file of the backbone's starting weights (None: random): ImageNet's, a weights file,
+    or the backbone of a trained run, checkpoint or bundle member (`skinray.models.sources`)."""
+    from skinray.models.backbones import resolve_weights
+    from skinray.models.sources import backbone_weights, is_source
+
+    if is_source(cfg.weights):
+        return backbone_weights(spec, cfg.weights, cfg.weights_member)
+    return resolve_weights(spec, cfg.weights)
 
 
 def create_classifier(cfg: ModelConfig, num_classes: int, seed: int | None = None) -> keras.Model:
@@ -46,13 +58,14 @@ def create_classifier(cfg: ModelConfig, num_classes: int, seed: int | None = Non
     """
     import keras
 
-    from skinray.models.backbones import resolve_weights
+    from skinray.models.backbones import get_backbone, input_size
     from skinray.models.classifier import build_classifier
 
-    spec, size = check_model(cfg)
+    spec = get_backbone(cfg.backbone)
+    size, weights = input_size(spec, cfg.image_size), weights_file(spec, cfg)
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    return build_classifier(spec, num_classes, cfg, size, resolve_weights(spec, cfg.weights))
+    return build_classifier(spec, num_classes, cfg, size, weights)
 
 
 def create_features(cfg: ModelConfig) -> keras.Model:
@@ -60,8 +73,9 @@ def create_features(cfg: ModelConfig) -> keras.Model:
     model (the frozen embedding model of `skinray tune`)."""
     import keras
 
-    from skinray.models.backbones import resolve_weights
+    from skinray.models.backbones import get_backbone, input_size
     from skinray.models.classifier import build_features
 
-    spec, size = check_model(cfg)
-    return keras.Model(*build_features(spec, size, resolve_weights(spec, cfg.weights)))
+    spec = get_backbone(cfg.backbone)
+    size, weights = input_size(spec, cfg.image_size), weights_file(spec, cfg)
+    return keras.Model(*build_features(spec, size, weights))

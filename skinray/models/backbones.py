@@ -41,6 +41,7 @@ class BackboneSpec:
         cam_layer: the backbone's layer whose output Grad-CAM explains (its last convolutional
             feature map), by name.
         min_size: the smallest input side the architecture accepts.
+        keras_call: how plain Keras builds the same backbone (what exported weights load into).
         residual_bn: a pattern (`re.search`) naming the BatchNormalization layers that end a
             residual branch; those feeding an Add start at zero scale under
             `model.zero_init_residual` ('' for backbones without residual blocks).
@@ -56,6 +57,7 @@ class BackboneSpec:
     feature_size: int
     cam_layer: str
     min_size: int = 32
+    keras_call: str = ""
     residual_bn: str = ""
     weights_file: str | None = None
     weights_url: str | None = None
@@ -112,6 +114,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             "caffe",
             2048,
             "conv5_block3_out",
+            keras_call="keras.applications.ResNet50(include_top=False, weights=None)",
             residual_bn=r"_3_bn$",
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=KERAS_APPLICATIONS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -125,6 +128,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             2048,
             "mixed10",
             min_size=75,
+            keras_call="keras.applications.InceptionV3(include_top=False, weights=None)",
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=KERAS_APPLICATIONS
             + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -137,12 +141,15 @@ REGISTRY: dict[str, BackboneSpec] = {
             "raw",
             1280,
             "top_activation",
+            keras_call="keras.applications.EfficientNetV2S(include_top=False, weights=None)",
             residual_bn=r"_project_bn$",  # the blocks whose input and output shapes match: 35 of 40
             weights_file="efficientnetv2-s_notop.h5",
             weights_url=KERAS_APPLICATIONS + "efficientnet_v2/efficientnetv2-s_notop.h5",
             weights_hash="af0682fb74e8c54910f2d4393339c070",
         ),
-        BackboneSpec("tiny", _tiny, 64, "tf", 64, "relu_64"),
+        BackboneSpec(
+            "tiny", _tiny, 64, "tf", 64, "relu_64", keras_call="skinray.models.backbones._tiny(64, None)"
+        ),
     ]
 }
 

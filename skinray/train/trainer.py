@@ -46,6 +46,7 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
     from skinray.models import check_model
 
     spec, _ = check_model(cfg.model)  # fail here, not after the cluster has started
+    cfg = _with_weights_source(cfg)
     inputs = _inputs(cfg)
     _announce_recipe(cfg)
     run_name = name or cfg.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -195,6 +196,23 @@ def _fault_injection() -> tuple[int, int] | None:
     if not (sep and rank.isdigit() and step.isdigit()):
         raise UserError(f"{KILL_ENV} must look like RANK:STEP, e.g. 1:20 (got {value!r})")
     return int(rank), int(step)
+
+
+def _with_weights_source(cfg: Config) -> Config:
+    """Records in `model.weights_from` which bundle version and member, or which checkpoint, a
+    trained model given as `model.weights` resolved to; a config that recorded another is refused."""
+    from skinray.models.sources import is_source, open_source
+
+    if not is_source(cfg.model.weights):
+        return cfg
+    found = open_source(cfg.model.weights, cfg.model.weights_member).description
+    if cfg.model.weights_from and cfg.model.weights_from != found:
+        raise UserError(
+            f"model.weights_from is '{cfg.model.weights_from}', but --weights {redact(cfg.model.weights)} "
+            f"now holds {found}: train from what it holds with --set model.weights_from= (empty)"
+        )
+    say(f"backbone weights from {redact(cfg.model.weights)}: {found}; the head is new")
+    return replace(cfg, model=replace(cfg.model, weights_from=found))
 
 
 def _announce_recipe(cfg: Config) -> None:
