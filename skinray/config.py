@@ -341,16 +341,25 @@ class EnsembleConfig:
             validation split that nothing else is fitted on (docs/bundle-and-scoring.md, "Differential").
         ood_false_refusal: share of in-distribution images the out-of-distribution check may refuse;
             its threshold is set on that same half (docs/bundle-and-scoring.md, "Out of distribution").
+        ood_reference_images: training images (a seeded sample, at most this many) whose features
+            give the out-of-distribution check its class means and covariance.
+        weights: 'fitted' (the members' weights minimise the log-loss on the fitting half) or
+            'equal' (their plain average: when the validation split is too small to tell members
+            apart, e.g. one is perfect on its few fitting images and would take all the weight).
     """
 
     coverage: float = 0.9
     differential_coverage: float = 0.9
     ood_false_refusal: float = 0.05
+    ood_reference_images: int = 2000
+    weights: str = "fitted"
 
     def __post_init__(self):
         _require(0.0 < self.coverage <= 1.0, "coverage", "must be in (0, 1]")
         _require(0.0 < self.differential_coverage < 1.0, "differential_coverage", "must be in (0, 1)")
         _require(0.0 < self.ood_false_refusal < 1.0, "ood_false_refusal", "must be in (0, 1)")
+        _require(self.ood_reference_images >= 1, "ood_reference_images", "must be >= 1")
+        _require(self.weights in ("fitted", "equal"), "weights", "must be 'fitted' or 'equal'")
 
 
 @dataclass(frozen=True)

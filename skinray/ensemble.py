@@ -29,6 +29,7 @@ import math
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from skinray import UserError, ood
 from skinray.config import Config
@@ -125,6 +126,17 @@ def load_members(paths: list[str], archive: str):
     return predictor, catalog, val[0]
 
 
+def ood_reference(catalog, predictor, limit: int, seed: int) -> pa.Table:
+    """The training images whose features the out-of-distribution check learns (class means, the
+    covariance): all of them, or a seeded sample of `limit`."""
+    from skinray.data.catalog import model_split
+
+    rows = model_split(catalog, "train", predictor.classes, predictor.config.data)
+    if rows.num_rows > limit:
+        rows = rows.take(np.sort(np.random.default_rng(seed).choice(rows.num_rows, limit, replace=False)))
+    return rows
+
+
 # === The ensemble command ===
 
 
@@ -147,6 +159,7 @@ def fit(
     differential_coverage: float = 0.9,
     u: np.ndarray | None = None,
     seed: int = 0,
+    weighting: str = "fitted",
 ) -> dict:
     """Temperatures, weights and the abstention threshold on one stratified half of the validation
     images, the differential sets' threshold on the other (`skinray.conformal`: its guarantee needs
@@ -163,8 +176,8 @@ def fit(
     temperatures = [fit_temperature(z, labels) for z in member_logits]
     raw = np.stack([softmax(z) for z in member_logits]).astype(np.float64)
     calibrated = np.stack([softmax(z, t) for z, t in zip(member_logits, temperatures)]).astype(np.float64)
-    weights = fit_weights(calibrated, labels)
     equal = np.full(len(member_logits), 1.0 / len(member_logits))
+    weights = fit_weights(calibrated, labels) if weighting == "fitted" else equal
     ensemble = weighted_mean(calibrated, weights)
     threshold = abstention_threshold(ensemble, coverage)
     held_probabilities = weighted_mean(
@@ -214,10 +227,21 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
     predictor, catalog, table = load_members(member_paths, archive)
     connect(reserved_cpus(cfg, "ensemble"))
     source = ImageSource.of(catalog, predictor.config.data.max_pixels)
-    split = labelled_logits(
-        table, member_paths, predictor.sizes, source, cfg.score, "the validation split", with_features=True
-    )
     seed = predictor.config.data.seed
+    reference = ood_reference(catalog, predictor, cfg.ensemble.ood_reference_images, seed)
+    scored = labelled_logits(
+        pa.concat_tables([table, reference]),
+        member_paths,
+        predictor.sizes,
+        source,
+        cfg.score,
+        "the validation split",
+        with_features=True,
+    )  # one pass of the engine: the validation split, and the training images the OOD check knows
+    split = scored.subset(set(table["path"].to_pylist()))
+    known = scored.subset(set(reference["path"].to_pylist()))
+    if not len(split.labels):
+        raise UserError(f"no image of the validation split could be read ({split.failed.num_rows} failed)")
     fitted = fit(
         split.logits,
         split.labels,
@@ -225,10 +249,11 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
         cfg.ensemble.differential_coverage,
         split.draws,
         seed,
+        cfg.ensemble.weights,
     )
     fitting, calibration = halves(split.labels, seed)
     ood_fit = ood.fit(
-        split.features, split.labels, fitting, calibration, cfg.ensemble.ood_false_refusal
+        known.features, known.labels, [f[calibration] for f in split.features], cfg.ensemble.ood_false_refusal
     )
     if ood_fit["threshold"] is None:
         warn(
@@ -271,10 +296,11 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
             "method": ood.METHOD,
             "false_refusal": cfg.ensemble.ood_false_refusal,
             "threshold": ood_fit["threshold"],  # None: nothing is refused (too few images)
-            "reference_images": int(len(fitting)),
+            "reference_images": ood_fit["reference_images"],
             "calibration_images": ood_fit["calibration_images"],
         },
         "equal_weights": fitted["equal_weights"],
+        "weighting": cfg.ensemble.weights,
         "validation": {
             "archive": redact(archive),
             "val_fraction": predictor.config.data.val_fraction,

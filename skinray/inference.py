@@ -239,6 +239,19 @@ class Labelled:
     features: list[np.ndarray] | None  # each member's (n, d) pooled features, when asked for
     failed: pa.Table  # the rows of the images that could not be read, with their error
 
+    def subset(self, paths: set[str]) -> Labelled:
+        """The predictions of the images in `paths` (in this order)."""
+        keep = np.array([p in paths for p in self.paths], bool)
+        return Labelled(
+            self.logits[:, keep],
+            self.labels[keep],
+            [p for p, k in zip(self.paths, keep) if k],
+            self.draws[keep],
+            None if self.ood_scores is None else self.ood_scores[keep],
+            None if self.features is None else [f[keep] for f in self.features],
+            self.failed.filter(pa.array([p in paths for p in self.failed["path"].to_pylist()], pa.bool_())),
+        )
+
 
 def labelled_logits(
     table: pa.Table,

@@ -9,8 +9,9 @@ otherwise singular). `benchmarks/ood.py` measured it against the k-nearest-neigh
 Sun et al. 2022 and the maximum softmax probability on three foreign image sets; it was chosen on
 those measurements (docs/bundle-and-scoring.md, "Out of distribution").
 
-At `skinray ensemble`: class means and the shared precision come from the fitting half of the
-validation split; each member's scores on the other half set its scale (their median), the
+At `skinray ensemble`: class means and the shared precision come from the training images (a
+seeded sample of at most `ensemble.ood_reference_images`); each member's scores on the half of
+the validation split that nothing else is fitted on set its scale (their median), the
 ensemble's score is the plain mean of the members' scaled scores (not weighted by the answer's
 weights: `combine`), and the threshold is the
 ceil((n + 1)(1 - r))-th smallest ensemble score on that half, so that at most a share r
@@ -71,16 +72,16 @@ def load_statistics(data: bytes) -> dict[str, np.ndarray]:
 
 
 def fit(
-    member_features: list[np.ndarray],
-    labels: np.ndarray,
-    fitting: np.ndarray,
-    calibration: np.ndarray,
+    reference_features: list[np.ndarray],
+    reference_labels: np.ndarray,
+    calibration_features: list[np.ndarray],
     false_refusal: float,
 ) -> dict:
-    """Each member's statistics (from the fitting half) and scale, and the ensemble's threshold (on
-    the calibration half). Returns {statistics, scales, threshold (None: infinite), calibration_images}."""
-    statistics = [fit_statistics(f[fitting], labels[fitting]) for f in member_features]
-    member_scores = [mahalanobis_scores(s, f[calibration]) for s, f in zip(statistics, member_features)]
+    """Each member's statistics (from the reference images: the training split's) and scale, and
+    the ensemble's threshold (on the calibration images: validation images nothing else was fitted
+    on). Returns {statistics, scales, threshold (None: infinite), reference_images, calibration_images}."""
+    statistics = [fit_statistics(f, reference_labels) for f in reference_features]
+    member_scores = [mahalanobis_scores(s, f) for s, f in zip(statistics, calibration_features)]
     scales = [float(np.median(s)) if len(s) and np.median(s) > 0 else 1.0 for s in member_scores]
     ensemble = combine(np.stack(member_scores), scales)
     threshold = conformal.threshold(ensemble, 1 - false_refusal)
@@ -88,7 +89,8 @@ def fit(
         "statistics": statistics,
         "scales": scales,
         "threshold": None if math.isinf(threshold) else threshold,
-        "calibration_images": int(len(calibration)),
+        "reference_images": int(len(reference_labels)),
+        "calibration_images": int(len(calibration_features[0])),
     }
 
 

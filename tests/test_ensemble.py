@@ -409,20 +409,12 @@ def planted(members, tmp_path_factory):
 
 
 def test_evaluate_by_a_metadata_column_finds_the_planted_gap(cli_bundle, planted, ray_cluster, tmp_path):
-    proc = skinray(
-        "evaluate",
-        "--model",
-        str(cli_bundle),
-        "--data",
-        str(planted),
-        "--out",
-        str(tmp_path),
-        "--by",
-        "tone",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    from skinray import UserError
+    from skinray.config import load_config
+    from skinray.evaluate import evaluate, format_report
+
+    cfg = load_config(overrides=["evaluate.by=tone"])
+    report = evaluate(str(cli_bundle), str(planted), "test", str(tmp_path), cfg)
     groups = report["groups"]["tone"]
     assert {g: v["images"] for g, v in groups["groups"].items()} == {
         "colour": 19,
@@ -431,21 +423,12 @@ def test_evaluate_by_a_metadata_column_finds_the_planted_gap(cli_bundle, planted
     }
     gap = groups["gap"]
     assert (gap["best"], gap["worst"]) == ("colour", "grey") and gap["interval"][0] > 0.1
-    assert "worst-group gap" in proc.stdout and "## By tone" in (tmp_path / "report.md").read_text()
+    assert "worst-group gap" in format_report(report, str(tmp_path))
+    assert "## By tone" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "groups_tone.png").read_bytes()[:4] == b"\x89PNG"
-    proc = skinray(
-        "evaluate",
-        "--model",
-        str(cli_bundle),
-        "--data",
-        str(planted),
-        "--out",
-        str(tmp_path / "x"),
-        "--by",
-        "site",
-        timeout=600,
-    )
-    assert proc.returncode == 2 and "the metadata has no column 'site' (it has: tone)" in proc.stderr
+    site = load_config(overrides=["evaluate.by=site"])
+    with pytest.raises(UserError, match=r"the metadata has no column 'site' \(it has: tone\)"):
+        evaluate(str(cli_bundle), str(planted), "test", str(tmp_path / "x"), site)
 
 
 def test_a_bundle_over_the_gap_limit_is_not_promoted_and_not_served(cli_bundle, tmp_path):

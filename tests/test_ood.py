@@ -50,8 +50,10 @@ def test_foreign_features_are_refused_and_known_ones_kept():
 
     a, labels = known(400)
     fitting, calibration = np.arange(0, 400, 2), np.arange(1, 400, 2)
-    fitted = ood.fit([a, a @ view], labels, fitting, calibration, 0.05)
+    b = a @ view
+    fitted = ood.fit([a[fitting], b[fitting]], labels[fitting], [a[calibration], b[calibration]], 0.05)
     assert len(fitted["statistics"]) == 2 and fitted["calibration_images"] == 200
+    assert fitted["reference_images"] == 200
 
     def ensemble_scores(features):
         members = [

@@ -347,30 +347,34 @@ def test_a_resume_on_other_classes_or_settings_is_refused_naming_the_difference(
             train(run["cfg"], str(folder.parent), "faulty")
 
 
-def test_fine_tuning_a_bundle_member_on_a_clinics_own_archive(ray_env, bundle, tmp_path):
+def test_fine_tuning_a_bundle_member_on_a_clinics_own_archive(ray_cluster, bundle, tmp_path, capsys):
     """--weights BUNDLE --weights-member NAME on an archive of other classes: the transfer recipe
     starts from the member's backbone (frozen in the head phase: unchanged after it), trains a new
     head for 3 classes, and the run's config.yaml records the bundle version and member."""
-    from commands import skinray
-
     from skinray.data.sample import write_sample
     from skinray.predictor import Predictor
+    from skinray.train.trainer import train
 
     write_sample(tmp_path / "clinic", per_class=12, classes=3, seed=7)
     source = Predictor.from_path(str(bundle))
     member = source.members[0]
-    proc = skinray(
-        "train", "--data", tmp_path / "clinic", "--out", tmp_path / "runs", "--name", "clinic",
-        "--weights", bundle, "--weights-member", member.name, "--backbone", "tiny",
-        "--image-size", 56, "--epochs", 1, "--workers", 2, "--set", "train.batch_size=8",
-        env=ray_env, timeout=600, expect=0,
-    )  # fmt: skip
+    settings = [
+        f"data.archive={tmp_path / 'clinic'}",
+        f"model.weights={bundle}",
+        f"model.weights_member={member.name}",
+        "model.backbone=tiny",
+        "model.image_size=56",
+        "train.epochs=1",
+        "train.workers=2",
+        "train.batch_size=8",
+    ]
+    result = train(load_config(overrides=settings), str(tmp_path / "runs"), "clinic")
     described = f"bundle {source.version}, member {member.name}"
-    assert f"backbone weights from {bundle}: {described}; the head is new" in proc.stdout + proc.stderr
-    assert "recipe transfer" in proc.stdout + proc.stderr
-    run = tmp_path / "runs" / "clinic"
-    assert load_config(run / "config.yaml").model.weights_from == described
-    tuned = Predictor.from_path(str(run)).members[0].model
+    printed = capsys.readouterr().out
+    assert f"backbone weights from {bundle}: {described}; the head is new" in printed
+    assert "recipe transfer" in printed
+    assert load_config(tmp_path / "runs" / "clinic" / "config.yaml").model.weights_from == described
+    tuned = Predictor.from_path(result.run_dir).members[0].model
     assert tuned.output_shape == (None, 3) and tuned.input_shape[1] == 56
     theirs, ours = member.model.get_layer("backbone"), tuned.get_layer("backbone")
     for a, b in zip(theirs.get_weights(), ours.get_weights(), strict=True):
