@@ -5,8 +5,8 @@ same pretrained weights, and against training from scratch.
 
 Pretraining (once): the `tiny` CNN, trained by skinray from random weights (`--weights none`) to
 tell apart crops of ten real photographs that scikit-image ships (`skimage.data`: an astronaut, a
-cat, coffee, the Hubble deep field, a stained tissue section, a retina, a rocket, a motorcycle,
-brick and grass), each crop labelled by the photograph it comes from.
+cat, coffee, the Hubble deep field, a stained tissue section, a retina, a rocket,
+brick, grass and gravel), each crop labelled by the photograph it comes from.
 
 The second, different set: scikit-learn's handwritten digits (1,797 8x8 scans by 43 people), as a
 clinic's archive is to DermNet: few training images (`--per-class` a digit, of which skinray's
@@ -40,7 +40,7 @@ from quality import keras_fresh, write_digits
 
 PHOTOS = (
     "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-    "motorcycle_left", "brick", "grass",
+    "brick", "grass", "gravel",
 )  # fmt: skip
 
 
@@ -185,7 +185,7 @@ def keras_transfer(args, archive: Path, seed: int, weights: str) -> dict:
             if f1 > best["f1"]:
                 best.update(f1=f1, weights=model.get_weights(), epoch=epoch + 1)
             if plateau and since and since % plateau == 0:
-                rate = float(model.optimizer.learning_rate) * t.plateau_factor
+                rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) * t.plateau_factor
                 model.optimizer.learning_rate = max(rate, t.min_lr)
             if patience and since >= patience:
                 return
@@ -194,7 +194,6 @@ def keras_transfer(args, archive: Path, seed: int, weights: str) -> dict:
     backbone.trainable = False  # phase 1: the head alone
     compile_at(t.head_lr)
     epochs(0, t.head_epochs, t.early_stopping_patience, None)
-    model.set_weights(best["weights"])
     backbone.trainable = True  # phase 2: the top layers, BatchNormalization kept frozen
     for layer in backbone.layers[: -t.unfreeze_top] if t.unfreeze_top > 0 else []:
         layer.trainable = False

@@ -27,9 +27,9 @@ def test_the_quick_demo_runs_every_stage(demo):
     assert "  differential: " in text  # the answer's set of conditions that remain possible
     assert "  by skin_tone (accuracy, 95% interval, images):" in text and "worst-group gap" in text
     assert set(report["groups"]["skin_tone"]["groups"]) <= {"1", "2", "3", "4"}  # the sample's metadata
-    assert (
-        "(scikit-learn's china.jpg, not skin) -> not answered: not like the images this model knows" in text
-    )
+    refused = "not skin -> not answered: not like the images this model knows"
+    assert f"a scanned handwritten digit (scikit-learn's digits), {refused}" in text
+    assert "a photo of a temple (scikit-learn's china.jpg), not skin -> " in text  # refused or not: said
     assert f"upload page       http://127.0.0.1:{port}/" in text
 
 
