@@ -1,15 +1,16 @@
 """The end-to-end demo: every stage on a generated archive, on one machine.
 
-    ./dev demo                     (or: skinray demo --out demo-output)     about 14 minutes on 2 cores
+    ./dev demo                     (or: skinray demo --out demo-output)     about 12 minutes on 2 cores
     skinray demo --quick           tiny members: about 4 minutes (the tests run this)
 
 sample archive -> the pipeline (data check, a head search with Ray Tune, three members trained with
 2 Ray Train workers each from random weights -- ResNet50, InceptionV3 and EfficientNetV2S at reduced
 resolution -- the calibrated ensemble, its evaluation beside
 its members) -> the test split bulk-scored to Parquet on Ray Data -> the endpoint on Ray Serve, one
-photo scored over HTTP -> the page's address. The endpoint stays up until Ctrl-C (`--exit` ends at
-once). Without pretrained weights and with a few epochs on a small archive, the real backbones stay
-far below their DermNet accuracy; what the demo shows is every stage working together.
+photo scored over HTTP, and two images that are not skin -> the page's address. The endpoint stays
+up until Ctrl-C (`--exit` ends at once). From random weights, each real backbone learns the sample
+archive (test accuracy 0.97-0.98, measured 2026-12-01: README); on DermNet they need ImageNet
+weights and the transfer recipe.
 """
 
 from __future__ import annotations

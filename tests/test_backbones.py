@@ -206,9 +206,10 @@ def test_each_backbone_runs_one_distributed_step(ray_cluster, name, size, precis
         keras.config.set_dtype_policy(precision)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         with strategy.scope():
-            model = create_classifier(
-                Config(model=ModelConfig(backbone=name, weights="none", image_size=size)).model, 4
-            )
+            # Residual blocks not started as the identity: their branches' weights would get no
+            # gradient in the first step (the zeroed scale), and this checks that every weight moves.
+            cfg = ModelConfig(backbone=name, weights="none", image_size=size, zero_init_residual=False)
+            model = create_classifier(Config(model=cfg).model, 4)
             optimizer = keras.optimizers.Adam(1e-3)
             if precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
