@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20, help="epochs of every run on the digits")
     parser.add_argument(
-        "--per-class", type=int, default=20, help="training digits a class (a fifth validate)"
+        "--per-class", type=int, default=60, help="training digits a class (a fifth validate)"
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32, help="global batch (every side)")
