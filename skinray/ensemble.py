@@ -5,7 +5,8 @@
 
 Everything is fitted on the members' shared validation split (never on images a member trained
 on), except what the out-of-distribution check knows of the training images: the members' logits
-and features come from the same Ray Data decode tasks and model actors as bulk scoring. The split is cut in two stratified halves (`halves`). On the first, with scipy:
+and features come from the same Ray Data decode tasks and model actors as bulk scoring. The
+split is cut in two stratified halves (`halves`). On the first, with scipy:
 
 1. a temperature per member (Guo et al. 2017): the T minimising the log-loss of softmax(z / T);
 2. the ensemble weights: the point of the simplex minimising the log-loss of the weighted mean of
@@ -16,8 +17,8 @@ and features come from the same Ray Data decode tasks and model actors as bulk s
 
 On the second, which nothing above saw: 4. the differential sets' threshold (`skinray.conformal`)
 and 5. the out-of-distribution threshold (`skinray.ood`; its class means and covariance come from
-the training images, `ood_reference`), whose guarantees need calibration images exchangeable with future ones and
-unused by any fit. Halves rather than cross-fitting: one bundle, one set of fitted values, an exact guarantee.
+the training images, `ood_reference`), whose guarantees need calibration images exchangeable
+with future ones and unused by any fit. Halves rather than cross-fitting: one bundle, one set of fitted values, an exact guarantee.
 (Both halves did choose each member's best epoch, as validation images: a mild optimism the
 evaluation on a test split does not share.)
 
