@@ -18,9 +18,9 @@ split is cut in two stratified halves (`halves`). On the first, with scipy:
 On the second, which nothing above saw: 4. the differential sets' threshold (`skinray.conformal`)
 and 5. the out-of-distribution threshold (`skinray.ood`; its class means and covariance come from
 the training images, `ood_reference`), whose guarantees need calibration images exchangeable
-with future ones and unused by any fit. Halves rather than cross-fitting: one bundle, one set of fitted values, an exact guarantee.
-(Both halves did choose each member's best epoch, as validation images: a mild optimism the
-evaluation on a test split does not share.)
+with future ones and unused by any fit. Halves rather than cross-fitting: one bundle, one set of
+fitted values, an exact guarantee. (Both halves did choose each member's best epoch, as
+validation images: a mild optimism the evaluation on a test split does not share.)
 
 The bundle format and its verification are in `skinray.bundle`.
 """
