@@ -34,6 +34,38 @@ def record(line: dict, save: bool = True) -> dict:
     return line
 
 
+def accuracy_summary(sides: dict[str, list[dict]], labels: dict[str, str]) -> dict:
+    """Each side's runs -> mean, lowest, highest and spread of their test accuracy (with the runs);
+    prints them as a table, a row per side named by `labels`, with the mean seconds a run."""
+    summary = {}
+    for name, runs in sides.items():
+        accuracies = [r["test_accuracy"] for r in runs]
+        summary[name] = {
+            "mean": statistics.fmean(accuracies),
+            "min": min(accuracies),
+            "max": max(accuracies),
+            "std": statistics.pstdev(accuracies),
+            "runs": runs,
+        }
+    width = max(len(label) for label in labels.values()) + 2
+    print(f"{'side':<{width}} {'mean':>7} {'min':>7} {'max':>7} {'std':>7} {'s/run':>7}")
+    for name, s in summary.items():
+        seconds = statistics.fmean(r["seconds"] for r in s["runs"])
+        print(
+            f"{labels[name]:<{width}} {s['mean']:>7.4f} {s['min']:>7.4f} {s['max']:>7.4f} {s['std']:>7.4f} "
+            f"{seconds:>7.0f}"
+        )
+    return summary
+
+
+def accuracy_fields(summary: dict) -> dict:
+    """An accuracy summary as a JSON line's fields: `SIDE_mean` ... `SIDE_std`, and the runs."""
+    return {
+        **{f"{n}_{k}": v for n, s in summary.items() for k, v in s.items() if k != "runs"},
+        "runs": {n: s["runs"] for n, s in summary.items()},
+    }
+
+
 def latest(benchmark: str) -> list[dict]:
     """The JSON lines of the latest recorded run of `benchmark` (a run may write one per setting)."""
     path = RESULTS / f"{benchmark}.jsonl"
@@ -111,33 +143,32 @@ def train_row(line: dict) -> str:
     return _row(cells)
 
 
-def quality_row(line: dict) -> str:
-    def side(name: str) -> str:
-        return f"{line[name + '_mean']:.3f} ({line[name + '_min']:.3f}-{line[name + '_max']:.3f})"
+def _accuracy(line: dict, side: str) -> str:
+    """A side's mean test accuracy (lowest-highest) from its `accuracy_fields`."""
+    return f"{line[side + '_mean']:.3f} ({line[side + '_min']:.3f}-{line[side + '_max']:.3f})"
 
+
+def quality_row(line: dict) -> str:
     cells = [
         line["date"],
         f"{line['size']} px, {line['epochs']} epochs, batch {line['global_batch']}",
         " ".join(map(str, line["seeds"])),
-        side("skinray"),
-        side("keras"),
+        _accuracy(line, "skinray"),
+        _accuracy(line, "keras"),
         f"{line['accuracy_vs_keras_fit']:+.3f}",
     ]
     return _row(cells)
 
 
 def transfer_row(line: dict) -> str:
-    def side(name: str) -> str:
-        return f"{line[name + '_mean']:.3f} ({line[name + '_min']:.3f}-{line[name + '_max']:.3f})"
-
     cells = [
         line["date"],
         f"{line['train_images']} / {line['test_images']}, {line['size']} px, {line['epochs']} epochs, "
         f"batch {line['global_batch']}",
         " ".join(map(str, line["seeds"])),
-        side("transfer"),
-        side("keras"),
-        side("scratch"),
+        _accuracy(line, "transfer"),
+        _accuracy(line, "keras"),
+        _accuracy(line, "scratch"),
         f"{line['transfer_vs_keras']:+.3f}",
         f"{line['transfer_vs_scratch']:+.3f}",
     ]

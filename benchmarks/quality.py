@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import quality_row, record
+from common import accuracy_fields, accuracy_summary, quality_row, record
 
 
 def write_digits(root: Path, train_size: float | int = 0.8) -> Path:
@@ -65,21 +65,38 @@ def settings(args, archive: Path, seed: int) -> list[str]:
     ]
 
 
-def skinray_run(args, archive: Path, seed: int, out: Path) -> dict:
+def skinray_run(overrides: list[str], archive: Path, out: Path, name: str) -> dict:
+    """`skinray train` with these settings, then `evaluate` of its best checkpoint on the test split."""
     from skinray.config import load_config
     from skinray.evaluate import evaluate
     from skinray.train.trainer import train
 
-    cfg = load_config(overrides=settings(args, archive, seed))
+    cfg = load_config(overrides=overrides)
     started = time.perf_counter()
-    result = train(cfg, str(out / "runs"), f"seed{seed}")
+    result = train(cfg, str(out / "runs"), name)
     seconds = time.perf_counter() - started
-    report = evaluate(result.run_dir, str(archive), "test", str(out / f"eval-seed{seed}"))
+    report = evaluate(result.run_dir, str(archive), "test", str(out / f"eval-{name}"))
     return {
         "test_accuracy": report["accuracy"],
         "best_epoch": result.best_metrics["epoch"],
         "seconds": seconds,
     }
+
+
+def labelled_images(table, source, size: int, augment, seed: int, epoch: int | None):
+    """A split's images through skinray's decode and warp (`augment` for a training `epoch`, the
+    plain resize with `epoch` None), and their labels: what the Keras sides fit and score on."""
+    from skinray.data.ingest import load_batch
+
+    rows = {
+        "path": np.asarray(table["path"].to_pylist(), object),
+        "label_index": table["label_index"].to_numpy(),
+        "epoch": np.full(table.num_rows, epoch or 0, np.int32),
+    }
+    batch = load_batch(
+        rows, source=source, size=size, augment=augment if epoch is not None else None, seed=seed
+    )
+    return batch["image"], batch["label_index"]
 
 
 def keras_run(args, archive: Path, seed: int) -> dict:
@@ -88,7 +105,7 @@ def keras_run(args, archive: Path, seed: int) -> dict:
 
     from skinray.config import load_config
     from skinray.data.catalog import class_weights, list_archive, splits
-    from skinray.data.ingest import ImageSource, load_batch
+    from skinray.data.ingest import ImageSource
     from skinray.metrics import confusion, confusion_metrics
     from skinray.models import create_classifier
     from skinray.train.monitor import Monitor
@@ -102,19 +119,7 @@ def keras_run(args, archive: Path, seed: int) -> dict:
     k = catalog.num_classes
 
     def images(table, epoch: int | None):
-        rows = {
-            "path": np.asarray(table["path"].to_pylist(), object),
-            "label_index": table["label_index"].to_numpy(),
-            "epoch": np.full(table.num_rows, epoch or 0, np.int32),
-        }
-        batch = load_batch(
-            rows,
-            source=source,
-            size=args.size,
-            augment=cfg.augment if epoch is not None else None,
-            seed=cfg.data.seed,
-        )
-        return batch["image"], batch["label_index"]
+        return labelled_images(table, source, args.size, cfg.augment, cfg.data.seed, epoch)
 
     model = create_classifier(cfg.model, k, seed=seed)  # the initial weights skinray's run starts from
     base = scaled_learning_rate(train_cfg.finetune_lr, args.batch, train_cfg.base_batch, train_cfg.lr_scaling)
@@ -207,7 +212,7 @@ def main() -> None:
         sides = {"skinray": [], "keras": []}
         for seed in args.seeds:  # interleaved: a slow spell of the machine hits both sides
             sides["keras"].append(keras_fresh(args, archive, seed))
-            sides["skinray"].append(skinray_run(args, archive, seed, out))
+            sides["skinray"].append(skinray_run(settings(args, archive, seed), archive, out, f"seed{seed}"))
             print(
                 f"seed {seed}: skinray {sides['skinray'][-1]['test_accuracy']:.4f}, "
                 f"keras {sides['keras'][-1]['test_accuracy']:.4f}",
@@ -217,33 +222,17 @@ def main() -> None:
 
 
 def report(args, sides: dict) -> None:
-    summary = {}
-    for name, runs in sides.items():
-        accuracies = np.array([r["test_accuracy"] for r in runs])
-        summary[name] = {
-            "mean": float(accuracies.mean()),
-            "min": float(accuracies.min()),
-            "max": float(accuracies.max()),
-            "std": float(accuracies.std()),
-            "runs": runs,
-        }
-    gap = summary["skinray"]["mean"] - summary["keras"]["mean"]
     print(
         f"\ntiny from scratch, digits at {args.size} px, {args.epochs} epochs, global batch {args.batch}, "
         f"seeds {args.seeds}{', ' + ' '.join(args.set) if args.set else ''}; test accuracy on 360 "
         "held-out scans"
     )
-    print(f"{'side':<34} {'mean':>7} {'min':>7} {'max':>7} {'std':>7} {'s/run':>7}")
     labels = {
         "skinray": f"skinray ({args.workers} Ray Train workers)",
         "keras": "Keras model.fit (1 process)",
     }
-    for name, s in summary.items():
-        seconds = np.mean([r["seconds"] for r in s["runs"]])
-        print(
-            f"{labels[name]:<34} {s['mean']:>7.4f} {s['min']:>7.4f} {s['max']:>7.4f} {s['std']:>7.4f} "
-            f"{seconds:>7.0f}"
-        )
+    summary = accuracy_summary(sides, labels)
+    gap = summary["skinray"]["mean"] - summary["keras"]["mean"]
     print(f"accuracy_vs_keras_fit = {gap:+.4f} (target >= -0.02)")
     line = record(
         {
@@ -256,8 +245,7 @@ def report(args, sides: dict) -> None:
             "workers": args.workers,
             "global_batch": args.batch,
             "seeds": args.seeds,
-            **{f"{n}_{k}": v for n, s in summary.items() for k, v in s.items() if k != "runs"},
-            "runs": {n: s["runs"] for n, s in summary.items()},
+            **accuracy_fields(summary),
             "accuracy_vs_keras_fit": gap,
         }
     )

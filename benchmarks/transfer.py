@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import record, transfer_row
-from quality import keras_fresh, write_digits
+from common import accuracy_fields, accuracy_summary, record, transfer_row
+from quality import keras_fresh, labelled_images, skinray_run, write_digits
 
 PHOTOS = (
     "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
@@ -116,30 +116,13 @@ def settings(args, archive: Path, seed: int, weights: str) -> list[str]:
     ]
 
 
-def skinray_run(args, archive: Path, seed: int, weights: str, out: Path, name: str) -> dict:
-    from skinray.config import load_config
-    from skinray.evaluate import evaluate
-    from skinray.train.trainer import train
-
-    cfg = load_config(overrides=settings(args, archive, seed, weights))
-    started = time.perf_counter()
-    result = train(cfg, str(out / "runs"), f"{name}-seed{seed}")
-    seconds = time.perf_counter() - started
-    report = evaluate(result.run_dir, str(archive), "test", str(out / f"eval-{name}-seed{seed}"))
-    return {
-        "test_accuracy": report["accuracy"],
-        "best_epoch": result.best_metrics["epoch"],
-        "seconds": seconds,
-    }
-
-
 def keras_transfer(args, archive: Path, seed: int, weights: str) -> dict:
     """The seed notebook's two phases in plain Keras, from the same weights and the same new head."""
     import keras
 
     from skinray.config import load_config
     from skinray.data.catalog import class_weights, list_archive, splits
-    from skinray.data.ingest import ImageSource, load_batch
+    from skinray.data.ingest import ImageSource
     from skinray.metrics import confusion, confusion_metrics
     from skinray.models import create_classifier
     from skinray.train.schedule import scaled_learning_rate
@@ -151,15 +134,7 @@ def keras_transfer(args, archive: Path, seed: int, weights: str) -> dict:
     source, k = ImageSource.of(catalog), catalog.num_classes
 
     def images(table, epoch: int | None):
-        rows = {
-            "path": np.asarray(table["path"].to_pylist(), object),
-            "label_index": table["label_index"].to_numpy(),
-            "epoch": np.full(table.num_rows, epoch or 0, np.int32),
-        }
-        batch = load_batch(
-            rows, source=source, size=args.size, augment=cfg.augment if epoch is not None else None, seed=seed
-        )
-        return batch["image"], batch["label_index"]
+        return labelled_images(table, source, args.size, cfg.augment, cfg.data.seed, epoch)
 
     model = create_classifier(cfg.model, k, seed=seed)  # the weights file; the head skinray's run starts with
     backbone = model.get_layer("backbone")
@@ -245,8 +220,9 @@ def main() -> None:
         sides = {"transfer": [], "keras": [], "scratch": []}
         for seed in args.seeds:  # interleaved: a slow spell of the machine hits every side
             sides["keras"].append(keras_fresh(args, archive, seed, keras_transfer, weights))
-            sides["transfer"].append(skinray_run(args, archive, seed, run, out, "transfer"))
-            sides["scratch"].append(skinray_run(args, archive, seed, "none", out, "scratch"))
+            for name, weights in (("transfer", run), ("scratch", "none")):
+                overrides = settings(args, archive, seed, weights)
+                sides[name].append(skinray_run(overrides, archive, out, f"{name}-seed{seed}"))
             print(
                 f"seed {seed}: " + ", ".join(f"{n} {s[-1]['test_accuracy']:.4f}" for n, s in sides.items()),
                 flush=True,
@@ -255,18 +231,6 @@ def main() -> None:
 
 
 def report(args, sides: dict) -> None:
-    summary = {}
-    for name, runs in sides.items():
-        accuracies = np.array([r["test_accuracy"] for r in runs])
-        summary[name] = {
-            "mean": float(accuracies.mean()),
-            "min": float(accuracies.min()),
-            "max": float(accuracies.max()),
-            "std": float(accuracies.std()),
-            "runs": runs,
-        }
-    vs_keras = summary["transfer"]["mean"] - summary["keras"]["mean"]
-    vs_scratch = summary["transfer"]["mean"] - summary["scratch"]["mean"]
     tests = 1797 - 10 * args.per_class
     print(
         f"\ntiny pretrained on photo crops -> digits at {args.size} px, {10 * args.per_class} training "
@@ -278,13 +242,9 @@ def report(args, sides: dict) -> None:
         "keras": "Keras two phases (1 process)",
         "scratch": f"skinray from scratch ({args.workers} workers)",
     }
-    print(f"{'side':<38} {'mean':>7} {'min':>7} {'max':>7} {'std':>7} {'s/run':>7}")
-    for name, s in summary.items():
-        seconds = np.mean([r["seconds"] for r in s["runs"]])
-        print(
-            f"{labels[name]:<38} {s['mean']:>7.4f} {s['min']:>7.4f} {s['max']:>7.4f} {s['std']:>7.4f} "
-            f"{seconds:>7.0f}"
-        )
+    summary = accuracy_summary(sides, labels)
+    vs_keras = summary["transfer"]["mean"] - summary["keras"]["mean"]
+    vs_scratch = summary["transfer"]["mean"] - summary["scratch"]["mean"]
     print(f"transfer_vs_keras = {vs_keras:+.4f} (target >= -0.02); transfer_vs_scratch = {vs_scratch:+.4f}")
     line = record(
         {
@@ -300,8 +260,7 @@ def report(args, sides: dict) -> None:
             "workers": args.workers,
             "global_batch": args.batch,
             "seeds": args.seeds,
-            **{f"{n}_{k}": v for n, s in summary.items() for k, v in s.items() if k != "runs"},
-            "runs": {n: s["runs"] for n, s in summary.items()},
+            **accuracy_fields(summary),
             "transfer_vs_keras": vs_keras,
             "transfer_vs_scratch": vs_scratch,
         }
