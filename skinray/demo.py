@@ -180,16 +180,16 @@ def _post(url: str, data: bytes) -> dict:
         return json.loads(response.read())
 
 
-def scanned_digit() -> bytes:
-    """A real scan of a handwritten digit (scikit-learn ships 1,797), upscaled, as PNG bytes: the
-    wrong page a scanner sends."""
+def scanned_digit(index: int = 0) -> bytes:
+    """A real scan of a handwritten digit (scikit-learn ships 1,797; this one by `index`), upscaled
+    to 256 px, as PNG bytes: the wrong page a scanner sends."""
     import io
 
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    pixels = np.round(load_digits().images[0] * (255 / 16)).astype(np.uint8)
+    pixels = np.round(load_digits().images[index] * (255 / 16)).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).resize((256, 256), Image.NEAREST).convert("RGB").save(buffer, "PNG")
     return buffer.getvalue()

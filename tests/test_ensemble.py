@@ -468,19 +468,14 @@ def test_evaluate_with_foreign_images_reports_how_well_they_are_refused(
 ):
     """`skinray evaluate --ood DIR`: real scans that are not skin (scikit-learn's handwritten digits)
     against the test split, through the same engine; the bundle's check tells them apart."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     from skinray import UserError
+    from skinray.demo import scanned_digit
     from skinray.evaluate import evaluate, format_report
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    for i, digit in enumerate(load_digits().images[:30]):
-        pixels = np.round(digit * (255 / 16)).astype(np.uint8)
-        Image.fromarray(pixels).resize((256, 256), Image.NEAREST).convert("RGB").save(
-            foreign / f"{i:02d}.png"
-        )
+    for i in range(30):
+        (foreign / f"{i:02d}.png").write_bytes(scanned_digit(i))
     (foreign / "notes.txt").write_text("not an image")  # unreadable: counted, not scored
     report = evaluate(
         str(cli_bundle), str(members["archive"]), "test", str(tmp_path / "r"), ood_dir=str(foreign)

@@ -139,9 +139,13 @@ class WorkerLoop:
     def _build(self) -> None:
         import keras
 
-        from skinray.models import check_model, create_classifier
+        from skinray.models import create_classifier
+        from skinray.models.backbones import get_backbone, input_size
 
-        self.spec, self.size = check_model(self.cfg.model)
+        # The driver checked the model; create_classifier resolves the weights (once: opening a
+        # bundle given as --weights verifies its files).
+        self.spec = get_backbone(self.cfg.model.backbone)
+        self.size = input_size(self.spec, self.cfg.model.image_size)
         self.pretrained = self.cfg.model.weights.lower() != "none"
         seed = self.cfg.data.seed
         with self.strategy.scope():  # the chief's initial values are broadcast to every worker
