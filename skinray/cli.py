@@ -56,6 +56,7 @@ COMMAND_FLAGS = {
         "--max-group-gap": "evaluate.max_group_gap",
     },
     "check": {"--max-pixels": "data.max_pixels"},
+    "monitor": {"--max-psi": "monitor.max_psi", "--min-rows": "monitor.min_rows"},
 }
 
 
@@ -166,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="foreign images (a folder or manifest): report how a bundle's out-of-distribution check "
         "tells them from the split's (AUROC, refused shares)",
     )
+
+    monitor = _command(
+        commands, "monitor", "drift of served (or bulk-scored) answers from the bundle's validation answers"
+    )
+    monitor.add_argument(
+        "--logs", required=True, help="the prediction log (serve.prediction_log), or a skinray score output"
+    )
+    monitor.add_argument("--model", required=True, help="the bundle whose answers the logs hold")
+    monitor.add_argument(
+        "--since", default="", help="only answers since then: 7d, 24h, 30m, or an ISO date or time"
+    )
+    monitor.add_argument("--out", required=True, help="folder for report.json, report.md and drift.png")
 
     pipeline = commands.add_parser(
         "pipeline",
@@ -344,6 +357,14 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _monitor(args) -> int:
+    from skinray.monitor import format_report, monitor
+
+    report = monitor(args.logs, args.model, args.out, config_of(args).monitor, args.since)
+    print(format_report(report, args.out))
+    return 1 if report["drift"] else 0
+
+
 def _serve(args) -> int:
     from skinray.serve.command import serve_command
 
@@ -432,6 +453,7 @@ COMMANDS = {
     "serve": _serve,
     "explain": _explain,
     "export-weights": _export_weights,
+    "monitor": _monitor,
     "pipeline": _pipeline,
     "demo": _demo,
 }

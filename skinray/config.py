@@ -395,6 +395,33 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Drift of served answers from the bundle's validation answers (`skinray monitor`).
+
+    Args:
+        max_psi: flag a group whose predicted-class distribution has a population stability index
+            above this (0.1: a small shift; 0.25: a large one, by the usual reading).
+        max_ks: flag a group whose confidences differ from the validation ones by a
+            Kolmogorov-Smirnov statistic above this, at p < 0.01.
+        max_abstention_change, max_ood_change: flag a group whose abstention (or out-of-distribution)
+            rate is this far, or further, from the validation rate (absolute, 0.1 = 10 points).
+        min_rows: groups with fewer answers are reported, never flagged.
+    """
+
+    max_psi: float = 0.25
+    max_ks: float = 0.2
+    max_abstention_change: float = 0.15
+    max_ood_change: float = 0.1
+    min_rows: int = 100
+
+    def __post_init__(self):
+        for key in ("max_psi", "max_ks", "max_abstention_change", "max_ood_change"):
+            _require(getattr(self, key) > 0, key, "must be positive")
+        _require(self.max_ks < 1, "max_ks", "must be below 1")
+        _require(self.min_rows >= 1, "min_rows", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class ScoreConfig:
     """Bulk scoring on Ray Data (`skinray score`, and the predictions of `evaluate` and `ensemble`).
 
@@ -575,6 +602,14 @@ class ServeConfig:
             see the 413); past it, the connection is closed with the 413.
         expect_version: refuse to serve a bundle of any other version (its whole version, or the
             first 12 or more characters of it); empty: any.
+        prediction_log: a folder or object-store URI the ingress writes one Parquet row per answered
+            image into (time, request id, version, label, confidence, abstention, differential size,
+            OOD score, latency, input size), off the request path; empty: no log. `skinray monitor`
+            reads it.
+        prediction_log_sample: the share of requests logged (0 to 1).
+        prediction_log_images: also log each image's bytes (off by default: logs then hold photos).
+        prediction_log_rows, prediction_log_minutes: a replica starts a new log file after this many
+            rows or minutes, whichever comes first.
     """
 
     host: str = "127.0.0.1"
@@ -608,6 +643,11 @@ class ServeConfig:
     max_drain_mb: float = 100.0
     keep_alive_timeout_s: float = 15.0
     expect_version: str = ""
+    prediction_log: str = ""
+    prediction_log_sample: float = 1.0
+    prediction_log_images: bool = False
+    prediction_log_rows: int = 10_000
+    prediction_log_minutes: float = 5.0
 
     def __post_init__(self):
         _require(bool(self.host), "host", "must not be empty")
@@ -651,6 +691,9 @@ class ServeConfig:
         _require(self.request_timeout_s > 0, "request_timeout_s", "must be positive")
         _require(self.keep_alive_timeout_s >= 0, "keep_alive_timeout_s", "must be >= 0")
         _require(self.max_drain_mb >= 0, "max_drain_mb", "must be >= 0")
+        _require(0.0 <= self.prediction_log_sample <= 1.0, "prediction_log_sample", "must be in [0, 1]")
+        _require(self.prediction_log_rows >= 1, "prediction_log_rows", "must be >= 1")
+        _require(self.prediction_log_minutes > 0, "prediction_log_minutes", "must be positive")
 
     @property
     def decode_slots(self) -> int:
@@ -697,6 +740,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self):
         model, train = resolve_recipe(self.model, self.train)

@@ -213,6 +213,45 @@ def fit(
     }
 
 
+def reference_answers(
+    logits: np.ndarray,
+    draws: np.ndarray,
+    fitted: dict,
+    ood_fit: dict,
+    calibration: np.ndarray,
+    classes: list,
+    false_refusal: float,
+) -> dict:
+    """The bundle's answers on the calibration half of the validation split (images its temperatures
+    and weights were not fitted on), summarised: what `skinray monitor` compares served answers with.
+    Predicted classes are counted; confidences kept (sorted, for the Kolmogorov-Smirnov test). The
+    out-of-distribution rate is the target, `false_refusal`: the threshold was fitted on these very
+    images, so their own refused share is biased low (0 when they are fewer than 1/false_refusal)."""
+    from skinray.predictor import Prediction
+
+    z = np.asarray(logits)[:, calibration]
+    member = np.stack([softmax(m, t) for m, t in zip(z, fitted["temperatures"])])
+    prediction = Prediction(
+        weighted_mean(member, fitted["weights"]),
+        member,
+        z,
+        fitted["threshold"],
+        np.asarray(draws)[calibration],
+        fitted["differential"]["threshold"],
+        np.asarray(ood_fit["calibration_scores"]),
+        ood_fit["threshold"],
+    )
+    labels, sets = prediction.labels, prediction.in_set
+    return {
+        "images": int(len(labels)),
+        "labels": {c: int((labels == i).sum()) for i, c in enumerate(classes)},
+        "confidence": [round(float(c), 5) for c in np.sort(prediction.confidence)],
+        "abstained": float(prediction.abstained.mean()),
+        "out_of_distribution": None if ood_fit["threshold"] is None else false_refusal,
+        "differential_size": None if sets is None else float(sets.sum(axis=1).mean()),
+    }
+
+
 def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config) -> dict:
     """Fits the calibration of `member_paths` on `archive`'s validation split and writes the bundle."""
     from skinray.bundle import built_before, write_bundle
@@ -268,6 +307,15 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
             f"{fitted['differential']['calibration_images']} calibration images are too few for a "
             f"differential covering {cfg.ensemble.differential_coverage:.0%}: every class is in every set"
         )
+    reference = reference_answers(
+        split.logits,
+        split.draws,
+        fitted,
+        ood_fit,
+        calibration,
+        predictor.classes,
+        cfg.ensemble.ood_false_refusal,
+    )
     entries = [
         {
             "name": m.name,
@@ -309,6 +357,7 @@ def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config)
             "seed": predictor.config.data.seed,
             **fitted["metrics"],
         },
+        "reference": reference,
     }
     statistics = [{"ood_statistics": ("ood.npz", ood.save_statistics(st))} for st in ood_fit["statistics"]]
     return write_bundle(

@@ -79,7 +79,8 @@ def fit(
 ) -> dict:
     """Each member's statistics (from the reference images: the training split's) and scale, and
     the ensemble's threshold (on the calibration images: validation images nothing else was fitted
-    on). Returns {statistics, scales, threshold (None: infinite), reference_images, calibration_images}."""
+    on). Returns {statistics, scales, threshold (None: infinite), reference_images, calibration_images,
+    calibration_scores (the ensemble's score of each calibration image)}."""
     statistics = [fit_statistics(f, reference_labels) for f in reference_features]
     member_scores = [mahalanobis_scores(s, f) for s, f in zip(statistics, calibration_features)]
     scales = [float(np.median(s)) if len(s) and np.median(s) > 0 else 1.0 for s in member_scores]
@@ -91,6 +92,7 @@ def fit(
         "threshold": None if math.isinf(threshold) else threshold,
         "reference_images": int(len(reference_labels)),
         "calibration_images": int(len(calibration_features[0])),
+        "calibration_scores": ensemble,
     }
 
 

@@ -148,13 +148,29 @@ def endpoint(serve_url, bundle):
 
 
 @pytest.fixture(scope="module")
-def keyed(serve_url, bundle, tmp_path_factory):
-    """The bundle served with API keys from a file at /keyed, one deployment per member."""
+def keyed_log(tmp_path_factory):
+    """The folder the keyed endpoint writes its prediction log into."""
+    return tmp_path_factory.mktemp("prediction-log")
+
+
+@pytest.fixture(scope="module")
+def keyed(serve_url, bundle, keyed_log, tmp_path_factory):
+    """The bundle served with API keys from a file at /keyed, one deployment per member, logging
+    its answers into `keyed_log`."""
     from serving import ANOTHER_KEY, KEY, deploy
 
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# one key per line\n{ANOTHER_KEY}\n{KEY}\n")
-    deploy(bundle, "keyed", "/keyed", api_keys_file=str(keys), layout="per_member", docs=True)
+    deploy(
+        bundle,
+        "keyed",
+        "/keyed",
+        api_keys_file=str(keys),
+        layout="per_member",
+        docs=True,
+        prediction_log=str(keyed_log),
+        prediction_log_minutes=0.005,  # a file every third of a second: the test reads it soon
+    )
     return serve_url + "/keyed"
 
 

@@ -104,6 +104,17 @@ def test_scoring_equals_the_predictor_on_the_same_files(scored, bundle):
     assert [r["label"] for r in good] == [predictor.classes[i] for i in direct.labels]
 
 
+def test_monitor_reads_the_output_as_logs(scored, bundle, tmp_path):
+    """`skinray monitor --logs` takes a bulk-scoring output: its answered rows, one group (no time)."""
+    from skinray.config import MonitorConfig
+    from skinray.monitor import monitor
+
+    report = monitor(str(scored["out"]), str(bundle), tmp_path, MonitorConfig(min_rows=5))
+    (group,) = report["groups"]
+    answered = sum(e is None for e in scored["table"]["error"].to_pylist())
+    assert group["day"] == "all days" and group["rows"] == report["rows"] == answered > 0
+
+
 def test_a_rerun_with_the_same_output_adds_nothing(scored, bundle, mixed_folder, ray_cluster):
     from skinray.score import score
 

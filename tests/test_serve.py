@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+import duckdb
 import numpy as np
 import pytest
 import requests
@@ -658,14 +659,32 @@ class StandIn:
         return fail()
 
 
-def _ingress_app(bundle, handle):
+class Answering(StandIn):
+    """A model deployment's handle that answers: the same logits of two members for every image."""
+
+    def remote(self, views):
+        n = len(next(iter(views.values())))
+
+        async def answer():
+            return np.tile(np.float32([[[3.0, 0.5, 0.2, 0.0]]]), (2, n, 1)), None
+
+        return answer()
+
+
+def _ingress(bundle, handle, settings=None, key_digests=()):
+    """(the ingress's ASGI application, its Service) on `handle`, without Serve."""
     from skinray.predictor import Predictor
     from skinray.serve.app import serve_section
     from skinray.serve.ingress import Service
     from skinray.serve.routes_v1 import make_app
 
     predictor = Predictor.from_path(str(bundle), load_models=False)
-    return make_app(Service(predictor, [(handle, [0, 1])], serve_section({}), set()))
+    service = Service(predictor, [(handle, [0, 1])], serve_section(settings or {}), set(key_digests))
+    return make_app(service), service
+
+
+def _ingress_app(bundle, handle):
+    return _ingress(bundle, handle)[0]
 
 
 def test_an_unexpected_error_is_a_json_500_without_its_details(bundle, ray_cluster):
@@ -709,6 +728,81 @@ def test_a_flood_of_readiness_probes_asks_the_models_once_a_second(bundle, ray_c
 
     answers, calls = asyncio.run(flood())
     assert all(status == 200 for status, _, _ in answers) and calls == 1
+
+
+# === The prediction log ===
+
+
+def test_the_prediction_log_has_a_row_per_answered_image_and_never_the_key(bundle, photos, tmp_path):
+    from skinray.serve.guards import digest
+    from skinray.serve.prediction_log import SCHEMA
+
+    app, service = _ingress(bundle, Answering(), {"prediction_log": str(tmp_path / "log")}, [digest(KEY)])
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:2]]
+    form = requests.Request(
+        "POST", "http://x/", files=[*files, ("files", ("notes.txt", b"no image", "text/plain"))]
+    )
+    prepared = form.prepare()
+    headers = {"content-type": prepared.headers["Content-Type"], "x-api-key": KEY, "x-request-id": "req-42"}
+    status, _, body = asyncio.run(asgi_request(app, "POST", "/v1/predict/batch", prepared.body, headers))
+    service.close()
+    assert status == 200
+    rows = duckdb.sql(
+        f"select * from read_parquet('{tmp_path}/log/*/*.parquet', hive_partitioning=false)"
+    ).df()
+    answered = [r for r in json.loads(body)["results"] if "label" in r]
+    assert len(rows) == len(answered) == 2 and list(rows.columns) == SCHEMA.names
+    assert list(rows["label"]) == [r["label"] for r in answered]
+    assert set(rows["request_id"]) == {"req-42"} and set(rows["route"]) == {"/v1/predict/batch"}
+    assert list(rows["input_bytes"]) == [len(p.read_bytes()) for p in photos[:2]]
+    assert rows["image"].isna().all() and set(rows["model_version"]) == {service.predictor.version}
+    assert not rows.astype(str).apply(lambda c: c.str.contains(KEY)).any().any()
+
+    app, service = _ingress(
+        bundle, Answering(), {"prediction_log": str(tmp_path / "none"), "prediction_log_sample": 0}
+    )
+    asyncio.run(asgi_request(app, "POST", "/v1/predict", jpeg(), {"content-type": "image/jpeg"}))
+    service.close()
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_storage_outage_drops_log_rows_never_requests(bundle, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("the log's folder cannot be made below a file")
+    app, service = _ingress(bundle, Answering(), {"prediction_log": str(blocked / "log")})
+    answers = [
+        asyncio.run(asgi_request(app, "POST", "/v1/predict", jpeg(), {"content-type": "image/jpeg"}))
+        for _ in range(3)
+    ]
+    service.close()
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert any("3 row(s) dropped" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_served_answer_reaches_the_log_with_serves_request_id(keyed, keyed_log, photos):
+    data = photos[0].read_bytes()
+    response = _post(
+        keyed, "/v1/predict", data=data, headers={"Content-Type": "image/jpeg", "X-API-Key": KEY}
+    )
+    assert response.status_code == 200
+    request_id, folder = response.headers["x-request-id"], keyed_log
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = _log_rows(folder, f"where request_id = '{request_id}'")
+        if len(rows):
+            break
+        time.sleep(0.5)
+    assert len(rows) == 1 and rows["label"][0] == response.json()["label"]
+    assert rows["input_bytes"][0] == len(data) and rows["latency_ms"][0] > 0
+
+
+def _log_rows(folder, where: str = ""):
+    """The prediction log's rows, read by DuckDB (none before its first file)."""
+    if not list(folder.rglob("*.parquet")):
+        return []
+    return duckdb.sql(
+        f"select * from read_parquet('{folder}/*/*.parquet', hive_partitioning=false) {where}"
+    ).df()
 
 
 # === The command ===

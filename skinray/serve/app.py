@@ -118,6 +118,10 @@ class Ingress:
         predictor = Predictor.from_path(model, load_models=False, expect_version=version)
         self.service = Service(predictor, list(zip(handles, groups)), serve_cfg, set(key_digests))
 
+    def __del__(self):
+        """Serve stops the replica: what the prediction log holds is written first."""
+        self.service.close()
+
     def __serve_build_asgi_app__(self):
         from skinray.serve.routes_v1 import make_app
 

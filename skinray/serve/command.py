@@ -22,14 +22,18 @@ from skinray.storage import absolute, redact
 
 def app_args(model: str, cfg) -> dict:
     """The application's arguments, which Serve stores (its config, the controller's checkpoint) and
-    shows: a model URI carrying credentials is refused rather than stored there."""
-    if redact(model) != model:
-        raise UserError(
-            f"the model URI carries credentials ({redact(model)}), which Serve would store in the "
-            "application's config: give them to the cluster instead (an instance role, or "
-            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment)"
-        )
-    return {"model": absolute(model), "serve": dataclasses.asdict(cfg.serve)}
+    shows: a model or log URI carrying credentials is refused rather than stored there."""
+    for what, uri in (("model", model), ("serve.prediction_log", cfg.serve.prediction_log)):
+        if redact(uri) != uri:
+            raise UserError(
+                f"the {what} URI carries credentials ({redact(uri)}), which Serve would store in the "
+                "application's config: give them to the cluster instead (an instance role, or "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment)"
+            )
+    serve = dataclasses.asdict(cfg.serve)
+    if cfg.serve.prediction_log:
+        serve["prediction_log"] = absolute(cfg.serve.prediction_log)  # replicas write from their own folders
+    return {"model": absolute(model), "serve": serve}
 
 
 def serve_config_file(args: dict) -> str:

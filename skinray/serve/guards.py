@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from starlette.requests import Request
@@ -215,6 +216,15 @@ def _presented_key(request: Request) -> str | None:
     if header[:7].lower() == "bearer " and header[7:].strip():
         return header[7:].strip()
     return request.headers.get("x-api-key") or None
+
+
+def request_id(request: Request) -> str:
+    """The request's id: the client's X-Request-Id, else the one Serve's proxy gave it (and returns
+    in the response's x-request-id header)."""
+    from ray.serve.context import _get_serve_request_context
+
+    given = request.headers.get("x-request-id") or _get_serve_request_context().request_id
+    return given[:128] if given else uuid.uuid4().hex
 
 
 # === Metrics (Ray's metrics API: scraped from each node's metrics endpoint) ===

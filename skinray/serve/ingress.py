@@ -20,6 +20,7 @@ from skinray.data.decode import DecodeError
 from skinray.data.ingest import decode_photo, decode_views, views_of
 from skinray.predictor import Prediction, Predictor
 from skinray.serve.guards import Keys, RequestMetrics, overloaded, unavailable
+from skinray.serve.prediction_log import PredictionLog, rows_of
 
 READY_TIMEOUT_S = 2.0
 READY_CACHE_S = 1.0  # a flood of readiness probes asks the model replicas at most once a second
@@ -35,6 +36,7 @@ class Service:
         self.sizes = predictor.sizes
         self.decode_slots = asyncio.Semaphore(cfg.decode_slots)
         self._readiness: tuple[float, asyncio.Task] | None = None
+        self.prediction_log = PredictionLog.of(cfg)
 
     # === Inputs ===
 
@@ -136,6 +138,25 @@ class Service:
             self.metrics.predicted(answer["label"], answer["abstained"])
         return answers
 
+    def log(
+        self,
+        route: str,
+        request_id: str,
+        answers: list[dict],
+        inputs: list[tuple[int, bytes | None]],
+        started: float,
+    ) -> None:
+        """The answers of one request into the prediction log (when there is one and the request is
+        sampled): queued, never waited on. `inputs`: each answered image's size and bytes."""
+        if self.prediction_log is not None and answers and self.prediction_log.sampled():
+            self.prediction_log.add(
+                rows_of(answers, self.predictor.version, route, request_id, since_ms(started), inputs)
+            )
+
+    def close(self) -> None:
+        if self.prediction_log is not None:
+            self.prediction_log.close()
+
     def model_info(self) -> dict:
         p = self.predictor
         return {
@@ -158,6 +179,7 @@ class Service:
             "created": p.manifest.get("created", ""),
             "layout": self.cfg.layout,
             "max_batch_size": self.cfg.max_batch_size,
+            "prediction_log": self.prediction_log is not None,
         }
 
 

@@ -27,13 +27,14 @@ import binascii
 import json
 import math
 import struct
+import time
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from skinray.data.decode import DecodeError
-from skinray.serve.guards import ApiError, not_ready
+from skinray.serve.guards import ApiError, not_ready, request_id
 from skinray.serve.ingress import Service
 
 MODEL = "skinray"
@@ -98,9 +99,11 @@ def oip_router(service: Service, authorized) -> APIRouter:
     @router.post(f"/models/{MODEL}/infer", dependencies=[authorized])
     async def infer(request: Request):
         request_json, tensors = parse_request(await request.body(), request.headers.get(HEADER))
+        started = time.perf_counter()
         views = await _views(service, tensors)
         prediction = await service.predict(views)
         answers = service.answers(prediction)
+        service.log(f"/v2/models/{MODEL}/infer", request_id(request), answers, _inputs(tensors), started)
         outputs = {
             "probabilities": ("FP32", prediction.probabilities),
             "label": ("BYTES", [a["label"].encode() for a in answers]),
@@ -135,6 +138,13 @@ async def _views(service: Service, tensors: dict) -> list[dict]:
     if pixels.shape[1] * pixels.shape[2] > service.cfg.max_pixels:
         raise ApiError(413, f"pixels of {pixels.shape[1]}x{pixels.shape[2]} exceed serve.max_pixels")
     return await service.pixel_views(pixels)
+
+
+def _inputs(tensors: dict) -> list[tuple[int, bytes | None]]:
+    """Each image's size and bytes, as the prediction log keeps them (a tensor of pixels: no file)."""
+    if "image" in tensors:
+        return [(len(data), data) for data in tensors["image"]]
+    return [(p.nbytes, None) for p in tensors["pixels"]]
 
 
 def _check_count(n: int, limit: int) -> None:

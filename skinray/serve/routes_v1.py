@@ -31,7 +31,15 @@ from starlette.formparsers import MultiPartException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from skinray.data.decode import DecodeError
-from skinray.serve.guards import ApiError, BodyLimit, error_response, is_loopback, not_ready, timed
+from skinray.serve.guards import (
+    ApiError,
+    BodyLimit,
+    error_response,
+    is_loopback,
+    not_ready,
+    request_id,
+    timed,
+)
 from skinray.serve.ingress import Service, since_ms
 
 log = logging.getLogger(__name__)
@@ -144,6 +152,7 @@ def make_app(service: Service) -> FastAPI:
         if isinstance(views, DecodeError):
             raise ApiError(400, f"not a readable image: {views.reason}")
         (answer,) = service.answers(await service.predict([views]))
+        service.log("/v1/predict", request_id(request), [answer], [_input(files[0][1])], started)
         return {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
 
     @app.post(
@@ -161,7 +170,10 @@ def make_app(service: Service) -> FastAPI:
         files = await read_images(request, cfg.max_images)
         decoded = await service.decode([data for _, data in files])
         good = [v for v in decoded if not isinstance(v, DecodeError)]
-        answers = iter(service.answers(await service.predict(good)))
+        answered = service.answers(await service.predict(good))
+        inputs = [_input(data) for (_, data), v in zip(files, decoded) if not isinstance(v, DecodeError)]
+        service.log("/v1/predict/batch", request_id(request), answered, inputs, started)
+        answers = iter(answered)
         results = [
             {"filename": name, "error": f"not a readable image: {v.reason}"}
             if isinstance(v, DecodeError)
@@ -193,6 +205,7 @@ def make_app(service: Service) -> FastAPI:
         except DecodeError as exc:
             raise ApiError(400, f"not a readable image: {exc.reason}") from None
         answer, picture = await service.explain(image, views)
+        service.log("/v1/explain", request_id(request), [answer], [_input(files[0][1])], started)
         answer = {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
         if _wants_png(request):
             return Response(
@@ -275,6 +288,10 @@ def _page_routes(app: FastAPI) -> None:
 
     for name in ("page.css", "page.js"):
         app.get(f"/{name}", include_in_schema=False)(static(name))
+
+
+def _input(data: bytes) -> tuple[int, bytes]:
+    return len(data), data
 
 
 def _wants_png(request: Request) -> bool:
