@@ -48,7 +48,14 @@ COMMAND_FLAGS = {
         "--by": "evaluate.by",
         "--metadata": "evaluate.metadata",
     },
-    "serve": {"--host": "serve.host", "--port": "serve.port", "--expect-version": "serve.expect_version"},
+    "serve": {
+        "--host": "serve.host",
+        "--port": "serve.port",
+        "--expect-version": "serve.expect_version",
+        "--canary": "serve.canary",
+        "--canary-percent": "serve.canary_percent",
+        "--shadow": "serve.shadow",
+    },
     "explain": {"--top-k": "score.top_k", "--expect-version": "score.expect_version"},
     "pipeline": {
         "--by": "evaluate.by",

@@ -602,6 +602,14 @@ class ServeConfig:
             see the 413); past it, the connection is closed with the 413.
         expect_version: refuse to serve a bundle of any other version (its whole version, or the
             first 12 or more characters of it); empty: any.
+        canary: a second bundle (or run) that answers `canary_percent` of the requests, in the same
+            application; each answer names the version that computed it. Empty: none.
+        canary_percent: the canary's share of requests (0 to 100): sticky per client (the same
+            X-Request-Id, else the same API key, gets the same version), random without either. A
+            canary that cannot answer falls back to the stable version (counted in a metric).
+        shadow: a bundle (or run) that scores a copy of the requests after they are answered: its
+            answers go to the prediction log and the agreement metric, never to the client.
+        shadow_percent: the share of requests copied to the shadow (0 to 100).
         prediction_log: a folder or object-store URI the ingress writes one Parquet row per answered
             image into (time, request id, version, label, confidence, abstention, differential size,
             OOD score, latency, input size), off the request path; empty: no log. `skinray monitor`
@@ -643,6 +651,10 @@ class ServeConfig:
     max_drain_mb: float = 100.0
     keep_alive_timeout_s: float = 15.0
     expect_version: str = ""
+    canary: str = ""
+    canary_percent: float = 0.0
+    shadow: str = ""
+    shadow_percent: float = 100.0
     prediction_log: str = ""
     prediction_log_sample: float = 1.0
     prediction_log_images: bool = False
@@ -691,6 +703,11 @@ class ServeConfig:
         _require(self.request_timeout_s > 0, "request_timeout_s", "must be positive")
         _require(self.keep_alive_timeout_s >= 0, "keep_alive_timeout_s", "must be >= 0")
         _require(self.max_drain_mb >= 0, "max_drain_mb", "must be >= 0")
+        _require(0.0 <= self.canary_percent <= 100.0, "canary_percent", "must be in [0, 100]")
+        _require(
+            not self.canary_percent or self.canary, "canary_percent", "needs serve.canary (--canary BUNDLE)"
+        )
+        _require(0.0 <= self.shadow_percent <= 100.0, "shadow_percent", "must be in [0, 100]")
         _require(0.0 <= self.prediction_log_sample <= 1.0, "prediction_log_sample", "must be in [0, 1]")
         _require(self.prediction_log_rows >= 1, "prediction_log_rows", "must be >= 1")
         _require(self.prediction_log_minutes > 0, "prediction_log_minutes", "must be positive")

@@ -238,39 +238,74 @@ def test_each_job_says_how_to_submit_it_and_takes_its_commands_options(job):
 
 
 @pytest.mark.slow
-def test_the_deploy_job_leaves_the_endpoint_running_on_the_cluster(ray_env, ray_cluster, bundle):
-    import urllib.request
+def test_the_deploy_job_then_a_canary_then_a_promotion_answer_every_request(
+    ray_env, ray_cluster, bundle, members, photos, tmp_path
+):
+    """The deploy job leaves v1 running on the cluster; then, while a closed-loop client sends
+    requests, `skinray serve --detach` adds v2 as a 50% canary, then promotes v2 with v1 as its
+    shadow, as a RayService update would. No request fails, and every answer's version is the one
+    whose answer it is (the two models give this photo different confidences)."""
+    import threading
+    import time
 
+    import duckdb
+    import requests
     from ray import serve
     from serving import free_port
 
-    port = free_port()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "deploy.py"),
-            "--model",
-            str(bundle),
-            "--port",
-            str(port),
-            "--set",
-            "serve.cpus_per_replica=0.5",
-            "--set",
-            "serve.ingress_cpus=0.25",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ray_env,
-    )
+    port, v2 = free_port(), members["runs"][0]
+    small = ["--set", "serve.cpus_per_replica=0.5", "--set", "serve.ingress_cpus=0.25"]
+    url, photo = f"http://127.0.0.1:{port}", photos[0].read_bytes()
+    log = tmp_path / "log"
+    answers, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = requests.post(
+                f"{url}/v1/predict",
+                data=photo,
+                headers={"Content-Type": "image/jpeg", "X-Request-Id": f"r{len(answers)}"},
+                timeout=60,
+            )
+            answers.append((r.status_code, r.json().get("model_version"), r.json().get("confidence")))
+
+    def detach(*args):
+        proc = skinray("serve", "--detach", "--port", str(port), *args, *small, env=ray_env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    job = [sys.executable, str(ROOT / "jobs" / "deploy.py"), "--model", str(bundle), "--port", str(port)]
+    proc = subprocess.run(job + small, capture_output=True, text=True, timeout=300, env=ray_env)
+    thread = threading.Thread(target=client)
     try:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "deployed as Serve application 'skinray'" in proc.stdout
         # The job's driver has exited; the application answers.
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=60) as response:
-            assert response.status == 200
+        assert requests.get(f"{url}/readyz", timeout=60).status_code == 200
+        thread.start()
+        detach("--model", str(bundle), "--canary", v2, "--canary-percent", "50")
+        canary_at = len(answers)
+        time.sleep(2)
+        detach("--model", v2, "--shadow", str(bundle), "--set", f"serve.prediction_log={log}",
+               "--set", "serve.prediction_log_minutes=0.005")  # fmt: skip
+        promoted_at = len(answers)
+        time.sleep(3)
+        stop.set()
+        thread.join(60)
+        model = requests.get(f"{url}/v1/model", timeout=10).json()
     finally:
+        stop.set()
         serve.shutdown()
+    assert [a for a in answers if a[0] != 200] == [] and len(answers) > promoted_at > canary_at > 0
+    confidence = {}
+    for _, version, conf in answers:
+        assert confidence.setdefault(version, conf) == pytest.approx(conf, abs=1e-5), version
+    v1 = answers[0][1]
+    assert len(confidence) == 2 and {v for _, v, _ in answers[canary_at:promoted_at]} == set(confidence)
+    assert answers[-1][1] != v1 and {v["role"]: v["version"] for v in model["versions"]}["shadow"] == v1
+    shadow = duckdb.sql(
+        f"select * from read_parquet('{log}/*/*.parquet', hive_partitioning=false) where role = 'shadow'"
+    ).df()
+    assert len(shadow) and set(shadow["model_version"]) == {v1}
 
 
 def test_detach_refuses_a_cluster_that_would_end_with_the_command(bundle):

@@ -660,26 +660,36 @@ class StandIn:
 
 
 class Answering(StandIn):
-    """A model deployment's handle that answers: the same logits of two members for every image."""
+    """A model deployment's handle that answers: the same logits of `members` members for every image."""
+
+    def __init__(self, members: int = 2, logits=(3.0, 0.5, 0.2, 0.0)):
+        super().__init__()
+        self.members, self.logits = members, np.float32([[logits]])
 
     def remote(self, views):
         n = len(next(iter(views.values())))
 
         async def answer():
-            return np.tile(np.float32([[[3.0, 0.5, 0.2, 0.0]]]), (2, n, 1)), None
+            return np.tile(self.logits, (self.members, n, 1)), None
 
         return answer()
 
 
-def _ingress(bundle, handle, settings=None, key_digests=()):
-    """(the ingress's ASGI application, its Service) on `handle`, without Serve."""
+def _ingress(bundle, handle, settings=None, key_digests=(), others=()):
+    """(the ingress's ASGI application, its Service) on `handle`, without Serve; `others`: more
+    versions, as (role, model path, handle)."""
     from skinray.predictor import Predictor
     from skinray.serve.app import serve_section
-    from skinray.serve.ingress import Service
+    from skinray.serve.ingress import Arm, Service
+
+    def arm(role, path, handle):
+        predictor = Predictor.from_path(str(path), load_models=False)
+        return Arm(role, predictor, [(handle, list(range(len(predictor.members))))])
+
     from skinray.serve.routes_v1 import make_app
 
-    predictor = Predictor.from_path(str(bundle), load_models=False)
-    service = Service(predictor, [(handle, [0, 1])], serve_section(settings or {}), set(key_digests))
+    arms = [arm("stable", bundle, handle), *(arm(*other) for other in others)]
+    service = Service(arms, serve_section(settings or {}), set(key_digests))
     return make_app(service), service
 
 
@@ -803,6 +813,100 @@ def _log_rows(folder, where: str = ""):
     return duckdb.sql(
         f"select * from read_parquet('{folder}/*/*.parquet', hive_partitioning=false) {where}"
     ).df()
+
+
+# === Versions side by side: canary and shadow ===
+
+CANARY_LOGITS = (0.0, 0.2, 3.0, 0.5)  # the canary's answer: the third class (the stable one's: the first)
+
+
+async def _predictions(app, headers: list[dict]) -> list[tuple[int, dict]]:
+    answers = []
+    for h in headers:
+        status, _, body = await asgi_request(
+            app, "POST", "/v1/predict", jpeg(), {"content-type": "image/jpeg", **h}
+        )
+        answers.append((status, json.loads(body)))
+    return answers
+
+
+def test_a_canary_answers_its_share_sticky_per_client_and_names_its_version(bundle, members):
+    run = members["runs"][0]
+    app, service = _ingress(
+        bundle,
+        Answering(),
+        {"canary": run, "canary_percent": 30},
+        others=[("canary", run, Answering(1, CANARY_LOGITS))],
+    )
+    classes, canary = service.predictor.classes, service.arms["canary"].version
+    clients = [{"x-request-id": f"client-{i}"} for i in range(60)]
+    first = asyncio.run(_predictions(app, clients))
+    again = asyncio.run(_predictions(app, clients))
+    assert all(status == 200 for status, _ in first + again)
+    versions = [a["model_version"] for _, a in first]
+    assert 8 <= versions.count(canary) <= 30  # 30% of 60 clients, give or take the hash's draw
+    assert versions == [a["model_version"] for _, a in again]  # each client kept its version
+    for _, a in first:  # the version named is the one that computed the answer
+        assert a["label"] == (classes[2] if a["model_version"] == canary else classes[0])
+    _, _, body = asyncio.run(asgi_request(app, "GET", "/v1/model"))
+    split = {v["role"]: v for v in json.loads(body)["versions"]}
+    assert split["stable"]["percent"] == 70 and split["canary"]["percent"] == 30
+    assert split["canary"]["version"] == canary
+
+
+def test_a_dead_canary_falls_back_to_the_stable_version(bundle, members, caplog):
+    from ray.exceptions import ActorDiedError
+
+    run = members["runs"][0]
+    app, service = _ingress(
+        bundle,
+        Answering(),
+        {"canary": run, "canary_percent": 100},
+        others=[("canary", run, StandIn(ActorDiedError()))],
+    )
+    answers = asyncio.run(_predictions(app, [{}, {}]))
+    assert [status for status, _ in answers] == [200, 200]
+    assert {a["model_version"] for _, a in answers} == {service.stable.version}
+    assert "the stable version answers" in caplog.text
+
+
+def test_a_shadow_scores_a_copy_into_the_log_and_never_the_answer(bundle, members, tmp_path, caplog):
+    run = members["runs"][0]
+    settings = {"shadow": run, "prediction_log": str(tmp_path / "log")}
+    app, service = _ingress(
+        bundle, Answering(), settings, others=[("shadow", run, Answering(1, CANARY_LOGITS))]
+    )
+
+    async def requests_then_shadows():
+        answers = await _predictions(app, [{"x-request-id": f"r{i}"} for i in range(3)])
+        await asyncio.gather(*service._shadows)
+        return answers
+
+    answers = asyncio.run(requests_then_shadows())
+    service.close()
+    classes, stable = service.predictor.classes, service.stable.version
+    assert all(s == 200 and a["label"] == classes[0] and a["model_version"] == stable for s, a in answers)
+    rows = _log_rows(tmp_path / "log", "order by role, request_id")
+    assert list(rows["role"]) == ["shadow"] * 3 + ["stable"] * 3
+    assert list(rows["request_id"]) == ["r0", "r1", "r2"] * 2
+    assert list(rows["label"][:3]) == [classes[2]] * 3
+    assert set(rows["model_version"][:3]) == {service.arms["shadow"].version}
+
+    broken = {"shadow": run}
+    app, service = _ingress(
+        bundle, Answering(), broken, others=[("shadow", run, StandIn(RuntimeError("down")))]
+    )
+    answers = asyncio.run(requests_then_shadows())
+    assert all(s == 200 and a["model_version"] == stable for s, a in answers)
+    assert "the shadow" in caplog.text and "failed" in caplog.text
+
+
+def test_a_canary_of_the_stable_version_is_refused(bundle):
+    from skinray import UserError
+    from skinray.serve.app import build_app
+
+    with pytest.raises(UserError, match="is the stable's model"):
+        build_app({"model": str(bundle), "serve": {"canary": str(bundle), "canary_percent": 10}})
 
 
 # === The command ===

@@ -100,23 +100,25 @@ class Model:
 class Ingress:
     """The HTTP front: request guards, decoding, and the models' answers turned into responses."""
 
-    def __init__(
-        self,
-        model: str,
-        version: str,
-        handles: list,
-        groups: list[list[int]],
-        key_digests: list[str],
-        cfg: dict,
-    ):
+    def __init__(self, arms: list[dict], key_digests: list[str], cfg: dict):
         from skinray.console import quiet_process
         from skinray.predictor import Predictor
-        from skinray.serve.ingress import Service
+        from skinray.serve.ingress import Arm, Service
 
         quiet_process()
         serve_cfg = serve_section(cfg)
-        predictor = Predictor.from_path(model, load_models=False, expect_version=version)
-        self.service = Service(predictor, list(zip(handles, groups)), serve_cfg, set(key_digests))
+        self.service = Service(
+            [
+                Arm(
+                    a["role"],
+                    Predictor.from_path(a["model"], load_models=False, expect_version=a["version"]),
+                    list(zip(a["handles"], a["groups"])),
+                )
+                for a in arms
+            ],
+            serve_cfg,
+            set(key_digests),
+        )
 
     def __del__(self):
         """Serve stops the replica: what the prediction log holds is written first."""
@@ -128,41 +130,91 @@ class Ingress:
         return make_app(self.service)
 
 
+ROLES = ("stable", "canary", "shadow")
+
+
 def build_app(args: dict) -> serve.Application:
-    """The application for `args` = {"model": PATH, "serve": {ServeConfig settings}}."""
+    """The application for `args` = {"model": PATH, "serve": {ServeConfig settings}}.
+
+    Each version (the stable `model`, and `serve.canary` and `serve.shadow` when set) gets model
+    deployments of its own, named after its version: an ingress only ever calls the replicas of
+    the versions it was built with, so while Serve replaces an application's replicas one by one
+    (a redeploy with another bundle), every answer is computed by the version it names."""
     from skinray.bundle import check_promoted
-    from skinray.predictor import Predictor
+    from skinray.predictor import Predictor, describe_difference
     from skinray.serve.guards import key_digests
     from skinray.storage import absolute
 
     if not args.get("model"):
         raise UserError("no model given: pass model=BUNDLE_OR_RUN (skinray serve --model ...)")
-    model = absolute(str(args["model"]))
     settings = dict(args.get("serve") or {})
     cfg = serve_section(settings)
-    # A bad path or version fails here, before deploying.
-    predictor = Predictor.from_path(model, load_models=False, expect_version=cfg.expect_version)
-    check_promoted(predictor.manifest, predictor.source, cfg.allow_unpromoted)
-    version = predictor.bundle_version
+    paths = {"stable": str(args["model"]), "canary": cfg.canary, "shadow": cfg.shadow}
+    arms, versions = [], {}
+    for role in ROLES:
+        if not paths[role]:
+            continue
+        model = absolute(paths[role])
+        # A bad path or version fails here, before deploying.
+        expect = cfg.expect_version if role == "stable" else ""
+        predictor = Predictor.from_path(model, load_models=False, expect_version=expect)
+        check_promoted(predictor.manifest, predictor.source, cfg.allow_unpromoted)
+        if predictor.version in versions:
+            raise UserError(
+                f"the {role} ({paths[role]}) is the {versions[predictor.version]}'s model "
+                f"(version {predictor.version[:16]})"
+            )
+        if arms and predictor.classes != arms[0]["predictor"].classes:
+            difference = describe_difference(
+                arms[0]["predictor"].classes, predictor.classes, ("stable", role)
+            )
+            raise UserError(
+                f"the {role} ({paths[role]}) has other classes than the stable model: {difference}"
+            )
+        versions[predictor.version] = role
+        arms.append({"role": role, "model": model, "predictor": predictor})
+    return Ingress.options(
+        num_replicas=cfg.ingress_replicas,
+        ray_actor_options=cfg.ingress_options,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        max_queued_requests=cfg.ingress_max_ongoing_requests,
+    ).bind([_bound(cfg, arm) for arm in arms], sorted(key_digests(cfg)), settings)
+
+
+def _bound(cfg: ServeConfig, arm: dict) -> dict:
+    """One version's model deployments (bound), as the ingress takes them."""
+    # The version each replica must find (empty for a run, which has no sealed version).
+    predictor, version = arm["predictor"], arm["predictor"].bundle_version
     groups = (
         [[i] for i in range(len(predictor.members))]
         if cfg.layout == "per_member"
         else [list(range(len(predictor.members)))]
     )
-    names = ["Model"] if len(groups) == 1 else [f"Model-{predictor.members[g[0]].name}" for g in groups]
+    name = f"Model-{_short(predictor.version)}"
+    names = [name] if len(groups) == 1 else [f"{name}-{predictor.members[g[0]].name}" for g in groups]
     handles = [
-        _model_deployment(cfg, name).bind(
-            model, version, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica
+        _model_deployment(cfg, n).bind(
+            arm["model"], version, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica
         )
-        for name, g in zip(names, groups)
+        for n, g in zip(names, groups)
     ]
-    ingress = Ingress.options(
-        num_replicas=cfg.ingress_replicas,
-        ray_actor_options=cfg.ingress_options,
-        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-        max_queued_requests=cfg.ingress_max_ongoing_requests,
-    )
-    return ingress.bind(model, version, handles, groups, sorted(key_digests(cfg)), settings)
+    return {
+        "role": arm["role"],
+        "model": arm["model"],
+        "version": version,
+        "handles": handles,
+        "groups": groups,
+    }
+
+
+def _short(version: str) -> str:
+    """A version as a deployment name takes it: a bundle's first 12 hex digits; a run's checkpoint
+    path as a digest of it."""
+    import hashlib
+
+    if len(version) == 64 and all(c in "0123456789abcdef" for c in version):
+        return version[:12]
+    return hashlib.sha256(version.encode()).hexdigest()[:12]
 
 
 def serve_section(settings: dict) -> ServeConfig:

@@ -218,6 +218,12 @@ def _presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
+def sticky_key(request: Request) -> str | None:
+    """What keeps a client on one version (`serve.canary_percent`): its X-Request-Id when it sends
+    one, else its API key; only ever hashed."""
+    return request.headers.get("x-request-id") or _presented_key(request)
+
+
 def request_id(request: Request) -> str:
     """The request's id: the client's X-Request-Id, else the one Serve's proxy gave it (and returns
     in the response's x-request-id header)."""
@@ -234,30 +240,59 @@ LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 
 class RequestMetrics:
-    """Requests by route and status, their latency, and the predicted classes and abstentions."""
+    """Requests by route, status and version, their latency, the predicted classes and abstentions
+    per version, canary fallbacks, and the shadow's agreement and failures."""
 
     def __init__(self):
         from ray.serve import metrics
 
         self.requests = metrics.Counter(
-            "skinray_requests", "HTTP requests by route and status", tag_keys=("route", "status")
+            "skinray_requests",
+            "HTTP requests by route, status and the version that answered ('' for none)",
+            tag_keys=("route", "status", "version"),
         )
         self.latency = metrics.Histogram(
             "skinray_request_latency_ms",
-            "HTTP request latency (ms) by route",
+            "HTTP request latency (ms) by route and version",
             boundaries=LATENCY_MS,
-            tag_keys=("route",),
+            tag_keys=("route", "version"),
         )
         self.predictions = metrics.Counter(
-            "skinray_predictions", "images answered, by predicted class", tag_keys=("label", "abstained")
+            "skinray_predictions",
+            "images answered, by predicted class, abstention, out-of-distribution refusal and version",
+            tag_keys=("label", "abstained", "ood", "version"),
+        )
+        self.fallbacks = metrics.Counter(
+            "skinray_canary_fallbacks",
+            "requests the canary could not answer, answered by the stable version",
+            tag_keys=("version",),
+        )
+        self.shadow = metrics.Counter(
+            "skinray_shadow_answers",
+            "images the shadow scored, by whether its label agreed with the answer's ('error': it failed)",
+            tag_keys=("version", "agreed"),
         )
 
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.inc(1, {"route": route, "status": str(status)})
-        self.latency.observe(seconds * 1000, {"route": route})
+    def observe(self, route: str, status: int, seconds: float, version: str = "") -> None:
+        self.requests.inc(1, {"route": route, "status": str(status), "version": version})
+        self.latency.observe(seconds * 1000, {"route": route, "version": version})
 
-    def predicted(self, label: str, abstained: bool) -> None:
-        self.predictions.inc(1, {"label": label, "abstained": str(bool(abstained)).lower()})
+    def predicted(self, label: str, abstained: bool, version: str, ood: bool = False) -> None:
+        tags = {"label": label, "abstained": _flag(abstained), "ood": _flag(ood), "version": version}
+        self.predictions.inc(1, tags)
+
+    def fallback(self, version: str) -> None:
+        self.fallbacks.inc(1, {"version": version})
+
+    def shadow_agreed(self, version: str, agreed: bool) -> None:
+        self.shadow.inc(1, {"version": version, "agreed": _flag(agreed)})
+
+    def shadow_failed(self, version: str) -> None:
+        self.shadow.inc(1, {"version": version, "agreed": "error"})
+
+
+def _flag(value: bool) -> str:
+    return str(bool(value)).lower()
 
 
 def batch_size_histogram():
@@ -282,6 +317,9 @@ def timed(metrics: RequestMetrics):
             return response
         finally:
             route = request.scope.get("route")
-            metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
+            version = getattr(request.state, "model_version", "")  # set by the route that answered
+            metrics.observe(
+                getattr(route, "path", "unmatched"), status, time.perf_counter() - started, version
+            )
 
     return middleware

@@ -37,6 +37,7 @@ SCHEMA = pa.schema(
         ("request_id", pa.string()),
         ("route", pa.string()),
         ("model_version", pa.string()),
+        ("role", pa.string()),  # stable, canary, or shadow (scored a copy; never returned)
         ("label", pa.string()),
         ("confidence", pa.float32()),
         ("abstained", pa.bool_()),
@@ -156,6 +157,7 @@ def rows_of(
     request_id: str,
     latency_ms: float,
     inputs: list[tuple[int, bytes | None]],
+    role: str = "stable",
 ) -> list[dict]:
     """The log's rows of one request: an answer per image, with (its size in bytes, the encoded
     image or None for a tensor of pixels)."""
@@ -166,6 +168,7 @@ def rows_of(
             "request_id": request_id,
             "route": route,
             "model_version": version,
+            "role": role,
             "label": a["label"],
             "confidence": a["confidence"],
             "abstained": a["abstained"],

@@ -34,7 +34,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from skinray.data.decode import DecodeError
-from skinray.serve.guards import ApiError, not_ready, request_id
+from skinray.serve.guards import ApiError, not_ready, request_id, sticky_key
 from skinray.serve.ingress import Service
 
 MODEL = "skinray"
@@ -45,7 +45,7 @@ NUMERIC = {"UINT8": np.uint8, "FP32": np.float32, "BOOL": np.bool_}
 
 def oip_router(service: Service, authorized) -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
-    version = service.predictor.version
+    versions = [v["version"] for v in service.split() if v["role"] != "shadow"]  # those that answer
 
     @router.get("")
     async def server_metadata():
@@ -66,7 +66,7 @@ def oip_router(service: Service, authorized) -> APIRouter:
     async def metadata():
         return {
             "name": MODEL,
-            "versions": [version],
+            "versions": versions,
             "platform": "skinray-ensemble",
             "inputs": [
                 {"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -101,9 +101,11 @@ def oip_router(service: Service, authorized) -> APIRouter:
         request_json, tensors = parse_request(await request.body(), request.headers.get(HEADER))
         started = time.perf_counter()
         views = await _views(service, tensors)
-        prediction = await service.predict(views)
-        answers = service.answers(prediction)
-        service.log(f"/v2/models/{MODEL}/infer", request_id(request), answers, _inputs(tensors), started)
+        route, rid = f"/v2/models/{MODEL}/infer", request_id(request)
+        prediction, answers, arm = await service.respond(
+            views, _inputs(tensors), started, route, rid, sticky_key(request)
+        )
+        request.state.model_version = arm.version
         outputs = {
             "probabilities": ("FP32", prediction.probabilities),
             "label": ("BYTES", [a["label"].encode() for a in answers]),
@@ -115,7 +117,7 @@ def oip_router(service: Service, authorized) -> APIRouter:
         if prediction.ood_scores is not None:
             outputs["out_of_distribution"] = ("BOOL", prediction.out_of_distribution)
             outputs["ood_score"] = ("FP32", prediction.ood_scores.astype(np.float32))
-        body, header_length = encode_response(request_json, outputs, version)
+        body, header_length = encode_response(request_json, outputs, arm.version)
         if header_length is None:
             return JSONResponse(json.loads(body))
         return Response(body, media_type="application/octet-stream", headers={HEADER: str(header_length)})

@@ -38,6 +38,7 @@ from skinray.serve.guards import (
     is_loopback,
     not_ready,
     request_id,
+    sticky_key,
     timed,
 )
 from skinray.serve.ingress import Service, since_ms
@@ -151,9 +152,11 @@ def make_app(service: Service) -> FastAPI:
         (views,) = await service.decode([files[0][1]])
         if isinstance(views, DecodeError):
             raise ApiError(400, f"not a readable image: {views.reason}")
-        (answer,) = service.answers(await service.predict([views]))
-        service.log("/v1/predict", request_id(request), [answer], [_input(files[0][1])], started)
-        return {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
+        _, (answer,), arm = await service.respond(
+            [views], [_input(files[0][1])], started, "/v1/predict", request_id(request), sticky_key(request)
+        )
+        request.state.model_version = arm.version
+        return {**answer, "model_version": arm.version, "latency_ms": since_ms(started)}
 
     @app.post(
         "/v1/predict/batch",
@@ -170,9 +173,11 @@ def make_app(service: Service) -> FastAPI:
         files = await read_images(request, cfg.max_images)
         decoded = await service.decode([data for _, data in files])
         good = [v for v in decoded if not isinstance(v, DecodeError)]
-        answered = service.answers(await service.predict(good))
         inputs = [_input(data) for (_, data), v in zip(files, decoded) if not isinstance(v, DecodeError)]
-        service.log("/v1/predict/batch", request_id(request), answered, inputs, started)
+        _, answered, arm = await service.respond(
+            good, inputs, started, "/v1/predict/batch", request_id(request), sticky_key(request)
+        )
+        request.state.model_version = arm.version
         answers = iter(answered)
         results = [
             {"filename": name, "error": f"not a readable image: {v.reason}"}
@@ -182,7 +187,7 @@ def make_app(service: Service) -> FastAPI:
         ]
         return {
             "results": results,
-            "model_version": service.predictor.version,
+            "model_version": arm.version,
             "latency_ms": since_ms(started),
         }
 
@@ -204,9 +209,10 @@ def make_app(service: Service) -> FastAPI:
             image, views = await service.decode_photo(files[0][1])
         except DecodeError as exc:
             raise ApiError(400, f"not a readable image: {exc.reason}") from None
-        answer, picture = await service.explain(image, views)
-        service.log("/v1/explain", request_id(request), [answer], [_input(files[0][1])], started)
-        answer = {**answer, "model_version": service.predictor.version, "latency_ms": since_ms(started)}
+        answer, picture, arm = await service.explain(image, views, sticky_key(request))
+        service.log("/v1/explain", request_id(request), [answer], [_input(files[0][1])], started, arm)
+        request.state.model_version = arm.version
+        answer = {**answer, "model_version": arm.version, "latency_ms": since_ms(started)}
         if _wants_png(request):
             return Response(
                 picture,
