@@ -1,7 +1,12 @@
-"""Running the `skinray` command line in tests, as a user runs it: one helper for every test."""
+"""Running commands in tests: the `skinray` command line as a user runs it, and the Debian tools
+the tests install when missing."""
 
+import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 SKINRAY = [sys.executable, "-m", "skinray"]  # for the tests that need a Popen (to kill it)
 
@@ -22,3 +27,20 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("skinray: error: "), proc.stderr[-3000:]
     return lines[0]
+
+
+def debian_tool(command: str, package: str) -> str:
+    """The path of `command`, installing Debian's `package` with apt-get when it is missing (as
+    root, or through sudo): the browser of the page tests, Prometheus for the metrics test."""
+    found = shutil.which(command)
+    if found:
+        return found
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    install = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+        subprocess.run([*sudo, "apt-get", "update"], env=env, capture_output=True, timeout=600)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.fail(f"could not install Debian's {package}: {done.stderr[-2000:]}")
+    return shutil.which(command)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import requests
+from commands import debian_tool
 from playwright.sync_api import expect
 from serving import KEY
 
@@ -33,19 +32,8 @@ CHROMIUM_FLAGS = [
 
 
 def system_chromium() -> str:
-    """/usr/bin/chromium, installed with apt-get when missing (as root, or through sudo)."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    install = [*sudo, "apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
-        subprocess.run([*sudo, "apt-get", "update"], env=env, capture_output=True, timeout=600)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.fail(f"could not install Debian's chromium for the page tests: {done.stderr[-2000:]}")
-    return shutil.which("chromium")
+    """/usr/bin/chromium, installed with apt-get when missing."""
+    return debian_tool("chromium", "chromium")
 
 
 @pytest.fixture(scope="module")

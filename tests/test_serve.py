@@ -25,10 +25,12 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from commands import SKINRAY, skinray
+from commands import SKINRAY, debian_tool, skinray
 from corpus import bomb_png, dds_without_pixel_format
 from PIL import Image
 from serving import ANOTHER_KEY, KEY, asgi_request, deploy, free_port, jpeg
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def triton(url: str, **kw):
@@ -68,40 +70,109 @@ def test_predict_answers_raw_bytes_and_multipart_alike(endpoint, bundle, photos)
     assert a["latency_ms"] > 0
 
 
-def test_the_metrics_count_requests_answers_and_batches(endpoint, ray_cluster, photos):
-    """The metrics the docs promise, as Prometheus scrapes them from the node's metrics endpoint."""
-    import re
-    import urllib.request
-
+def test_prometheus_scrapes_the_metrics_and_evaluates_the_shipped_rules(
+    endpoint, ray_cluster, photos, tmp_path
+):
+    """A real Prometheus (Debian's, installed when missing) scrapes the cluster's metrics endpoint
+    with deploy/prometheus's rules loaded; the metrics the docs promise, tagged with the version,
+    and the recorded series read back through its HTTP API."""
+    prometheus = debian_tool("prometheus", "prometheus")
     for _ in range(2):
         assert requests.post(f"{endpoint}/v1/predict", data=photos[0].read_bytes()).status_code == 200
     assert requests.post(f"{endpoint}/v1/predict", data=b"not a photo").status_code == 400
-    port = ray_cluster._private.worker._global_node.metrics_export_port
+    version = requests.get(f"{endpoint}/v1/model").json()["version"]
+    metrics_port, web = ray_cluster._private.worker._global_node.metrics_export_port, free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ROOT / "deploy" / "prometheus" / "skinray-rules.yml")],
+                "scrape_configs": [
+                    {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+                ],
+            }
+        )
+    )
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),
+    )
 
-    def total(text: str, name: str, **tags) -> float:
-        """The sum of a metric's series whose labels include `tags` (over replicas and nodes)."""
-        value = 0.0
-        for series, labels, number in re.findall(r"^(\w+)\{(.*)\} (\S+)$", text, re.M):
-            if series == name and tags.items() <= dict(re.findall(r'(\w+)="([^"]*)"', labels)).items():
-                value += float(number)
-        return value
+    def query(expr: str) -> float:
+        """The sum of an instant query's samples (0 when it has none yet)."""
+        try:
+            answer = requests.get(f"http://127.0.0.1:{web}/api/v1/query", params={"query": expr}, timeout=5)
+        except requests.ConnectionError:
+            return 0.0
+        return sum(float(s["value"][1]) for s in answer.json()["data"]["result"])
 
+    v = f'version="{version}"'
+    queries = {
+        "ok": 'sum(ray_skinray_requests_total{route="/v1/predict",status="200",' + v + "})",
+        "refused": 'sum(ray_skinray_requests_total{route="/v1/predict",status="400"})',
+        "latency": 'sum(ray_skinray_request_latency_ms_count{route="/v1/predict"})',
+        "answers": "sum(ray_skinray_predictions_total{" + v + "})",
+        "batches": "sum(ray_skinray_batch_size_count)",
+        "validation": "count(ray_skinray_validation_rate{" + v + "})",
+        "recorded": "count(skinray:requests:rate5m)",
+    }
     found: dict = {}
-    deadline = time.monotonic() + 90  # Ray exports its metrics every few seconds
-    while time.monotonic() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        found = {
-            "ok": total(text, "ray_skinray_requests_total", route="/v1/predict", status="200"),
-            "refused": total(text, "ray_skinray_requests_total", route="/v1/predict", status="400"),
-            "latency": total(text, "ray_skinray_request_latency_ms_count", route="/v1/predict"),
-            "answers": total(text, "ray_skinray_predictions_total"),
-            "batches": total(text, "ray_skinray_batch_size_count"),
-        }
-        if found["ok"] >= 2 and all(found.values()):
-            break
-        time.sleep(2)
-    assert found["ok"] >= 2 and found["refused"] >= 1, found
+    try:
+        deadline = time.monotonic() + 90  # Ray exports its metrics every few seconds
+        while time.monotonic() < deadline:
+            found = {name: query(expr) for name, expr in queries.items()}
+            if found["ok"] >= 2 and all(found.values()):
+                break
+            time.sleep(2)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert found["ok"] >= 2 and found["refused"] >= 1, (
+        found,
+        (tmp_path / "prometheus.log").read_text()[-2000:],
+    )
     assert found["latency"] >= 3 and found["answers"] >= 2 and found["batches"] >= 2, found
+    assert found["validation"] == 2 and found["recorded"] >= 1, found
+
+
+def test_the_shipped_rules_pass_promtool():
+    """deploy/prometheus: the rules are valid, and their unit tests (alerts firing on planted
+    series, silent on healthy ones) pass."""
+    promtool = debian_tool("promtool", "prometheus")
+    folder = ROOT / "deploy" / "prometheus"
+    check = subprocess.run(
+        [promtool, "check", "rules", "skinray-rules.yml"], cwd=folder, capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "SUCCESS" in check.stdout, check.stdout + check.stderr
+    test = subprocess.run(
+        [promtool, "test", "rules", "skinray-rules.test.yml"], cwd=folder, capture_output=True, text=True
+    )
+    assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
+
+
+def test_the_dashboard_shows_only_series_that_exist():
+    """Every query of the Grafana dashboard names a metric skinray or Serve exports, or a series the
+    rules record."""
+    import re
+
+    dashboard = json.loads((ROOT / "deploy" / "prometheus" / "skinray-dashboard.json").read_text())
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "skinray-rules.yml").read_text())
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    code = "".join(p.read_text() for p in (ROOT / "skinray" / "serve").glob("*.py"))
+    exported = {f"ray_{name}" for name in re.findall(r'"(skinray_[a-z_]+)"', code)}
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 12
+    for expr in exprs:
+        for name in re.findall(r"\b(ray_[a-z_]+|skinray:[a-z0-9_:]+)", expr):
+            base = re.sub(r"_(total|sum|count|bucket)$", "", name)
+            assert name in recorded or base in exported or name.startswith("ray_serve_"), (name, expr)
 
 
 def test_batch_answers_each_image_or_says_why_not(endpoint, photos):

@@ -273,6 +273,19 @@ class RequestMetrics:
             tag_keys=("version", "agreed"),
         )
 
+        self.validation = metrics.Gauge(
+            "skinray_validation_rate",
+            "a served version's rates on its validation images (the bundle's reference): what the "
+            "served abstention and out-of-distribution rates are compared with",
+            tag_keys=("version", "rate"),
+        )
+
+    def reference(self, version: str, reference: dict) -> None:
+        """Exports a version's validation rates (`abstained`, `out_of_distribution`) for the alerts."""
+        for rate in ("abstained", "out_of_distribution"):
+            if reference.get(rate) is not None:
+                self.validation.set(reference[rate], {"version": version, "rate": rate})
+
     def observe(self, route: str, status: int, seconds: float, version: str = "") -> None:
         self.requests.inc(1, {"route": route, "status": str(status), "version": version})
         self.latency.observe(seconds * 1000, {"route": route, "version": version})

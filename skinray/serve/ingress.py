@@ -58,6 +58,8 @@ class Service:
         self.predictor = self.stable.predictor  # the classes and the contract every version shares
         self.keys = Keys(key_digests)
         self.metrics = RequestMetrics()
+        for arm in arms:
+            self.metrics.reference(arm.version, arm.predictor.manifest.get("reference") or {})
         self.sizes = tuple(sorted({size for arm in arms for size in arm.predictor.sizes}))
         self.decode_slots = asyncio.Semaphore(cfg.decode_slots)
         self._readiness: tuple[float, asyncio.Task] | None = None
