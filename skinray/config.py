@@ -422,6 +422,23 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking in MLflow (`pip install 'skinray[mlflow]'`; docs/operating.md).
+
+    Args:
+        uri: the MLflow tracking URI (e.g. sqlite:///mlflow.db, or http://mlflow:5000); empty:
+            MLFLOW_TRACKING_URI when set, else no tracking. Never stored with its credentials.
+        experiment: the MLflow experiment the runs go into.
+    """
+
+    uri: str = ""
+    experiment: str = "skinray"
+
+    def __post_init__(self):
+        _require(bool(self.experiment), "experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
 class ScoreConfig:
     """Bulk scoring on Ray Data (`skinray score`, and the predictions of `evaluate` and `ensemble`).
 
@@ -758,6 +775,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
         model, train = resolve_recipe(self.model, self.train)
@@ -1025,7 +1043,12 @@ def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -
 
 
 def redacted(cfg: Config) -> Config:
-    """The config as it may be stored and shown: the archive's URI without credentials."""
+    """The config as it may be stored and shown: the archive's and the tracking URI without
+    credentials."""
     from skinray.storage import redact
 
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, archive=redact(cfg.data.archive)))
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, archive=redact(cfg.data.archive)),
+        tracking=dataclasses.replace(cfg.tracking, uri=redact(cfg.tracking.uri)),
+    )

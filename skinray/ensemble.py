@@ -27,6 +27,7 @@ The bundle format and its verification are in `skinray.bundle`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -253,6 +254,22 @@ def reference_answers(
 
 
 def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config) -> dict:
+    """`fit_bundle`, as an MLflow run of its own when tracking is on (`skinray.tracking`): the
+    bundle's version, its validation metrics and its manifest."""
+    from skinray.storage import redact
+    from skinray.tracking import tracked
+
+    with tracked(cfg, f"ensemble {out.rstrip('/').rsplit('/', 1)[-1]}", "ensemble") as run:
+        manifest = fit_bundle(member_paths, archive, out, cfg)
+        run.params({"members": ", ".join(redact(p) for p in member_paths), "archive": redact(archive)})
+        run.params({f"ensemble.{k}": v for k, v in dataclasses.asdict(cfg.ensemble).items()})
+        run.tag("skinray.bundle_version", manifest["version"])
+        run.metrics(manifest["validation"]["ensemble"])
+        run.json(manifest, "bundle.json")
+        return manifest
+
+
+def fit_bundle(member_paths: list[str], archive: str, out: str, cfg: Config) -> dict:
     """Fits the calibration of `member_paths` on `archive`'s validation split and writes the bundle."""
     from skinray.bundle import built_before, write_bundle
     from skinray.cluster import connect, reserved_cpus

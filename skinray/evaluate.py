@@ -205,6 +205,24 @@ def _plot_reliability(curves: dict[str, list[dict]], path: Path) -> None:
 def evaluate(
     model_path: str, archive: str, split: str, out: str, cfg: Config | None = None, ood_dir: str | None = None
 ) -> dict:
+    """`evaluate_split`, as an MLflow run of its own when tracking is on (`skinray.tracking`): the
+    report's headline metrics, the model's version, and the report's files as artifacts."""
+    from skinray.tracking import tracked
+
+    with tracked(cfg or Config(), f"evaluate {split}", "evaluate") as run:
+        report = evaluate_split(model_path, archive, split, out, cfg, ood_dir)
+        run.params({"model": redact(report["model"]), "archive": redact(archive), "split": split})
+        run.tag("skinray.model_version", report["model_version"])
+        run.metrics(report)
+        for section in ("calibration", "abstention", "out_of_distribution", "differential"):
+            run.metrics({f"{section}.{k}": v for k, v in (report.get(section) or {}).items()})
+        run.artifact(str(out), "report")
+        return report
+
+
+def evaluate_split(
+    model_path: str, archive: str, split: str, out: str, cfg: Config | None = None, ood_dir: str | None = None
+) -> dict:
     """Scores one split of an archive with a model and writes the report to `out`.
 
     The validation split is re-derived with the model's own seed and fraction, so `--split val`

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from skinray import UserError, console, subgroups
 from skinray.config import Config, load_config
-from skinray.storage import absolute, join_uri, read_marker, read_text, write_json
+from skinray.storage import absolute, join_uri, read_marker, read_text, redact, write_json
+from skinray.tracking import tracked
 
 
 def say(message: str) -> None:
@@ -75,13 +76,22 @@ def run_pipeline(
     out = absolute(out)
     shared = [*settings, f"data.archive={archive}"]
     check_stage(archive, out, configs[0].data.max_pixels)
-    runs = []
-    for member, cfg in zip(members, configs):
-        if tune and member.tune:
-            cfg = tune_stage(member, cfg, [*member.settings, *shared], out)
-        runs.append(train_stage(member, cfg, out))
-    bundle = ensemble_stage(runs, archive, out, configs[0])
-    return evaluate_stage(bundle, archive, out, configs[0])
+    # With tracking on, one MLflow run whose children are the stages' runs.
+    with tracked(
+        configs[0], f"pipeline {out.rstrip('/').rsplit('/', 1)[-1]}", "pipeline", parent=True
+    ) as run:
+        run.params(
+            {"archive": redact(archive), "out": redact(out), "members": ", ".join(m.name for m in members)}
+        )
+        runs = []
+        for member, cfg in zip(members, configs):
+            if tune and member.tune:
+                cfg = tune_stage(member, cfg, [*member.settings, *shared], out)
+            runs.append(train_stage(member, cfg, out))
+        bundle = ensemble_stage(runs, archive, out, configs[0])
+        report = evaluate_stage(bundle, archive, out, configs[0])
+        run.metrics(report)
+        return report
 
 
 def check_stage(archive: str, out: str, max_pixels: int) -> dict:

@@ -24,6 +24,7 @@ from skinray.console import say, train_logging_config, verbose, warn
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource, steps_per_epoch
 from skinray.storage import absolute, join_uri, lock, redact
+from skinray.tracking import config_params, epoch_callback, tracked
 from skinray.train.loop import LoopInputs, train_loop_per_worker
 
 
@@ -35,10 +36,11 @@ class TrainResult:
     history: list
 
 
-def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> TrainResult:
+def train(cfg: Config, out: str, name: str = "", callbacks: tuple = (), track: bool = True) -> TrainResult:
     """Fine-tunes `cfg.model.backbone` on `cfg.data.archive`; returns where the best model is.
 
     `callbacks`: Ray Train callbacks, e.g. Tune's report callback when a Tune trial runs it.
+    `track`: an MLflow run of its own when tracking is on (a Tune trial has Tune's instead).
     """
     from skinray.console import load_tensorflow
 
@@ -56,7 +58,17 @@ def train(cfg: Config, out: str, name: str = "", callbacks: tuple = ()) -> Train
     with lock(join_uri(run_uri, ".lock"), f"the run '{redact(run_uri)}'"):
         _check_resume(cfg, inputs.classes, run_uri)
         rundir.write_run_files(cfg, inputs.classes, run_uri)
-        return _fit(cfg, inputs, storage, run_name, run_uri, callbacks)
+        with tracked(cfg, run_name, "train", enabled=track) as run:
+            run.params(config_params(cfg))
+            run.tag("skinray.run_dir", redact(run_uri))
+            epochs = epoch_callback(run)
+            result = _fit(
+                cfg, inputs, storage, run_name, run_uri, [*callbacks, *([epochs] if epochs else [])]
+            )
+            run.metrics({f"best_{k}": v for k, v in result.best_metrics.items()})
+            run.artifact(join_uri(run_uri, rundir.SUMMARY))
+            run.artifact(join_uri(run_uri, "tensorboard"), "tensorboard")
+            return result
 
 
 def _fit(

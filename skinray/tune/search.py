@@ -29,6 +29,7 @@ from skinray.console import say, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource
 from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
+from skinray.tracking import config_params, tracked, tune_callback
 
 # Where each searched value goes in the config that `skinray train` reads.
 SEARCHED = {
@@ -159,7 +160,8 @@ def full_trial(trial: dict, *, cfg: Config, out: str) -> None:
             monitor=t.metric,
         )
     )
-    train(trial_cfg, out, name=tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()])
+    trial = tune.get_context().get_trial_id()
+    train(trial_cfg, out, name=trial, callbacks=[TuneReportCallback()], track=False)  # Tune's run has it
 
 
 # === The search ===
@@ -196,8 +198,13 @@ def tune_head(cfg: Config, out: str, name: str = "") -> dict:
     else:
         connect(reserved_cpus(cfg, "tune"))
         trainable = _full_trainable(cfg, join_uri(run_dir, "full"))
-    results = _run(cfg, trainable, run_dir)
-    return write_outputs(results, cfg, run_dir)
+    with tracked(cfg, run_dir.rstrip("/").rsplit("/", 1)[-1], "tune") as run:
+        run.params(config_params(cfg))
+        results = _run(cfg, trainable, run_dir, tune_callback(run, cfg.tracking.experiment))
+        summary = write_outputs(results, cfg, run_dir)
+        run.metrics({f"best_{k}": v for k, v in summary["best"].items()})
+        run.artifact(join_uri(run_dir, "trials.md"))
+        return summary
 
 
 def _refuse_a_different_search(cfg: Config, run_dir: str) -> None:
@@ -255,7 +262,7 @@ def _full_trainable(cfg: Config, out: str):
     return tune.with_resources(tune.with_parameters(full_trial, cfg=cfg, out=out), {"cpu": 0.01})
 
 
-def _run(cfg: Config, trainable, run_dir: str):
+def _run(cfg: Config, trainable, run_dir: str, tracking=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -294,6 +301,7 @@ def _run(cfg: Config, trainable, run_dir: str):
                 storage_path=run_dir,
                 verbose=2 if verbose() else 1,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[tracking] if tracking else None,  # MLflow: a run per trial
             ),
         )
     return tuner.fit()
