@@ -181,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--logs", required=True, help="the prediction log (serve.prediction_log), or a skinray score output"
     )
-    monitor.add_argument("--model", required=True, help="the bundle whose answers the logs hold")
+    monitor.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        metavar="BUNDLE",
+        help="the bundle(s) whose answers to compare (a canary's too); each with its own validation answers",
+    )
     monitor.add_argument(
         "--since", default="", help="only answers since then: 7d, 24h, 30m, or an ISO date or time"
     )

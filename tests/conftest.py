@@ -85,16 +85,37 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def demo(ray_env, tmp_path_factory):
-    """`skinray demo --quick --exit`, run once as a newcomer runs it (joining the tests' cluster):
-    (output folder, its port, the finished process). Its two trained members and its bundle are
-    what the ensemble, scoring, serving and explanation tests share."""
+def tracking_store(tmp_path_factory):
+    """An MLflow store (SQLite, artifacts in a folder of their own) the demo's stages log into:
+    its URI, for MLFLOW_TRACKING_URI."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("skinray", artifact_location=(root / "artifacts").as_uri())
+    return uri
+
+
+@pytest.fixture(scope="session")
+def demo(ray_env, tracking_store, tmp_path_factory):
+    """`skinray demo --quick --exit`, run once as a newcomer runs it (joining the tests' cluster),
+    with experiment tracking on (`tracking_store`): (output folder, its port, the finished
+    process). Its two trained members and its bundle are what the ensemble, scoring, serving and
+    explanation tests share."""
     from commands import skinray
     from serving import free_port
 
     out, port = tmp_path_factory.mktemp("demo") / "out", free_port()
     proc = skinray(
-        "demo", "--quick", "--exit", "--out", str(out), "--port", str(port), env=ray_env, timeout=1200
+        "demo",
+        "--quick",
+        "--exit",
+        "--out",
+        str(out),
+        "--port",
+        str(port),
+        env={**ray_env, "MLFLOW_TRACKING_URI": tracking_store},
+        timeout=1200,
     )
     return out, port, proc
 

@@ -67,10 +67,11 @@ def test_answers_like_the_validation_ones_are_not_flagged(logged, bundle, tmp_pa
     args = ["monitor", "--logs", str(logged["like"]), "--model", str(bundle), "--out", str(tmp_path)]
     code = main(args + SMALL_GROUPS)
     report = json.loads((tmp_path / "report.json").read_text())
-    (group,) = report["groups"]
+    ((group,),) = [v["groups"] for v in report["versions"]]
     assert group["rows"] == logged["test"] and report["rows"] == logged["test"]
     assert code == 0 and not report["drift"] and group["judged"] and group["psi"] < 0.25
-    assert (tmp_path / "drift.png").stat().st_size > 0 and "No drift" in (tmp_path / "report.md").read_text()
+    plot = tmp_path / report["versions"][0]["plot"]
+    assert plot.stat().st_size > 0 and "No drift" in (tmp_path / "report.md").read_text()
 
 
 def test_a_planted_shift_is_flagged_and_exits_1(logged, bundle, tmp_path):
@@ -79,7 +80,7 @@ def test_a_planted_shift_is_flagged_and_exits_1(logged, bundle, tmp_path):
         + SMALL_GROUPS
     )
     report = json.loads((tmp_path / "report.json").read_text())
-    (group,) = report["groups"]
+    ((group,),) = [v["groups"] for v in report["versions"]]
     assert code == 1 and report["drift"]
     assert any("predicted classes shifted" in f for f in group["flags"]), group
     assert any("out-of-distribution rate moved" in f for f in group["flags"]), group
@@ -87,12 +88,20 @@ def test_a_planted_shift_is_flagged_and_exits_1(logged, bundle, tmp_path):
 
 
 def test_groups_by_day_and_version_and_since(logged, bundle, tmp_path):
-    """Two days of logs and rows of another version: a group per day, the other version counted."""
+    """Two days of logs, rows of a second bundle (the first, resealed: another version) and of a
+    version not asked about: a group per day and bundle, the other version counted."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from skinray.bundle import seal
     from skinray.serve.prediction_log import SCHEMA
 
+    second = tmp_path / "second"
+    shutil.copytree(bundle, second)
+    manifest = json.loads((second / "bundle.json").read_text())
+    v2 = seal(second, {**manifest, "created": "2026-12-01T00:00:00Z"})["version"]
     rows = duckdb.sql(f"select * from read_parquet('{logged['like']}/**/*.parquet')").df()
     today = datetime.now(UTC).replace(microsecond=0)
     yesterday = today - timedelta(days=1)
@@ -104,15 +113,17 @@ def test_groups_by_day_and_version_and_since(logged, bundle, tmp_path):
 
     write(rows.assign(time=yesterday), logs / f"date={yesterday:%Y-%m-%d}" / "a.parquet")
     write(rows.assign(time=today), logs / f"date={today:%Y-%m-%d}" / "b.parquet")
+    write(rows.assign(time=today, model_version=v2), logs / f"date={today:%Y-%m-%d}" / "c.parquet")
     write(rows.assign(time=today, model_version="another-version"), logs / "other.parquet")
 
-    report = monitor(str(logs), str(bundle), tmp_path / "out", MonitorConfig(min_rows=20))
-    days = [g["day"] for g in report["groups"]]
-    assert days == ["all days", f"{yesterday:%Y-%m-%d}", f"{today:%Y-%m-%d}"]
-    assert [g["rows"] for g in report["groups"]] == [2 * len(rows), len(rows), len(rows)]
+    report = monitor(str(logs), [str(bundle), str(second)], tmp_path / "out", MonitorConfig(min_rows=20))
+    first, other = report["versions"]
+    assert [g["day"] for g in first["groups"]] == ["all days", f"{yesterday:%Y-%m-%d}", f"{today:%Y-%m-%d}"]
+    assert [g["rows"] for g in first["groups"]] == [2 * len(rows), len(rows), len(rows)]
+    assert other["model_version"] == v2 and [g["rows"] for g in other["groups"]] == [len(rows)]
     assert report["other_versions"] == {"another-version": len(rows)}
-    recent = monitor(str(logs), str(bundle), tmp_path / "recent", MonitorConfig(), since="12h")
-    assert [g["rows"] for g in recent["groups"]] == [len(rows)]
+    recent = monitor(str(logs), [str(bundle)], tmp_path / "recent", MonitorConfig(), since="12h")
+    assert [g["rows"] for g in recent["versions"][0]["groups"]] == [len(rows)]
 
 
 def test_psi_and_since():
@@ -126,6 +137,36 @@ def test_psi_and_since():
         parse_since("last week", now)
 
 
+def test_a_change_is_flagged_only_when_chance_cannot_explain_it():
+    """6 of 36 referred against 0 of 24 validation images could be chance (p 0.07): not flagged;
+    20 of 40 cannot. The same for refusals against the target rate, and for classes."""
+    import pandas as pd
+
+    from skinray.monitor import compare
+
+    reference = {"images": 24, "labels": {"a": 12, "b": 12}, "confidence": [0.9] * 24, "abstained": 0.0}
+    reference["out_of_distribution"] = 0.05
+    cfg = MonitorConfig(min_rows=20)
+
+    def rows(n, abstained, refused, a):
+        return pd.DataFrame(
+            {
+                "label": ["a"] * a + ["b"] * (n - a),
+                "confidence": [0.9] * n,
+                "abstained": [True] * abstained + [False] * (n - abstained),
+                "out_of_distribution": [True] * refused + [False] * (n - refused),
+            }
+        )
+
+    assert compare(rows(36, 6, 4, 18), reference, ["a", "b"], cfg)["flags"] == []
+    flags = compare(rows(40, 20, 20, 38), reference, ["a", "b"], cfg)["flags"]
+    assert [f.split(" (")[0] for f in flags] == [
+        "predicted classes shifted",
+        "abstention rate moved +50.0%",
+        "out-of-distribution rate moved +45.0%",
+    ]
+
+
 def test_a_model_without_validation_answers_is_refused(members, logged, tmp_path):
     with pytest.raises(UserError, match="no validation answers"):
-        monitor(str(logged["like"]), members["runs"][0], tmp_path, MonitorConfig())
+        monitor(str(logged["like"]), [members["runs"][0]], tmp_path, MonitorConfig())

@@ -109,8 +109,8 @@ def test_monitor_reads_the_output_as_logs(scored, bundle, tmp_path):
     from skinray.config import MonitorConfig
     from skinray.monitor import monitor
 
-    report = monitor(str(scored["out"]), str(bundle), tmp_path, MonitorConfig(min_rows=5))
-    (group,) = report["groups"]
+    report = monitor(str(scored["out"]), [str(bundle)], tmp_path, MonitorConfig(min_rows=5))
+    ((group,),) = [v["groups"] for v in report["versions"]]
     answered = sum(e is None for e in scored["table"]["error"].to_pylist())
     assert group["day"] == "all days" and group["rows"] == report["rows"] == answered > 0
 

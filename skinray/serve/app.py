@@ -122,7 +122,9 @@ class Ingress:
 
     def __del__(self):
         """Serve stops the replica: what the prediction log holds is written first."""
-        self.service.close()
+        service = getattr(self, "service", None)  # None when the constructor failed
+        if service is not None:
+            service.close()
 
     def __serve_build_asgi_app__(self):
         from skinray.serve.routes_v1 import make_app
