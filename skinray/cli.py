@@ -41,14 +41,20 @@ COMMAND_FLAGS = {
         "--mode": "tune.mode",
     },
     "ensemble": {"--coverage": "ensemble.coverage"},
-    "score": {"--top-k": "score.top_k", "--expect-version": "score.expect_version"},
+    "score": {
+        "--top-k": "score.top_k",
+        "--expect-version": "score.expect_version",
+        "--precision": "score.precision",
+    },
     "evaluate": {
         "--batch-size": "score.batch_size",
         "--expect-version": "score.expect_version",
+        "--precision": "score.precision",
         "--by": "evaluate.by",
         "--metadata": "evaluate.metadata",
     },
     "serve": {
+        "--precision": "serve.precision",
         "--host": "serve.host",
         "--port": "serve.port",
         "--expect-version": "serve.expect_version",
@@ -243,11 +249,16 @@ def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
 
 def _config_flags(parser: argparse.ArgumentParser, command: str, with_files: bool = True) -> None:
     """--config and --set, then the command's own flags, each described by its config field."""
-    from skinray.config import TUNE_MODES, describe_key
+    from skinray.config import PRECISIONS, TUNE_MODES, describe_key
     from skinray.models import list_backbones
 
     # The keys with a flag whose values are a closed set.
-    choices = {"tune.mode": TUNE_MODES, "model.backbone": list_backbones()}
+    choices = {
+        "tune.mode": TUNE_MODES,
+        "model.backbone": list_backbones(),
+        "score.precision": PRECISIONS,
+        "serve.precision": PRECISIONS,
+    }
     if with_files:
         parser.add_argument("--config", help="YAML config file (see configs/)")
         parser.add_argument(

@@ -451,6 +451,9 @@ class ScoreConfig:
         rows_per_file: input files per listing part: the unit of progress a killed job keeps.
         expect_version: refuse a bundle of any other version (its whole version, or the first 12
             or more characters of it); empty: any. Used by score, evaluate and explain.
+        precision: float32, bfloat16, or auto (bfloat16 where the device executes it natively:
+            a CPU with avx512_bf16 or amx_bf16, a GPU of compute capability 8.0+). Logits stay
+            float32; `skinray evaluate --precision bfloat16` measures the agreement.
     """
 
     min_actors: int = 1
@@ -462,9 +465,11 @@ class ScoreConfig:
     top_k: int = 3
     rows_per_file: int = 256
     expect_version: str = ""
+    precision: str = "float32"
 
     def __post_init__(self):
         _require(self.min_actors >= 1, "min_actors", "must be >= 1")
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         _require(self.max_actors >= self.min_actors, "max_actors", "must be >= min_actors")
         _require(self.cpus_per_actor >= 0, "cpus_per_actor", "must be >= 0")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
@@ -574,6 +579,7 @@ class TuneConfig:
 
 
 SERVE_LAYOUTS = ("together", "per_member")
+PRECISIONS = ("float32", "bfloat16", "auto")  # skinray.precision
 # An idle ingress replica's memory (a Ray worker with FastAPI and skinray's serving code loaded, no
 # TensorFlow: about 300 MB measured), with room for request bodies in flight.
 INGRESS_BASE_MB = 450
@@ -635,6 +641,7 @@ class ServeConfig:
         prediction_log_images: also log each image's bytes (off by default: logs then hold photos).
         prediction_log_rows, prediction_log_minutes: a replica starts a new log file after this many
             rows or minutes, whichever comes first.
+        precision: the model replicas' precision, as `score.precision` (auto: each replica's device).
     """
 
     host: str = "127.0.0.1"
@@ -677,6 +684,7 @@ class ServeConfig:
     prediction_log_images: bool = False
     prediction_log_rows: int = 10_000
     prediction_log_minutes: float = 5.0
+    precision: str = "float32"
 
     def __post_init__(self):
         _require(bool(self.host), "host", "must not be empty")
@@ -727,6 +735,7 @@ class ServeConfig:
         _require(0.0 <= self.shadow_percent <= 100.0, "shadow_percent", "must be in [0, 100]")
         _require(0.0 <= self.prediction_log_sample <= 1.0, "prediction_log_sample", "must be in [0, 1]")
         _require(self.prediction_log_rows >= 1, "prediction_log_rows", "must be >= 1")
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         _require(self.prediction_log_minutes > 0, "prediction_log_minutes", "must be positive")
 
     @property

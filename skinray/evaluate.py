@@ -75,6 +75,16 @@ def _markdown(report: dict) -> str:
     differential = report.get("differential")
     if differential:
         lines += ["", *_differential_lines(differential)]
+    if report.get("precision"):
+        p = report["precision"]
+        ece = " -> ".join(f"{v:.4f}" for v in p["ece"].values())
+        lines += [
+            "",
+            f"## Precision: {p['used']} ({p['why']}) against float32",
+            "",
+            f"- top-1 agreement {p['top1_agreement']:.2%} on {p['images']} images; largest probability "
+            f"difference {p['max_probability_difference']:.4f}; ECE {ece} (float32 -> {p['used']})",
+        ]
     if report.get("ood"):
         lines += ["", *_ood_lines(report["ood"], report.get("out_of_distribution", {}))]
     for column, r in report.get("groups", {}).items():
@@ -266,6 +276,20 @@ def evaluate_split(
     labels, failed = scored.labels, scored.failed
     calibrated = replace(predictor.combine(scored.logits, scored.draws), ood_scores=scored.ood_scores)
     report = model_report(predictor, calibrated, predictor.combine_uncalibrated(scored.logits), labels)
+    from skinray.precision import resolve as resolve_precision
+
+    precision, why = resolve_precision(cfg.score.precision)
+    if precision != "float32":  # the same split in float32 beside it: agreement is measured, never assumed
+        reference = labelled_logits(
+            table,
+            [model_path],
+            predictor.sizes,
+            ImageSource.of(catalog, predictor.config.data.max_pixels),
+            replace(cfg.score, precision="float32"),
+            f"the {split} split in float32",
+            predictor.bundle_version,
+        )
+        report["precision"] = precision_report(predictor, scored, reference, precision, why)
     if ood_dir:
         report["ood"] = _foreign_report(predictor, model_path, scored.ood_scores, ood_dir, cfg)
     if metadata is not None:
@@ -281,6 +305,38 @@ def evaluate_split(
     }
     _store(report, predictor.config, out)
     return report
+
+
+def precision_report(predictor, scored, reference, precision: str, why: str) -> dict:
+    """How the answers in `precision` compare with float32's on the same images: top-1 agreement,
+    the largest difference of a calibrated probability, ECE, and the differential sets' coverage."""
+    from skinray.metrics import expected_calibration_error
+
+    where = {p: i for i, p in enumerate(reference.paths)}
+    both = [i for i, p in enumerate(scored.paths) if p in where]
+    ours = predictor.combine(scored.logits[:, both], scored.draws[both])
+    theirs = predictor.combine(
+        reference.logits[:, [where[scored.paths[i]] for i in both]], scored.draws[both]
+    )
+    labels = scored.labels[both]
+    out = {
+        "used": precision,
+        "why": why,
+        "images": len(both),
+        "top1_agreement": float((ours.labels == theirs.labels).mean()),
+        "max_probability_difference": float(np.abs(ours.probabilities - theirs.probabilities).max()),
+        "ece": {
+            "float32": float(expected_calibration_error(theirs.probabilities, labels)),
+            precision: float(expected_calibration_error(ours.probabilities, labels)),
+        },
+    }
+    if ours.in_set is not None:
+        rows = np.arange(len(labels))
+        out["differential_coverage"] = {
+            "float32": float(theirs.in_set[rows, labels].mean()),
+            precision: float(ours.in_set[rows, labels].mean()),
+        }
+    return out
 
 
 def _group_reports(predictor, calibrated, scored, catalog, metadata, cfg: Config) -> dict:

@@ -46,6 +46,7 @@ class ModelActor:
         version: str = "",
         with_features: bool = False,
         passthrough: pa.Schema | None = None,
+        precision: str = "float32",
     ):
         import ray
 
@@ -55,6 +56,7 @@ class ModelActor:
         quiet_process()  # before TensorFlow loads in this actor
         load_tensorflow(expect_gpu=bool(ray.get_gpu_ids()))
         self.predictor = Predictor.from_paths(model, expect_version=version)
+        self.predictor.to_precision(precision)
         self.top_k, self.with_logits, self.with_features = top_k, with_logits, with_features
         self.passthrough = passthrough
 
@@ -181,6 +183,7 @@ def predict_rows(
             "version": version,
             "with_features": with_features,
             "passthrough": passthrough,
+            "precision": cfg.precision,
         },
     )
 

@@ -198,6 +198,7 @@ class Predictor:
     threshold: float = 0.0
     version: str = ""  # the bundle's content hash; a run's checkpoint path otherwise
     manifest: dict = field(default_factory=dict)  # bundle.json (empty for a run)
+    precision: str = "float32"  # what the loaded models compute in (`to_precision`)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -225,6 +226,19 @@ class Predictor:
                     stored = read_verified(folder, self.manifest, entry["ood_statistics"])
                     member.ood_statistics = load_statistics(stored)
             member.model = load_model(member.file, data)
+
+    def to_precision(self, precision: str) -> tuple[str, str]:
+        """Rebuilds the loaded members' models to compute in `precision` (`skinray.precision`: auto
+        is resolved for this process's device); returns (the precision chosen, why). Logits stay
+        float32."""
+        from skinray.precision import in_precision, resolve
+
+        chosen, why = resolve(precision)
+        for member in self.members:
+            if member.model is not None and chosen != self.precision:
+                member.model, member._forward = in_precision(member.model, chosen), None
+        self.precision = chosen
+        return chosen, why
 
     @property
     def bundle_version(self) -> str:

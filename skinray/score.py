@@ -190,7 +190,12 @@ def _score(cfg: Config, model: str, predictor, source: ImageSource, inputs: pa.T
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
+    from skinray.console import say
+    from skinray.precision import resolve as resolve_precision
+
     score_cfg = cfg.score
+    precision, why = resolve_precision(score_cfg.precision)  # as the actors on this kind of node will
+    say(f"the model actors compute in {precision} ({why})")
     fs, _, _ = resolve(output)
     listing, parts = _write_listing(inputs, output, score_cfg.rows_per_file)
     context = ray.data.DataContext.get_current()
@@ -220,6 +225,7 @@ def _score(cfg: Config, model: str, predictor, source: ImageSource, inputs: pa.T
     finally:
         context.checkpoint_config, context.use_datasource_v2 = previous
     summary = summarise(output, inputs.num_rows, predictor, time.perf_counter() - started)
+    summary["precision"] = {"configured": score_cfg.precision, "used": precision, "why": why}
     write_json(join_uri(output, "summary.json"), summary)
     return summary
 

@@ -112,6 +112,11 @@ def test_monitor_reads_the_output_as_logs(scored, bundle, tmp_path):
     report = monitor(str(scored["out"]), [str(bundle)], tmp_path, MonitorConfig(min_rows=5))
     ((group,),) = [v["groups"] for v in report["versions"]]
     answered = sum(e is None for e in scored["table"]["error"].to_pylist())
+    assert scored["summary"]["precision"] == {
+        "configured": "float32",
+        "used": "float32",
+        "why": "as configured",
+    }
     assert group["day"] == "all days" and group["rows"] == report["rows"] == answered > 0
 
 

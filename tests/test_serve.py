@@ -193,7 +193,7 @@ def test_model_and_health_routes(endpoint, bundle):
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert info["version"] == manifest["version"] and info["classes"] == manifest["classes"]
     assert [m["image_size"] for m in info["members"]] == [48, 64]
-    assert "ensemble" in info["validation"]
+    assert "ensemble" in info["validation"] and info["precision"] == "float32"
     assert requests.get(f"{endpoint}/healthz").json() == {"status": "ok"}
     assert requests.get(f"{endpoint}/readyz").json() == {"ready": True}
     for route in ("/docs", "/redoc", "/openapi.json"):  # off unless serve.docs: Swagger loads a CDN's scripts

@@ -43,8 +43,9 @@ class Model:
         max_batch_size: int,
         batch_wait_s: float,
         gpus: float,
+        precision: str = "float32",
     ):
-        from skinray.console import load_tensorflow, quiet_process
+        from skinray.console import load_tensorflow, quiet_process, say
 
         quiet_process()
         load_tensorflow(expect_gpu=gpus > 0)
@@ -57,6 +58,8 @@ class Model:
         predictor = Predictor.from_path(model, load_models=False, expect_version=version)
         self.members = [predictor.members[i] for i in members]
         predictor.load_models(self.members)
+        chosen, why = predictor.to_precision(precision)
+        say(f"model replica computes in {chosen} ({why})")
         self.explainer = Explainer(self.members)
         self.logits_batch.set_max_batch_size(max_batch_size)
         self.logits_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -196,7 +199,13 @@ def _bound(cfg: ServeConfig, arm: dict) -> dict:
     names = [name] if len(groups) == 1 else [f"{name}-{predictor.members[g[0]].name}" for g in groups]
     handles = [
         _model_deployment(cfg, n).bind(
-            arm["model"], version, g, cfg.max_batch_size, cfg.batch_wait_s, cfg.gpus_per_replica
+            arm["model"],
+            version,
+            g,
+            cfg.max_batch_size,
+            cfg.batch_wait_s,
+            cfg.gpus_per_replica,
+            cfg.precision,
         )
         for n, g in zip(names, groups)
     ]

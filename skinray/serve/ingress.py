@@ -288,6 +288,7 @@ class Service:
             "validation": p.manifest.get("validation", {}),
             "created": p.manifest.get("created", ""),
             "layout": self.cfg.layout,
+            "precision": self.cfg.precision,  # as configured; auto is resolved by each model replica
             "max_batch_size": self.cfg.max_batch_size,
             "prediction_log": self.prediction_log is not None,
             "versions": self.split(),

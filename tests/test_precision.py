@@ -1,0 +1,58 @@
+"""Inference in bfloat16 (`skinray.precision`): the rebuilt models, `auto`, and the agreement with
+float32 that `skinray evaluate --precision bfloat16` measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from skinray import UserError
+from skinray.config import ConfigError, load_config
+
+
+def test_a_member_rebuilt_in_bfloat16_computes_in_it_and_answers_like_float32(bundle, photos):
+    from skinray.data.ingest import decode_views
+    from skinray.predictor import Predictor
+
+    fp32, bf16 = Predictor.from_path(str(bundle)), Predictor.from_path(str(bundle))
+    assert bf16.to_precision("bfloat16") == ("bfloat16", "as configured")
+    model = bf16.members[0].model
+    inner = [layer for layer in model.get_layer("backbone").layers if layer.weights]
+    assert inner and all(layer.dtype_policy.compute_dtype == "bfloat16" for layer in inner)
+    assert all(v.dtype == "float32" for v in model.weights)  # variables stay float32
+    assert model.get_layer("logits").dtype_policy.name == "float32"
+    views = [decode_views(p.read_bytes(), fp32.sizes, 25_000_000) for p in photos]
+    stacked = {s: np.stack([v[s] for v in views]) for s in fp32.sizes}
+    a, b = fp32.predict(stacked), bf16.predict(stacked)
+    assert b.member_logits.dtype == np.float32 and b.probabilities.dtype == np.float32
+    assert list(a.labels) == list(b.labels) and np.abs(a.probabilities - b.probabilities).max() < 0.05
+    assert np.abs(a.member_logits - b.member_logits).max() > 0  # it did compute in another precision
+
+
+def test_auto_is_bfloat16_only_where_it_is_native(monkeypatch):
+    from skinray import precision
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: "CPU avx512_bf16")
+    assert precision.resolve("auto") == ("bfloat16", "auto: CPU avx512_bf16")
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: "")
+    assert precision.resolve("auto") == ("float32", "auto: no native bfloat16 here")
+    assert precision.resolve("float32") == ("float32", "as configured")
+    with pytest.raises(UserError, match="must be one of"):
+        precision.resolve("float16")
+    with pytest.raises(ConfigError, match="score.precision"):
+        load_config(overrides=["score.precision=fp8"])
+
+
+def test_evaluate_in_bfloat16_reports_its_agreement_with_float32(bundle, members, ray_cluster, tmp_path):
+    from skinray.evaluate import evaluate
+
+    cfg = load_config(overrides=["score.precision=bfloat16", "score.max_actors=1"])
+    report = evaluate(str(bundle), str(members["archive"]), "test", str(tmp_path), cfg)
+    p = report["precision"]
+    assert p["used"] == "bfloat16" and p["images"] == report["num_images"]
+    assert p["top1_agreement"] >= 0.9 and 0 < p["max_probability_difference"] < 0.1
+    assert set(p["ece"]) == {"float32", "bfloat16"} and set(p["differential_coverage"]) == {
+        "float32",
+        "bfloat16",
+    }
+    assert "## Precision: bfloat16 (as configured) against float32" in (tmp_path / "report.md").read_text()
