@@ -115,6 +115,22 @@ def score_row(line: dict) -> str:
     return _row(cells)
 
 
+def score_precision_row(line: dict) -> str:
+    """The precision table's row of a score run (runs before 2026-12-01 have none)."""
+    cells = [
+        line["date"],
+        ", ".join(line["cpu_flags"]) or "none",
+        _cell(line["skinray"], 1),
+        _cell(line["skinray_bf16"], 1),
+        f"{line['bf16_vs_fp32']:.2f}",
+        f"{_cell(line['batched_loop'], 1)} / {_cell(line['batched_loop_bf16'], 1)}",
+        f"{line['bf16_batched_vs_fp32']:.2f}",
+        f"{line['bf16_top1_agreement']:.2%} ({line['bf16_max_probability_difference']:.4f})",
+        f"{line['skinray_bf16_gflops']:.1f} / {line['matmul_peak_bf16_gflops']:.1f}",
+    ]
+    return _row(cells)
+
+
 def tune_row(line: dict) -> str:
     cells = [
         line["date"],
@@ -210,6 +226,9 @@ def ood_row(line: dict) -> str:
     return "\n".join(rows)
 
 
+# More rows a recorded line has in docs/benchmarks.md, when it has their fields.
+EXTRA_ROWS = {"score": [("bf16_vs_fp32", score_precision_row)]}
+
 ROWS = {
     "ingest": ingest_row,
     "score": score_row,
@@ -220,3 +239,9 @@ ROWS = {
     "ood": ood_row,
     "transfer": transfer_row,
 }
+
+
+def rows(benchmark: str, line: dict) -> list[str]:
+    """Every row of docs/benchmarks.md a recorded line gives."""
+    extra = [row(line) for field, row in EXTRA_ROWS.get(benchmark, []) if field in line]
+    return [ROWS[benchmark](line), *extra]

@@ -14,14 +14,18 @@ One bundle, one set of files, one machine, one run:
 (b) per image: the seed notebook's way: for each file load it, resize, then `model.predict` on a
     batch of one, member by member (run on `--per-image` files: it is slow).
 The bundle is the three real backbones (ResNet50, InceptionV3, EfficientNetV2S, random weights:
-speed does not depend on them) at `--size` px, 23 classes, equal weights. (s) and (a) are
-and (b) run `--repeats` times each, interleaved, every side warmed first (the baselines' models
+speed does not depend on them) at `--size` px, 23 classes, equal weights. Precision is a column:
+(s) and (a) run in float32 and in bfloat16 (`score.precision`, `Predictor.to_precision`), each
+repeat interleaving all four, with the top-1 agreement of (a)'s two precisions on every file and
+the largest difference of a probability (untrained models answer near-uniformly, so agreement on
+them is a harsh test), and a bfloat16 matrix multiply beside the float32 one (the new ceiling). (s),
+(a) and (b) run `--repeats` times each, interleaved, every side warmed first (the baselines' models
 traced before their timed loops, as (s)'s start-up is left out of its marginal rate); the table
 shows medians with best and spread, ratios are of medians (targets are judged on them). The model
 arithmetic achieved by (s) (GFLOP/s, counted from the layers' shapes) is set against a large
 float32 matrix multiply in TensorFlow on the same machine, the practical ceiling. Prints a table
 and one JSON line, appended to benchmarks/results/score.jsonl (`--no-record`: not). Runtime on 2
-cores with the defaults: about ten minutes.
+cores with the defaults: about twenty minutes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import record, score_row, stats
+from common import record, score_precision_row, score_row, stats
 
 BACKBONES = ("resnet50", "inception_v3", "efficientnetv2s")
 
@@ -94,12 +98,12 @@ def _layers(model):
             yield from _layers(layer)
 
 
-def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of a float32 n x n matrix multiply in TensorFlow: the machine's practical ceiling."""
+def matmul_peak(n: int = 4096, repeats: int = 5, dtype: str = "float32") -> float:
+    """GFLOP/s of an n x n matrix multiply in TensorFlow in `dtype`: the machine's practical ceiling."""
     import tensorflow as tf
 
-    a = tf.random.normal((n, n))
-    b = tf.random.normal((n, n))
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    b = tf.cast(tf.random.normal((n, n)), dtype)
     tf.matmul(a, b).numpy()
     best = float("inf")
     for _ in range(repeats):
@@ -136,15 +140,30 @@ def skinray_rates(bundle: Path, full: Path, quarter: Path, out: Path, overrides:
     }
 
 
-def batched_rate(predictor, paths: list[str], batch: int = 32) -> float:
+def batched_rate(predictor, paths: list[str], batch: int = 32, keep: list | None = None) -> float:
+    """Images per second of the hand-written loop; with `keep`, each batch's probabilities are
+    appended to it."""
     from skinray.data.ingest import decode_views
 
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
         views = [decode_views(Path(p).read_bytes(), predictor.sizes) for p in paths[i : i + batch]]
         logits = np.stack([m.logits(np.stack([v[m.image_size] for v in views])) for m in predictor.members])
-        predictor.combine(logits)
+        probabilities = predictor.combine(logits).probabilities
+        if keep is not None:
+            keep.append(probabilities)
     return len(paths) / (time.perf_counter() - start)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's bfloat16 flags (what `auto` looks for)."""
+    from skinray.precision import CPU_FLAGS
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return [f for f in CPU_FLAGS if f in flags]
 
 
 def per_image_rate(predictor, paths: list[str]) -> float:
@@ -203,32 +222,45 @@ def main() -> None:
         os.link(path, quarter / f"{i:05d}{Path(path).suffix}")
     bundle = build_bundle(work, args.size, classes)
     predictor = Predictor.from_path(str(bundle))
+    bf16 = Predictor.from_path(str(bundle))
+    bf16.to_precision("bfloat16")
     flops = sum(model_flops(m.model) for m in predictor.members)
-    peak = matmul_peak()
+    peak, peak_bf16 = matmul_peak(), matmul_peak(dtype="bfloat16")
 
     ray.init(num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    rates = {"skinray": [], "batched": [], "per_image": [], "end_to_end": [], "startup": []}
+    names = ("skinray", "skinray_bf16", "batched", "batched_bf16", "per_image", "end_to_end", "startup")
+    rates = {k: [] for k in names}
     batched_rate(predictor, paths[:32])  # warm: each member traced at this batch shape
+    batched_rate(bf16, paths[:32])
     per_image_rate(predictor, paths[:2])  # warm: model.predict's function traced
+    fp32_probabilities, bf16_probabilities = [], []
     for r in range(args.repeats):  # interleaved, so that drift hits every side alike
         measured = skinray_rates(bundle, folder, quarter, work / "out", args.set)
         rates["skinray"].append(measured["marginal"])
         rates["end_to_end"].append(measured["end_to_end"])
         rates["startup"].append(measured["startup_seconds"])
-        rates["batched"].append(batched_rate(predictor, paths))
+        in_bf16 = skinray_rates(
+            bundle, folder, quarter, work / "out", [*args.set, "score.precision=bfloat16"]
+        )
+        rates["skinray_bf16"].append(in_bf16["marginal"])
+        rates["batched"].append(batched_rate(predictor, paths, keep=fp32_probabilities if r == 0 else None))
+        rates["batched_bf16"].append(batched_rate(bf16, paths, keep=bf16_probabilities if r == 0 else None))
         start = (r * args.per_image) % len(paths)
         rates["per_image"].append(per_image_rate(predictor, paths[start : start + args.per_image]))
         print(
             f"repeat {r + 1}: skinray {measured['marginal']:.1f} (end to end {measured['end_to_end']:.1f}, "
-            f"start-up {measured['startup_seconds']:.0f} s), batched loop {rates['batched'][-1]:.1f}, "
+            f"start-up {measured['startup_seconds']:.0f} s), in bfloat16 {in_bf16['marginal']:.1f}; "
+            f"batched loop {rates['batched'][-1]:.1f}, in bfloat16 {rates['batched_bf16'][-1]:.1f}; "
             f"per image {rates['per_image'][-1]:.1f} img/s",
             flush=True,
         )
     ray.shutdown()
+    a, b = np.concatenate(fp32_probabilities), np.concatenate(bf16_probabilities)
 
     median = {k: stats(v)["median"] for k, v in rates.items()}
     achieved = median["skinray"] * flops / 1e9
+    achieved_bf16 = median["skinray_bf16"] * flops / 1e9
     result = {
         "benchmark": "score",
         "run": time.strftime("%Y%m%dT%H%M%S"),
@@ -248,10 +280,20 @@ def main() -> None:
         "score_vs_batched_loop": round(median["skinray"] / median["batched"], 3),
         "score_vs_per_image": round(median["skinray"] / median["per_image"], 2),
         "flops_vs_matmul_peak": round(achieved / peak, 3),
+        "cpu_flags": cpu_flags(),
+        "skinray_bf16": stats(rates["skinray_bf16"]),
+        "batched_loop_bf16": stats(rates["batched_bf16"]),
+        "bf16_vs_fp32": round(median["skinray_bf16"] / median["skinray"], 3),
+        "bf16_batched_vs_fp32": round(median["batched_bf16"] / median["batched"], 3),
+        "bf16_top1_agreement": round(float((a.argmax(1) == b.argmax(1)).mean()), 4),
+        "bf16_max_probability_difference": round(float(np.abs(a - b).max()), 4),
+        "skinray_bf16_gflops": round(achieved_bf16, 1),
+        "matmul_peak_bf16_gflops": round(peak_bf16, 1),
     }
     print(
         f"\nbundle: {', '.join(BACKBONES)} at {args.size} px, {flops / 1e9:.2f} GFLOP per image; "
-        f"{len(paths)} generated photos; {os.cpu_count()} cores; {' '.join(args.set)}"
+        f"{len(paths)} generated photos; {os.cpu_count()} cores; CPU flags {result['cpu_flags']}; "
+        f"{' '.join(args.set)}"
     )
     print(
         "| (s) skinray score | end to end (start-up) | (a) batched loop | (b) per image | s/a | s/b | "
@@ -264,8 +306,16 @@ def main() -> None:
         f"{result['score_vs_batched_loop']:.2f} | {result['score_vs_per_image']:.1f} | {achieved:.1f} | "
         f"{peak:.1f} | {result['flops_vs_matmul_peak']:.2f} |"
     )
+    print(
+        f"\nbfloat16: skinray score {cell(rates['skinray_bf16'])} img/s ({result['bf16_vs_fp32']:.2f}x "
+        f"float32), batched loop {cell(rates['batched_bf16'])} ({result['bf16_batched_vs_fp32']:.2f}x); "
+        f"top-1 agreement {result['bf16_top1_agreement']:.2%} (largest probability difference "
+        f"{result['bf16_max_probability_difference']:.4f}); {achieved_bf16:.1f} GFLOP/s against a "
+        f"bfloat16 matmul peak of {peak_bf16:.1f}"
+    )
     line = record(result, save=not args.no_record)
-    print(f"\nthe row of docs/benchmarks.md (median (lowest-highest)):\n{score_row(line)}")
+    print(f"\nthe rows of docs/benchmarks.md (median (lowest-highest)):\n{score_row(line)}")
+    print(score_precision_row(line))
 
 
 if __name__ == "__main__":
