@@ -256,10 +256,10 @@ def reference_answers(
 def build_ensemble(member_paths: list[str], archive: str, out: str, cfg: Config) -> dict:
     """`fit_bundle`, as an MLflow run of its own when tracking is on (`skinray.tracking`): the
     bundle's version, its validation metrics and its manifest."""
-    from skinray.storage import redact
+    from skinray.storage import basename, redact
     from skinray.tracking import tracked
 
-    with tracked(cfg, f"ensemble {out.rstrip('/').rsplit('/', 1)[-1]}", "ensemble") as run:
+    with tracked(cfg, f"ensemble {basename(out)}", "ensemble") as run:
         manifest = fit_bundle(member_paths, archive, out, cfg)
         run.params({"members": ", ".join(redact(p) for p in member_paths), "archive": redact(archive)})
         run.params({f"ensemble.{k}": v for k, v in dataclasses.asdict(cfg.ensemble).items()})

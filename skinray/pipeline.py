@@ -19,7 +19,7 @@ from pathlib import Path
 
 from skinray import UserError, console, subgroups
 from skinray.config import Config, load_config
-from skinray.storage import absolute, join_uri, read_marker, read_text, redact, write_json
+from skinray.storage import absolute, basename, join_uri, read_marker, read_text, redact, write_json
 from skinray.tracking import tracked
 
 
@@ -77,9 +77,7 @@ def run_pipeline(
     shared = [*settings, f"data.archive={archive}"]
     check_stage(archive, out, configs[0].data.max_pixels)
     # With tracking on, one MLflow run whose children are the stages' runs.
-    with tracked(
-        configs[0], f"pipeline {out.rstrip('/').rsplit('/', 1)[-1]}", "pipeline", parent=True
-    ) as run:
+    with tracked(configs[0], f"pipeline {basename(out)}", "pipeline", parent=True) as run:
         run.params(
             {"archive": redact(archive), "out": redact(out), "members": ", ".join(m.name for m in members)}
         )

@@ -65,6 +65,11 @@ def join_uri(base: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}{sep}{query}"
 
 
+def basename(location: str) -> str:
+    """The last name of a path or URI (`s3://b/runs/r50/?region=x` -> `r50`)."""
+    return location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 def absolute(location: str) -> str:
     """A local path made absolute (other processes open it from their own working directories);
     URIs as they are."""
@@ -351,17 +356,7 @@ def local_copy(location: str) -> Path:
     partial = cache / f".partial-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     partial.mkdir(parents=True)
     try:
-        if found.type == pafs.FileType.Directory:
-            (partial / name).mkdir()
-            pafs.copy_files(
-                remote,
-                str(partial / name),
-                source_filesystem=fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
-        else:
-            with fs.open_input_stream(remote) as src, open(partial / name, "wb") as out:
-                shutil.copyfileobj(src, out)
+        download(fs, remote, found.type == pafs.FileType.Directory, partial / name)
         (partial / COMPLETE).write_text(redact(location))
         try:
             os.rename(partial, entry)  # whole, or not at all; another process may have won the race
@@ -372,6 +367,18 @@ def local_copy(location: str) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
     evict(cache, keep=entry)
     return entry / name
+
+
+def download(fs: pafs.FileSystem, remote: str, folder: bool, target: Path) -> None:
+    """Copies a remote file, or a folder with everything below it, to the local path `target`."""
+    if folder:
+        target.mkdir()
+        pafs.copy_files(
+            remote, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+    else:
+        with fs.open_input_stream(remote) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
 
 
 def model_cache() -> Path:

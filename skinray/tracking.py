@@ -188,17 +188,10 @@ def tune_callback(run: Run, experiment: str):
 @contextlib.contextmanager
 def _local(uri: str):
     """A file or folder at a URI, copied into a temporary folder."""
-    from skinray.storage import kind, list_files, read_bytes, resolve
+    from skinray.storage import basename, download, kind, resolve
 
+    fs, path, _ = resolve(uri)
     with tempfile.TemporaryDirectory() as folder:
-        name = uri.rstrip("/").split("?")[0].rsplit("/", 1)[-1]
-        target = Path(folder) / name
-        if kind(uri) == "dir":
-            fs, root, prefix, files = list_files(uri)
-            for f in files:
-                (target / f).parent.mkdir(parents=True, exist_ok=True)
-                (target / f).write_bytes(read_bytes(fs, "", f"{root}/{f}"))
-        else:
-            fs, path, _ = resolve(uri)
-            target.write_bytes(read_bytes(fs, "", path))
+        target = Path(folder) / basename(uri)
+        download(fs, path, kind(uri) == "dir", target)
         yield target

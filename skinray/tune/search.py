@@ -28,7 +28,7 @@ from skinray.config import Config, TuneConfig, load_config_text, redacted, save_
 from skinray.console import say, verbose
 from skinray.data.catalog import class_weights, list_archive, splits
 from skinray.data.ingest import ImageSource
-from skinray.storage import absolute, join_uri, list_dirs, make_dir, read_text, write_text
+from skinray.storage import absolute, basename, join_uri, list_dirs, make_dir, read_text, write_text
 from skinray.tracking import config_params, tracked, tune_callback
 
 # Where each searched value goes in the config that `skinray train` reads.
@@ -198,7 +198,7 @@ def tune_head(cfg: Config, out: str, name: str = "") -> dict:
     else:
         connect(reserved_cpus(cfg, "tune"))
         trainable = _full_trainable(cfg, join_uri(run_dir, "full"))
-    with tracked(cfg, run_dir.rstrip("/").rsplit("/", 1)[-1], "tune") as run:
+    with tracked(cfg, basename(run_dir), "tune") as run:
         run.params(config_params(cfg))
         results = _run(cfg, trainable, run_dir, tune_callback(run, cfg.tracking.experiment))
         summary = write_outputs(results, cfg, run_dir)
