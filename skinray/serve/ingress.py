@@ -114,12 +114,10 @@ class Service:
         that version. A canary that cannot answer (no replica, overloaded, dead) hands the request
         to the stable version."""
         arm = self.choose(sticky)
-        if arm is self.stable:
-            return await self._predict(arm, views), arm
         try:
             return await self._predict(arm, views), arm
         except ApiError as exc:
-            if exc.status != 503:
+            if arm is self.stable or exc.status != 503:
                 raise
             self.metrics.fallback(arm.version)
             log.warning(
