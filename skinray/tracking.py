@@ -51,9 +51,9 @@ class Run:
     """One MLflow run, written through MLflow's client. `Run()` (no URI) does nothing, so stages
     log unconditionally."""
 
-    def __init__(self, uri: str = "", run_id: str = ""):
+    def __init__(self, uri: str = "", run_id: str = "", client=None):
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri) if uri else None
+        self.client = client or (_client(uri) if uri else None)
 
     @property
     def on(self) -> bool:
@@ -95,8 +95,11 @@ class Run:
         found = kind(location)
         if found is None:
             return
-        with _local(location) if is_uri(location) else contextlib.nullcontext(Path(location)) as local:
-            if found == "dir":
+        folder = found == "dir"
+        with (
+            _local(location, folder) if is_uri(location) else contextlib.nullcontext(Path(location)) as local
+        ):
+            if folder:
                 self.client.log_artifacts(self.run_id, str(local), path)
             else:
                 self.client.log_artifact(self.run_id, str(local), path)
@@ -121,7 +124,7 @@ def tracked(cfg, name: str, stage: str, parent: bool = False, enabled: bool = Tr
         experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
     )
     tags = {"skinray.stage": stage, **({PARENT_TAG: _parents[-1]} if _parents else {})}
-    run = Run(uri, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
+    run = Run(uri, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id, client)
     if parent:
         _parents.append(run.run_id)
     try:
@@ -186,12 +189,12 @@ def tune_callback(run: Run, experiment: str):
 
 
 @contextlib.contextmanager
-def _local(uri: str):
-    """A file or folder at a URI, copied into a temporary folder."""
-    from skinray.storage import basename, download, kind, resolve
+def _local(uri: str, folder: bool):
+    """A file or `folder` at a URI, copied into a temporary folder."""
+    from skinray.storage import basename, download, resolve
 
     fs, path, _ = resolve(uri)
-    with tempfile.TemporaryDirectory() as folder:
-        target = Path(folder) / basename(uri)
-        download(fs, path, kind(uri) == "dir", target)
+    with tempfile.TemporaryDirectory() as temporary:
+        target = Path(temporary) / basename(uri)
+        download(fs, path, folder, target)
         yield target
