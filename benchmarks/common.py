@@ -131,6 +131,19 @@ def score_precision_row(line: dict) -> str:
     return _row(cells)
 
 
+def score_choices_row(line: dict) -> str:
+    """The batch-size and XLA row of a score run (runs before 2026-12-01 have none)."""
+    cells = [
+        line["date"],
+        f"{_cell(line['batched_loop'], 1)} / {_cell(line['batched_loop_bf16'], 1)}",
+        f"{_cell(line['batched_loop_128'], 1)} / {_cell(line['batched_loop_128_bf16'], 1)}",
+        f"{line['batch_128_vs_32']:.2f} / {line['batch_128_vs_32_bf16']:.2f}",
+        f"{_cell(line['batched_loop_xla'], 1)} / {_cell(line['batched_loop_xla_bf16'], 1)}",
+        str(line["xla_images"]),
+    ]
+    return _row(cells)
+
+
 def tune_row(line: dict) -> str:
     cells = [
         line["date"],
@@ -227,7 +240,9 @@ def ood_row(line: dict) -> str:
 
 
 # More rows a recorded line has in docs/benchmarks.md, when it has their fields.
-EXTRA_ROWS = {"score": [("bf16_vs_fp32", score_precision_row)]}
+EXTRA_ROWS = {
+    "score": [("bf16_vs_fp32", score_precision_row), ("batch_128_vs_32", score_choices_row)],
+}
 
 ROWS = {
     "ingest": ingest_row,

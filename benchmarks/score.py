@@ -1,14 +1,15 @@
 """Bulk-scoring benchmark: `skinray score` against two single-process baselines, and the FLOP ceiling.
 
-    python benchmarks/score.py [--images 320] [--size 96] [--repeats 3]
+    python benchmarks/score.py [--images 960] [--size 96] [--repeats 3]
 
 One bundle, one set of files, one machine, one run:
 (s) skinray: `skinray.score.score` (Ray Data: listing, decode tasks, the model actor pool,
-    Parquet writes) on a running local Ray cluster. Its throughput is marginal: (N - N/4) images
-    over the difference of the wall times of scoring N and N/4 files, so that the fixed start-up
-    (an actor imports TensorFlow and loads three models: ~25 s here, once per job) is left out, as
-    the baselines leave out loading their models; that start-up and the end-to-end rate of the N
-    files are printed beside it;
+    Parquet writes) on a running local Ray cluster. Its throughput is its steady rate, read from
+    the output itself: the rows of every output file but the first over the time from the first
+    file's write to the last's (one file per listing part: `score.rows_per_file` 64 here, so 15
+    files), so that the fixed start-up (an actor imports TensorFlow and loads three models, and in
+    bfloat16 rebuilds them: 20-35 s here, once per job) is left out, as the baselines leave out
+    loading their models; that start-up and the end-to-end rate are printed beside it;
 (a) batched loop: a hand-written loop in one process: read, decode, warp a batch of 32, then call
     each member model on it and combine (the same decode and warp functions, the same models);
 (b) per image: the seed notebook's way: for each file load it, resize, then `model.predict` on a
@@ -16,16 +17,18 @@ One bundle, one set of files, one machine, one run:
 The bundle is the three real backbones (ResNet50, InceptionV3, EfficientNetV2S, random weights:
 speed does not depend on them) at `--size` px, 23 classes, equal weights. Precision is a column:
 (s) and (a) run in float32 and in bfloat16 (`score.precision`, `Predictor.to_precision`), each
-repeat interleaving all four, with the top-1 agreement of (a)'s two precisions on every file and
-the largest difference of a probability (untrained models answer near-uniformly, so agreement on
-them is a harsh test), and a bfloat16 matrix multiply beside the float32 one (the new ceiling). (s),
-(a) and (b) run `--repeats` times each, interleaved, every side warmed first (the baselines' models
-traced before their timed loops, as (s)'s start-up is left out of its marginal rate); the table
-shows medians with best and spread, ratios are of medians (targets are judged on them). The model
-arithmetic achieved by (s) (GFLOP/s, counted from the layers' shapes) is set against a large
-float32 matrix multiply in TensorFlow on the same machine, the practical ceiling. Prints a table
-and one JSON line, appended to benchmarks/results/score.jsonl (`--no-record`: not). Runtime on 2
-cores with the defaults: about twenty minutes.
+repeat interleaving them, with the top-1 agreement of (a)'s two precisions on every file and the
+largest difference of a probability (untrained models answer near-uniformly, so agreement on them
+is a harsh test), and a bfloat16 matrix multiply beside the float32 one (the new ceiling). Two
+more columns measure choices rather than skinray: (a) at a batch of 128 in both precisions, and
+(a) with each member's function compiled by XLA (`jit_compile=True`) in both precisions, on the
+first `--xla-images` files. Every side runs `--repeats` times, interleaved, every side warmed
+first (the baselines' models traced before their timed loops, as (s)'s start-up is left out of its
+rate); the tables show medians with best and spread, ratios are of medians (targets are judged on
+them). The model arithmetic achieved by (s) (GFLOP/s, counted from the layers' shapes) is set
+against a large matrix multiply in TensorFlow on the same machine, the practical ceiling. Prints
+tables and one JSON line, appended to benchmarks/results/score.jsonl (`--no-record`: not).
+Runtime on 2 cores with the defaults: about twenty-five minutes.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import record, score_precision_row, score_row, stats
+from common import record, rows, stats
 
 BACKBONES = ("resnet50", "inception_v3", "efficientnetv2s")
 
@@ -113,12 +116,16 @@ def matmul_peak(n: int = 4096, repeats: int = 5, dtype: str = "float32") -> floa
     return 2 * n**3 / best / 1e9
 
 
-def skinray_seconds(bundle: Path, folder: Path, out: Path, overrides: list[str]) -> tuple[int, float]:
-    """(files, wall seconds) of one `score` call into a fresh output folder."""
+def skinray_rates(bundle: Path, folder: Path, out: Path, overrides: list[str]) -> dict:
+    """One `score` call into a fresh output folder: its steady rate (the rows of every output file
+    but the first, over the time from the first file's write to the last's), its end-to-end rate,
+    and its start-up (the wall time the steady rate does not account for)."""
     import shutil
 
+    import pyarrow.parquet as pq
+
     from skinray.config import load_config
-    from skinray.score import score
+    from skinray.score import PREDICTIONS, score
 
     if out.exists():
         shutil.rmtree(out)
@@ -126,33 +133,47 @@ def skinray_seconds(bundle: Path, folder: Path, out: Path, overrides: list[str])
     summary = score(load_config(overrides=overrides), str(bundle), str(folder), str(out))
     seconds = time.perf_counter() - start
     assert summary["scored"] == summary["rows"], summary
-    return summary["rows"], seconds
-
-
-def skinray_rates(bundle: Path, full: Path, quarter: Path, out: Path, overrides: list[str]) -> dict:
-    n_full, t_full = skinray_seconds(bundle, full, out, overrides)
-    n_quarter, t_quarter = skinray_seconds(bundle, quarter, out, overrides)
-    marginal = (n_full - n_quarter) / (t_full - t_quarter)
+    written = sorted(
+        (f.stat().st_mtime, pq.read_metadata(f).num_rows) for f in (out / PREDICTIONS).rglob("*.parquet")
+    )
+    assert len(written) >= 4, f"{len(written)} output files: too few for a steady rate"
+    steady = sum(n for _, n in written[1:]) / (written[-1][0] - written[0][0])
     return {
-        "marginal": marginal,
-        "end_to_end": n_full / t_full,
-        "startup_seconds": t_full - n_full / marginal,
+        "steady": steady,
+        "end_to_end": summary["rows"] / seconds,
+        "startup_seconds": seconds - summary["rows"] / steady,
     }
 
 
-def batched_rate(predictor, paths: list[str], batch: int = 32, keep: list | None = None) -> float:
+def batched_rate(
+    predictor, paths: list[str], batch: int = 32, keep: list | None = None, functions=None
+) -> float:
     """Images per second of the hand-written loop; with `keep`, each batch's probabilities are
-    appended to it."""
+    appended to it; with `functions` (one per member), those compute the logits."""
     from skinray.data.ingest import decode_views
 
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
         views = [decode_views(Path(p).read_bytes(), predictor.sizes) for p in paths[i : i + batch]]
-        logits = np.stack([m.logits(np.stack([v[m.image_size] for v in views])) for m in predictor.members])
+        logits = np.stack(
+            [
+                np.asarray(f(np.stack([v[m.image_size] for v in views])), np.float32)
+                for m, f in zip(predictor.members, functions or [m.logits for m in predictor.members])
+            ]
+        )
         probabilities = predictor.combine(logits).probabilities
         if keep is not None:
             keep.append(probabilities)
     return len(paths) / (time.perf_counter() - start)
+
+
+def compiled(predictor) -> list:
+    """Each member's logits as one XLA-compiled function (`jit_compile=True`): the option measured."""
+    import tensorflow as tf
+
+    return [
+        tf.function(lambda x, m=m.model: m(x, training=False), jit_compile=True) for m in predictor.members
+    ]
 
 
 def cpu_flags() -> list[str]:
@@ -188,19 +209,20 @@ def cell(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--per-image", type=int, default=30, help="files the per-image baseline scores, a repeat"
     )
+    parser.add_argument("--xla-images", type=int, default=96, help="files the XLA loops score, a repeat")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     parser.add_argument(
         "--set",
         action="append",
-        default=["score.max_actors=1"],
+        default=["score.max_actors=1", "score.rows_per_file=64"],
         metavar="KEY=VALUE",
-        help="skinray score config (default: one model actor, right for 2 cores)",
+        help="skinray score config (default: one model actor, right for 2 cores; 64 files a part)",
     )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -216,43 +238,50 @@ def main() -> None:
     folder = work / "archive" / "train"
     paths = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     classes = sorted(p.name for p in folder.iterdir())
-    quarter = work / "quarter"
-    quarter.mkdir()
-    for i, path in enumerate(paths[::4]):
-        os.link(path, quarter / f"{i:05d}{Path(path).suffix}")
     bundle = build_bundle(work, args.size, classes)
     predictor = Predictor.from_path(str(bundle))
     bf16 = Predictor.from_path(str(bundle))
     bf16.to_precision("bfloat16")
+    xla, xla_bf16 = compiled(predictor), compiled(bf16)
     flops = sum(model_flops(m.model) for m in predictor.members)
     peak, peak_bf16 = matmul_peak(), matmul_peak(dtype="bfloat16")
 
     ray.init(num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    names = ("skinray", "skinray_bf16", "batched", "batched_bf16", "per_image", "end_to_end", "startup")
-    rates = {k: [] for k in names}
-    batched_rate(predictor, paths[:32])  # warm: each member traced at this batch shape
-    batched_rate(bf16, paths[:32])
+    loops = {  # (a)'s variants: predictor, batch, functions, files
+        "batched": (predictor, 32, None, paths),
+        "batched_bf16": (bf16, 32, None, paths),
+        "batched_128": (predictor, 128, None, paths),
+        "batched_128_bf16": (bf16, 128, None, paths),
+        "xla": (predictor, 32, xla, paths[: args.xla_images]),
+        "xla_bf16": (bf16, 32, xla_bf16, paths[: args.xla_images]),
+    }
+    for model, batch, functions, _ in loops.values():  # warm: each traced (or compiled) at its shapes
+        batched_rate(model, paths[:batch], batch, functions=functions)
     per_image_rate(predictor, paths[:2])  # warm: model.predict's function traced
+    names = ("skinray", "skinray_bf16", *loops, "per_image", "end_to_end", "startup", "startup_bf16")
+    rates = {k: [] for k in names}
     fp32_probabilities, bf16_probabilities = [], []
+    keep = {"batched": fp32_probabilities, "batched_bf16": bf16_probabilities}
     for r in range(args.repeats):  # interleaved, so that drift hits every side alike
-        measured = skinray_rates(bundle, folder, quarter, work / "out", args.set)
-        rates["skinray"].append(measured["marginal"])
+        measured = skinray_rates(bundle, folder, work / "out", args.set)
+        rates["skinray"].append(measured["steady"])
         rates["end_to_end"].append(measured["end_to_end"])
         rates["startup"].append(measured["startup_seconds"])
-        in_bf16 = skinray_rates(
-            bundle, folder, quarter, work / "out", [*args.set, "score.precision=bfloat16"]
-        )
-        rates["skinray_bf16"].append(in_bf16["marginal"])
-        rates["batched"].append(batched_rate(predictor, paths, keep=fp32_probabilities if r == 0 else None))
-        rates["batched_bf16"].append(batched_rate(bf16, paths, keep=bf16_probabilities if r == 0 else None))
+        in_bf16 = skinray_rates(bundle, folder, work / "out", [*args.set, "score.precision=bfloat16"])
+        rates["skinray_bf16"].append(in_bf16["steady"])
+        rates["startup_bf16"].append(in_bf16["startup_seconds"])
+        for name, (model, batch, functions, files) in loops.items():
+            kept = keep.get(name) if r == 0 else None
+            rates[name].append(batched_rate(model, files, batch, keep=kept, functions=functions))
         start = (r * args.per_image) % len(paths)
         rates["per_image"].append(per_image_rate(predictor, paths[start : start + args.per_image]))
         print(
-            f"repeat {r + 1}: skinray {measured['marginal']:.1f} (end to end {measured['end_to_end']:.1f}, "
-            f"start-up {measured['startup_seconds']:.0f} s), in bfloat16 {in_bf16['marginal']:.1f}; "
-            f"batched loop {rates['batched'][-1]:.1f}, in bfloat16 {rates['batched_bf16'][-1]:.1f}; "
-            f"per image {rates['per_image'][-1]:.1f} img/s",
+            f"repeat {r + 1}: skinray {measured['steady']:.1f} (end to end {measured['end_to_end']:.1f}, "
+            f"start-up {measured['startup_seconds']:.0f} s), in bfloat16 {in_bf16['steady']:.1f} "
+            f"(start-up {in_bf16['startup_seconds']:.0f} s); "
+            + "; ".join(f"{name} {rates[name][-1]:.1f}" for name in loops)
+            + f"; per image {rates['per_image'][-1]:.1f} img/s",
             flush=True,
         )
     ray.shutdown()
@@ -269,6 +298,7 @@ def main() -> None:
         "members": list(BACKBONES),
         "repeats": args.repeats,
         "config": args.set,
+        "rate": "steady",  # (s): rows after the first output file over the first-to-last write time
         "skinray": stats(rates["skinray"]),
         "end_to_end": stats(rates["end_to_end"]),
         "startup_seconds": round(min(rates["startup"]), 1),
@@ -282,6 +312,7 @@ def main() -> None:
         "flops_vs_matmul_peak": round(achieved / peak, 3),
         "cpu_flags": cpu_flags(),
         "skinray_bf16": stats(rates["skinray_bf16"]),
+        "startup_seconds_bf16": round(min(rates["startup_bf16"]), 1),
         "batched_loop_bf16": stats(rates["batched_bf16"]),
         "bf16_vs_fp32": round(median["skinray_bf16"] / median["skinray"], 3),
         "bf16_batched_vs_fp32": round(median["batched_bf16"] / median["batched"], 3),
@@ -289,6 +320,13 @@ def main() -> None:
         "bf16_max_probability_difference": round(float(np.abs(a - b).max()), 4),
         "skinray_bf16_gflops": round(achieved_bf16, 1),
         "matmul_peak_bf16_gflops": round(peak_bf16, 1),
+        "batched_loop_128": stats(rates["batched_128"]),
+        "batched_loop_128_bf16": stats(rates["batched_128_bf16"]),
+        "batch_128_vs_32": round(median["batched_128"] / median["batched"], 3),
+        "batch_128_vs_32_bf16": round(median["batched_128_bf16"] / median["batched_bf16"], 3),
+        "xla_images": len(loops["xla"][3]),
+        "batched_loop_xla": stats(rates["xla"]),
+        "batched_loop_xla_bf16": stats(rates["xla_bf16"]),
     }
     print(
         f"\nbundle: {', '.join(BACKBONES)} at {args.size} px, {flops / 1e9:.2f} GFLOP per image; "
@@ -308,14 +346,20 @@ def main() -> None:
     )
     print(
         f"\nbfloat16: skinray score {cell(rates['skinray_bf16'])} img/s ({result['bf16_vs_fp32']:.2f}x "
-        f"float32), batched loop {cell(rates['batched_bf16'])} ({result['bf16_batched_vs_fp32']:.2f}x); "
-        f"top-1 agreement {result['bf16_top1_agreement']:.2%} (largest probability difference "
-        f"{result['bf16_max_probability_difference']:.4f}); {achieved_bf16:.1f} GFLOP/s against a "
-        f"bfloat16 matmul peak of {peak_bf16:.1f}"
+        f"float32; start-up {min(rates['startup_bf16']):.0f} s), batched loop {cell(rates['batched_bf16'])} "
+        f"({result['bf16_batched_vs_fp32']:.2f}x); top-1 agreement {result['bf16_top1_agreement']:.2%} "
+        f"(largest probability difference {result['bf16_max_probability_difference']:.4f}); "
+        f"{achieved_bf16:.1f} GFLOP/s against a bfloat16 matmul peak of {peak_bf16:.1f}"
+    )
+    print(
+        f"choices, (a) in img/s: batch 128 {cell(rates['batched_128'])} in float32 "
+        f"({result['batch_128_vs_32']:.2f}x batch 32), {cell(rates['batched_128_bf16'])} in bfloat16 "
+        f"({result['batch_128_vs_32_bf16']:.2f}x); XLA on {result['xla_images']} files "
+        f"{cell(rates['xla'])} in float32, {cell(rates['xla_bf16'])} in bfloat16"
     )
     line = record(result, save=not args.no_record)
-    print(f"\nthe rows of docs/benchmarks.md (median (lowest-highest)):\n{score_row(line)}")
-    print(score_precision_row(line))
+    print("\nthe rows of docs/benchmarks.md (median (lowest-highest)):")
+    print("\n".join(rows("score", line)))
 
 
 if __name__ == "__main__":
