@@ -207,9 +207,16 @@ def transfer_row(line: dict) -> str:
 def serve_row(line: dict) -> str:
     """One row per mode: requests/s (median and spread), p50 and p99 of the median run, at
     concurrency 1, 8 and 32; then the handle, the load shedding and the ratios."""
-    names = {"b": "batched (`together`)", "u": "unbatched", "m": "batched, `per_member`"}
+    names = {
+        "b": "batched (`together`)",
+        "u": "unbatched",
+        "m": "batched, `per_member`",
+        "f": "batched, bfloat16",
+    }
     rows = []
     for mode, name in names.items():
+        if f"{mode}_c1" not in line["served"]:
+            continue  # bfloat16 since 2026-12-01
         runs = [line["served"][f"{mode}_c{c}"] for c in (1, 8, 32)]
         cells = [
             line["date"],
@@ -217,6 +224,40 @@ def serve_row(line: dict) -> str:
             " / ".join(_cell(r, 1) for r in runs),
             " / ".join(f"{r['p50_ms']:.0f}" for r in runs),
             " / ".join(f"{r['p99_ms']:.0f}" for r in runs),
+        ]
+        rows.append(_row(cells))
+    return "\n".join(rows)
+
+
+def serve_precision_row(line: dict) -> str:
+    """The precision row of a serve run (since 2026-12-01): batched float32 / bfloat16 at
+    concurrency 32 over HTTP and through the handle, their ratios, and the agreement."""
+    served, handle = line["served"], line["handle_c32_rps"]
+    cells = [
+        line["date"],
+        ", ".join(line["cpu_flags"]) or "none",
+        f"{_cell(served['b_c32'], 1)} / {_cell(served['f_c32'], 1)}",
+        f"{line['bf16_vs_fp32_rps']:.2f}",
+        f"{_cell(handle['b'], 1)} / {_cell(handle['f'], 1)}",
+        f"{line['handle_bf16_vs_fp32_rps']:.2f}",
+        f"{line['bf16_top1_agreement']:.2%} ({line['bf16_max_confidence_difference']:.4f})",
+    ]
+    return _row(cells)
+
+
+def precision_row(line: dict) -> str:
+    """One row per backbone at its own size: float32 and bfloat16 at batch 32 and 128, the ratios,
+    the agreement."""
+    rows = []
+    for backbone, r in line["backbones"].items():
+        cells = [
+            line["date"],
+            f"{backbone}, {r['size']} px",
+            f"{_cell(r['float32_b32'], 1)} / {_cell(r['float32_b128'], 1)}",
+            f"{_cell(r['bfloat16_b32'], 1)} / {_cell(r['bfloat16_b128'], 1)}",
+            f"{r['bf16_vs_fp32_b32']:.2f} / {r['bf16_vs_fp32_b128']:.2f}",
+            f"{r['bf16_best_vs_fp32_best']:.2f}",
+            f"{r['top1_agreement']:.1%} ({r['max_logit_difference']:.3f})",
         ]
         rows.append(_row(cells))
     return "\n".join(rows)
@@ -242,6 +283,7 @@ def ood_row(line: dict) -> str:
 # More rows a recorded line has in docs/benchmarks.md, when it has their fields.
 EXTRA_ROWS = {
     "score": [("bf16_vs_fp32", score_precision_row), ("batch_128_vs_32", score_choices_row)],
+    "serve": [("bf16_vs_fp32_rps", serve_precision_row)],
 }
 
 ROWS = {
@@ -253,6 +295,7 @@ ROWS = {
     "serve": serve_row,
     "ood": ood_row,
     "transfer": transfer_row,
+    "precision": precision_row,
 }
 
 

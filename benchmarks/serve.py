@@ -11,14 +11,16 @@ set of 64 generated JPEG photos (480 to 1024 px a side), this machine, one run:
                 OMP_NUM_THREADS, so TensorFlow's threads, from that: 2 = the baseline's threads);
 (u) unbatched:  the same with serve.max_batch_size 1;
 (m) per member: batched, one deployment per member (serve.layout per_member), for the layout choice;
+(f) bfloat16:   batched, the model replica computing in bfloat16 (serve.precision), the precision
+                column: its requests/s against (b)'s is `bf16_vs_fp32_rps` (concurrency 32);
 (p) in-process: the baseline: decode, warp, and `Predictor.predict` on one image at a time in
                 this process (what a Flask wrapper around the models would do), and on batches of
                 16 (the machine's ceiling for this model).
 
 A closed-loop load generator keeps `concurrency` requests in flight (1, 8, 32) for `--seconds`
 each, posting raw JPEG bytes to /v1/predict over keep-alive connections. The measurements of (b),
-(u) and (m) are interleaved `--repeats` times; each is reported as the median requests/s with the
-lowest and highest, and the p50/p99 of its median run. Beside them, (b) and (u) are called through
+(u), (m) and (f) are interleaved `--repeats` times; each is reported as the median requests/s with the
+lowest and highest, and the p50/p99 of its median run. Beside them, (b), (u) and (f) are called through
 a Serve handle at concurrency 32 with views decoded beforehand: the model deployment's batching
 without the HTTP path. Load shedding: a deployment with one request at a time and a queue of one
 (`max_ongoing_requests` 1, `max_queued_requests` 1) gets concurrency 16 for `--seconds`; the
@@ -46,15 +48,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import record, serve_row, stats  # noqa: E402
-from score import build_bundle  # noqa: E402  (benchmarks/score.py: the same bundle)
+from common import record, rows, stats  # noqa: E402
+from score import build_bundle, cpu_flags  # noqa: E402  (benchmarks/score.py: the same bundle)
 
 CONCURRENCY = (1, 8, 32)
 MODES = {
     "b": {"max_batch_size": 16},
     "u": {"max_batch_size": 1},
     "m": {"max_batch_size": 16, "layout": "per_member"},
+    "f": {"max_batch_size": 16, "precision": "bfloat16"},
 }
+NAMES = {"b": "batched", "u": "unbatched", "m": "per member", "f": "batched bf16"}
 
 
 def photos(n: int, seed: int = 0) -> list[bytes]:
@@ -135,12 +139,19 @@ def in_process(bundle: Path, images: list[bytes], seconds: float) -> dict:
     return out
 
 
+def model_deployment(app: str) -> str:
+    """The name of an application's model deployment (`Model-` and its version's first 12 hex digits)."""
+    from ray import serve
+
+    return next(name for name in serve.status().applications[app].deployments if name.startswith("Model"))
+
+
 def handle_load(app: str, sizes: tuple[int, ...], concurrency: int, seconds: float) -> float:
     """Requests/s of the model deployment alone: `concurrency` calls in flight through a Serve handle,
     each one image's views (decoded once, beforehand): what batching gives without the HTTP path."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("Model", app_name=app)
+    handle = serve.get_deployment_handle(model_deployment(app), app_name=app)
     views = {s: np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8) for s in sizes}
     pending, done, started = [], 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -152,6 +163,22 @@ def handle_load(app: str, sizes: tuple[int, ...], concurrency: int, seconds: flo
     for response in pending:
         response.result()
     return rate
+
+
+def agreement(url: str, images: list[bytes]) -> dict:
+    """(f)'s answers against (b)'s on every photo: the share with the same label, and the largest
+    difference of a confidence."""
+    import requests
+
+    same, largest = 0, 0.0
+    for image in images:
+        a, b = (
+            requests.post(f"{url}/{m}/v1/predict", data=image, headers={"Content-Type": "image/jpeg"}).json()
+            for m in ("b", "f")
+        )
+        same += a["label"] == b["label"]
+        largest = max(largest, abs(a["confidence"] - b["confidence"]))
+    return {"top1_agreement": round(same / len(images), 4), "max_confidence_difference": round(largest, 4)}
 
 
 def deploy(bundle: Path, name: str, **settings) -> None:
@@ -172,7 +199,7 @@ def replica_timeline(url: str, images: list[bytes], burst: float, idle: float) -
 
     def replicas() -> str:
         """Running model replicas, and "+k" for k starting (asked for, loading their models)."""
-        states = serve.status().applications["scale"].deployments["Model"].replica_states
+        states = serve.status().applications["scale"].deployments[model_deployment("scale")].replica_states
         starting = states.get("STARTING", 0)
         return f"{states.get('RUNNING', 0)}" + (f"+{starting}" if starting else "")
 
@@ -211,9 +238,9 @@ def main() -> None:
 
     from skinray.cluster import connect
 
-    # Three applications deployed at once (only one of them busy): (b) and (u) hold one model replica,
-    # (m) one per member; each has an ingress of 0.5 CPU.
-    connect(reserved_cpus=5 * args.cpus + 1.5)
+    # Four applications deployed at once (only one of them busy): (b), (u) and (f) hold one model
+    # replica, (m) one per member; each has an ingress of 0.5 CPU.
+    connect(reserved_cpus=6 * args.cpus + 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -227,7 +254,7 @@ def main() -> None:
         for name, settings in MODES.items():
             deploy(bundle, name, cpus_per_replica=args.cpus, ingress_cpus=0.5, **settings)
         runs = {(m, c): [] for m in MODES for c in CONCURRENCY}
-        handles = {"b": [], "u": []}
+        handles = {"b": [], "u": [], "f": []}
         for _ in range(args.repeats):
             for c in CONCURRENCY:
                 for m in MODES:
@@ -235,6 +262,7 @@ def main() -> None:
                     runs[m, c].append(load(f"{url}/{m}", images, c, args.seconds))
             for m in handles:
                 handles[m].append(handle_load(m, (args.size,), 32, args.seconds))
+        agreed = agreement(url, images)
         for name in MODES:
             serve.delete(name)
         deploy(bundle, "busy", cpus_per_replica=args.cpus, max_ongoing_requests=1, max_queued_requests=1)
@@ -256,10 +284,12 @@ def main() -> None:
         timeline, burst = replica_timeline(f"{url}/scale", images, args.burst, args.idle)
     serve.shutdown()
     ray.shutdown()
-    report(args, baseline, runs, handles, timeline, burst, shed)
+    report(args, baseline, runs, handles, timeline, burst, shed, agreed)
 
 
-def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burst: dict, shed: dict) -> None:
+def report(
+    args, baseline: dict, runs: dict, handles: dict, timeline: list, burst: dict, shed: dict, agreed: dict
+) -> None:
     rates = {k: stats([r["rps"] for r in v]) for k, v in runs.items()}
     median = {k: sorted(v, key=lambda r: r["rps"])[len(v) // 2] for k, v in runs.items()}
     handle = {m: stats(v) for m, v in handles.items()}
@@ -280,7 +310,7 @@ def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burs
     for (m, c), r in median.items():
         lo, hi = rates[m, c]["spread"]
         print(
-            f"{ {'b': 'batched', 'u': 'unbatched', 'm': 'per member'}[m]:<14} {c:>4} "
+            f"{NAMES[m]:<14} {c:>4} "
             f"{rates[m, c]['median']:>7.1f} {f'{lo:.1f}-{hi:.1f}':>13} {r['p50_ms']:>8.0f} "
             f"{r['p99_ms']:>8.0f} {rates[m, c]['median'] / baseline[1]['rps']:>9.2f} {r['errors']:>6}"
         )
@@ -290,6 +320,15 @@ def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burs
         f"{handle['b']['median']:.1f} ({handle['b']['spread'][0]:.1f}-{handle['b']['spread'][1]:.1f}), "
         f"unbatched {handle['u']['median']:.1f} ({handle['u']['spread'][0]:.1f}-"
         f"{handle['u']['spread'][1]:.1f}) req/s: {handle_ratio:.2f}x"
+    )
+    bf16 = rates["f", 32]["median"] / rates["b", 32]["median"]
+    handle_bf16 = handle["f"]["median"] / handle["b"]["median"]
+    print(
+        f"bfloat16 (CPU flags {cpu_flags()}): batched {rates['f', 32]['median']:.1f} against "
+        f"{rates['b', 32]['median']:.1f} req/s at concurrency 32 ({bf16:.2f}x); the deployment alone "
+        f"{handle['f']['median']:.1f} against {handle['b']['median']:.1f} ({handle_bf16:.2f}x); the same "
+        f"label as float32 on {agreed['top1_agreement']:.1%} of the photos (largest confidence "
+        f"difference {agreed['max_confidence_difference']:.4f})"
     )
     print(
         f"load shedding (one at a time, a queue of one, concurrency 16): {shed['refused']} answered 503 "
@@ -326,9 +365,14 @@ def report(args, baseline: dict, runs: dict, handles: dict, timeline: list, burs
             "burst": burst,
             "batched_vs_unbatched_rps": round(ratio, 2),
             "p99_over_p50": round(tail, 2),
+            "cpu_flags": cpu_flags(),
+            "bf16_vs_fp32_rps": round(bf16, 3),
+            "handle_bf16_vs_fp32_rps": round(handle_bf16, 3),
+            "bf16_top1_agreement": agreed["top1_agreement"],
+            "bf16_max_confidence_difference": agreed["max_confidence_difference"],
         }
     )
-    print("docs/benchmarks.md rows:\n" + serve_row(line))
+    print("docs/benchmarks.md rows:\n" + "\n".join(rows("serve", line)))
 
 
 if __name__ == "__main__":
