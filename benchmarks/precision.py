@@ -32,8 +32,9 @@ from score import BACKBONES, cpu_flags
 BATCHES = (32, 128)
 
 
-def member(backbone: str, precision: str):
-    """A one-model `Member` of `backbone` at its own input size, computing in `precision`."""
+def members(backbone: str) -> dict:
+    """One untrained model of `backbone` at its own input size, as a `Member` computing in float32 and
+    as one computing in bfloat16 (the same weights)."""
     from skinray.config import load_config
     from skinray.models import create_classifier
     from skinray.models.backbones import REGISTRY
@@ -45,7 +46,10 @@ def member(backbone: str, precision: str):
         overrides=[f"model.backbone={backbone}", "model.weights=none", f"model.image_size={size}"]
     )
     model = create_classifier(cfg.model, 23)
-    return Member(name=backbone, model=in_precision(model, precision), backbone=backbone, image_size=size)
+    return {
+        p: Member(name=backbone, model=in_precision(model, p), backbone=backbone, image_size=size)
+        for p in ("float32", "bfloat16")
+    }
 
 
 def rate(m, images: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
@@ -71,15 +75,15 @@ def main() -> None:
     files = sorted(p for p in (work / "train").rglob("*") if p.is_file())[: args.images]
     results, agreement = {}, {}
     for backbone in BACKBONES:
-        members = {p: member(backbone, p) for p in ("float32", "bfloat16")}
-        size = members["float32"].image_size
+        pair = members(backbone)
+        size = pair["float32"].image_size
         images = np.stack([decode_views(f.read_bytes(), (size,))[size] for f in files])
-        for m in members.values():  # warm: traced (the graph takes any batch size)
+        for m in pair.values():  # warm: traced (the graph takes any batch size)
             m.logits(images[:2])
-        runs = {(p, b): [] for p in members for b in BATCHES}
+        runs = {(p, b): [] for p in pair for b in BATCHES}
         for _ in range(args.repeats):  # interleaved, so that drift hits every side alike
             for (p, b), values in runs.items():
-                value, logits = rate(members[p], images, b)
+                value, logits = rate(pair[p], images, b)
                 values.append(value)
                 if b == BATCHES[0]:
                     agreement.setdefault(backbone, {})[p] = logits
@@ -101,7 +105,7 @@ def main() -> None:
             "top1_agreement": round(float((a.argmax(1) == b.argmax(1)).mean()), 4),
             "max_logit_difference": round(float(np.abs(a - b).max()), 4),
         }
-        del members
+        del pair
     line = record(
         {
             "benchmark": "precision",
