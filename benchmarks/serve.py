@@ -30,7 +30,7 @@ concurrency 32 for `--burst` seconds and then nothing for `--idle` seconds, and 
 (running, +starting) is printed every 2 s. Prints tables, the docs' row and one JSON line with
 every figure (appended to benchmarks/results/), `batched_vs_unbatched_rps` (concurrency 32, of
 medians, target >= 2) and `p99_over_p50` (batched, concurrency 8, target <= 3). Runtime on 2 cores
-with the defaults: about 15 minutes.
+with the defaults: about 20 minutes.
 """
 
 from __future__ import annotations
