@@ -21,12 +21,50 @@ def test_a_member_rebuilt_in_bfloat16_computes_in_it_and_answers_like_float32(bu
     assert inner and all(layer.dtype_policy.compute_dtype == "bfloat16" for layer in inner)
     assert all(v.dtype == "float32" for v in model.weights)  # variables stay float32
     assert model.get_layer("logits").dtype_policy.name == "float32"
+    kinds = [
+        {type(layer).__name__ for layer in p.members[0].model.get_layer("backbone").layers}
+        for p in (fp32, bf16)
+    ]
+    assert "BatchNormalization" in kinds[0] and "BatchNormalization" not in kinds[1]  # folded
     views = [decode_views(p.read_bytes(), fp32.sizes, 25_000_000) for p in photos]
     stacked = {s: np.stack([v[s] for v in views]) for s in fp32.sizes}
     a, b = fp32.predict(stacked), bf16.predict(stacked)
     assert b.member_logits.dtype == np.float32 and b.probabilities.dtype == np.float32
     assert list(a.labels) == list(b.labels) and np.abs(a.probabilities - b.probabilities).max() < 0.05
     assert np.abs(a.member_logits - b.member_logits).max() > 0  # it did compute in another precision
+
+
+def test_folding_batch_norms_into_their_convolutions_keeps_the_outputs():
+    """The folding's arithmetic, checked in float32 (where it must be exact to rounding): a plain
+    and a depthwise convolution each followed by a BatchNormalization with learnt statistics are
+    folded; one whose convolution also feeds another layer, or that follows an activation, is kept."""
+    import keras
+
+    from skinray.precision import _copy_weights, fold_batch_norms
+
+    inputs = keras.Input((12, 12, 3))
+    a = keras.layers.BatchNormalization(name="bn_a")(keras.layers.Conv2D(8, 3, name="conv_a")(inputs))
+    b = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="dw")(a)
+    b = keras.layers.BatchNormalization(name="bn_dw", scale=False)(b)
+    c = keras.layers.Conv2D(16, 1, name="conv_c")(b)
+    kept = keras.layers.BatchNormalization(name="bn_kept")(c)  # conv_c also feeds the Add
+    d = keras.layers.Add()([kept, c])
+    e = keras.layers.BatchNormalization(name="bn_after_relu")(keras.layers.ReLU()(d))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(e))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.get_weights()])
+    config = model.get_config()
+    folded = fold_batch_norms(config)
+    assert folded == {"bn_a": "conv_a", "bn_dw": "dw"}
+    rebuilt = keras.Model.from_config(config)
+    _copy_weights(model, rebuilt, folded)
+    names = {layer.name for layer in rebuilt.layers}
+    assert {"bn_kept", "bn_after_relu"} <= names and not {"bn_a", "bn_dw"} & names
+    x = rng.uniform(0, 1, (4, 12, 12, 3)).astype("float32")
+    expected, got = np.asarray(model(x, training=False)), np.asarray(rebuilt(x, training=False))
+    assert np.abs(expected - got).max() < 1e-4 * np.abs(expected).max()
 
 
 def test_auto_is_bfloat16_only_where_it_is_native(monkeypatch):
