@@ -30,7 +30,11 @@ def test_a_member_rebuilt_in_bfloat16_computes_in_it_and_answers_like_float32(bu
     stacked = {s: np.stack([v[s] for v in views]) for s in fp32.sizes}
     a, b = fp32.predict(stacked), bf16.predict(stacked)
     assert b.member_logits.dtype == np.float32 and b.probabilities.dtype == np.float32
-    assert list(a.labels) == list(b.labels) and np.abs(a.probabilities - b.probabilities).max() < 0.05
+    assert np.abs(a.probabilities - b.probabilities).max() < 0.05
+    # Only a near tie may change its label (a fresh-clone run saw one: 0.342 against 0.357 in float32).
+    top = np.sort(a.probabilities, axis=1)
+    differ = np.asarray(a.labels) != np.asarray(b.labels)
+    assert (top[differ, -1] - top[differ, -2] < 0.05).all()
     assert np.abs(a.member_logits - b.member_logits).max() > 0  # it did compute in another precision
 
 
