@@ -86,7 +86,9 @@ def test_prometheus_scrapes_the_metrics_and_evaluates_the_shipped_rules(
     config.write_text(
         yaml.safe_dump(
             {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                # Prometheus' timeout defaults to the interval: 1 s let a loaded CI machine's
+                # scrapes of a long-lived cluster's metrics all time out, so allow 5 s.
+                "global": {"scrape_interval": "5s", "scrape_timeout": "5s", "evaluation_interval": "1s"},
                 "rule_files": [str(ROOT / "deploy" / "prometheus" / "skinray-rules.yml")],
                 "scrape_configs": [
                     {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
@@ -124,20 +126,24 @@ def test_prometheus_scrapes_the_metrics_and_evaluates_the_shipped_rules(
         "recorded": "count(skinray:requests:rate5m)",
     }
     found: dict = {}
+    targets: list = []
     try:
-        deadline = time.monotonic() + 90  # Ray exports its metrics every few seconds
+        deadline = time.monotonic() + 120  # Ray exports its metrics every few seconds
         while time.monotonic() < deadline:
             found = {name: query(expr) for name, expr in queries.items()}
             if found["ok"] >= 2 and all(found.values()):
                 break
             time.sleep(2)
+        else:  # what the scrapes saw, for the failure message
+            answer = requests.get(f"http://127.0.0.1:{web}/api/v1/targets", timeout=5).json()
+            targets = [
+                {k: t.get(k) for k in ("health", "lastError", "lastScrapeDuration")}
+                for t in answer["data"]["activeTargets"]
+            ]
     finally:
         server.terminate()
         server.wait(30)
-    assert found["ok"] >= 2 and found["refused"] >= 1, (
-        found,
-        (tmp_path / "prometheus.log").read_text()[-2000:],
-    )
+    assert found["ok"] >= 2 and found["refused"] >= 1, (found, targets)
     assert found["latency"] >= 3 and found["answers"] >= 2 and found["batches"] >= 2, found
     assert found["validation"] == 2 and found["recorded"] >= 1, found
 
