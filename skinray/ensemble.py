@@ -292,7 +292,7 @@ def fit_bundle(member_paths: list[str], archive: str, out: str, cfg: Config) -> 
         member_paths,
         predictor.sizes,
         source,
-        cfg.score,
+        dataclasses.replace(cfg.score, precision="float32"),  # fitting is always float32
         "the validation split",
         with_features=True,
     )  # one pass of the engine: the validation split, and the training images the OOD check knows

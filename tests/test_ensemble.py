@@ -309,6 +309,33 @@ def test_a_bundle_is_never_overwritten(cli_bundle, members, ray_cluster, tmp_pat
     assert Predictor.from_path(str(partial)).version == resumed["version"]  # verified: every file whole
 
 
+def test_fitting_runs_in_float32_whatever_the_configured_precision(members, ray_cluster, tmp_path, monkeypatch):
+    """Temperatures, weights, thresholds and sets are fitted on float32 logits even when the
+    config asks bulk scoring for bfloat16 (`score.precision` is the scoring engine's, not fitting's)."""
+    import skinray.inference
+    from skinray.config import load_config
+    from skinray.ensemble import build_ensemble
+
+    class Seen(Exception):
+        pass
+
+    asked = []
+
+    def stop(*args, **kwargs):
+        asked.append(args[4].precision)
+        raise Seen  # nothing more to see
+
+    monkeypatch.setattr(skinray.inference, "labelled_logits", stop)
+    with pytest.raises(Seen):
+        build_ensemble(
+            members["runs"],
+            str(members["archive"]),
+            str(tmp_path / "bundle"),
+            load_config(overrides=["score.precision=bfloat16"]),
+        )
+    assert asked == ["float32"]
+
+
 def _member_copy(run: str, tmp_path, name: str, edit) -> str:
     copy = tmp_path / name
     shutil.copytree(run, copy)
