@@ -46,14 +46,17 @@ def resolve(precision: str) -> tuple[str, str]:
 
 
 def in_precision(model, precision: str):
-    """`model` as it computes in `precision`: itself for float32; for bfloat16, a copy rebuilt
-    under `mixed_bfloat16` (but its KEEP_FLOAT32 layers) with the same weights, and with each
-    BatchNormalization that follows a convolution folded into it (`fold_batch_norms`)."""
-    if precision == "float32":
-        return model
+    """`model` ready for inference in `precision`: a copy rebuilt from its config with the same
+    weights, each BatchNormalization that follows a convolution folded into it (`fold_batch_norms`),
+    and for bfloat16 under `mixed_bfloat16` (but its KEEP_FLOAT32 layers). Itself when there is
+    nothing to change (float32 and nothing to fold). For inference only: a folded model trains
+    differently (its BatchNormalizations are gone)."""
     config = model.get_config()
     folded = fold_batch_norms(config)
-    _set_policies(config, "mixed_bfloat16")
+    if precision == "float32" and not folded:
+        return model
+    if precision != "float32":
+        _set_policies(config, "mixed_bfloat16")
     import skinray.models.classifier  # noqa: F401  registers the custom layers
 
     rebuilt = model.__class__.from_config(config)
@@ -64,11 +67,11 @@ def in_precision(model, precision: str):
 # === BatchNormalization folded into the convolution before it ===
 #
 # At inference a BatchNormalization is a per-channel scale and shift, which the convolution before
-# it can apply itself: kernel x scale, (bias - mean) x scale + beta. Under a bfloat16 policy Keras
-# computes every BatchNormalization in float32, casting the activations up and back around it;
-# folding removes both casts and the layer (measured: ResNet50 1.7x and EfficientNetV2S 1.4x the
-# images/s in bfloat16, docs/benchmarks.md). Only a convolution whose one output feeds that
-# BatchNormalization alone, with no activation of its own, is folded; the rest stay as they are.
+# it can apply itself: kernel x scale, (bias - mean) x scale + beta. That saves a pass over the
+# activations in float32; under a bfloat16 policy it saves more, since Keras computes every
+# BatchNormalization in float32, casting the activations up and back around it (docs/benchmarks.md
+# has the figures). Only a convolution whose one output feeds that BatchNormalization alone, with
+# no activation of its own, is folded; the rest stay as they are.
 
 FOLDABLE = ("Conv2D", "DepthwiseConv2D")
 

@@ -198,7 +198,7 @@ class Predictor:
     threshold: float = 0.0
     version: str = ""  # the bundle's content hash; a run's checkpoint path otherwise
     manifest: dict = field(default_factory=dict)  # bundle.json (empty for a run)
-    precision: str = "float32"  # what the loaded models compute in (`to_precision`)
+    precision: str = ""  # what the models compute in once `to_precision` readied them; "" as loaded
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -228,9 +228,10 @@ class Predictor:
             member.model = load_model(member.file, data)
 
     def to_precision(self, precision: str) -> tuple[str, str]:
-        """Rebuilds the loaded members' models to compute in `precision` (`skinray.precision`: auto
-        is resolved for this process's device); returns (the precision chosen, why). Logits stay
-        float32."""
+        """Readies the loaded members' models for inference in `precision` (`skinray.precision`:
+        rebuilt with their BatchNormalizations folded; auto is resolved for this process's device);
+        returns (the precision chosen, why). Logits stay float32. The inference engines (score's
+        actors, Serve's replicas) call it; models loaded to train from or export are left as saved."""
         from skinray.precision import in_precision, resolve
 
         chosen, why = resolve(precision)

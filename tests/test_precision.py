@@ -38,6 +38,29 @@ def test_a_member_rebuilt_in_bfloat16_computes_in_it_and_answers_like_float32(bu
     assert np.abs(a.member_logits - b.member_logits).max() > 0  # it did compute in another precision
 
 
+def test_the_inference_engines_fold_batch_norms_in_float32_too(bundle, photos):
+    """`to_precision("float32")` (what score's actors and Serve's replicas call) folds the
+    BatchNormalizations as bfloat16 does, and answers as the saved model does, to float32 rounding;
+    a model loaded without it (to train from, or export) keeps its layers."""
+    from skinray.data.ingest import decode_views
+    from skinray.predictor import Predictor
+
+    saved, ready = Predictor.from_path(str(bundle)), Predictor.from_path(str(bundle))
+    assert ready.to_precision("float32") == ("float32", "as configured")
+    kinds = [
+        {type(layer).__name__ for layer in p.members[0].model.get_layer("backbone").layers}
+        for p in (saved, ready)
+    ]
+    assert "BatchNormalization" in kinds[0] and "BatchNormalization" not in kinds[1]
+    assert all(layer.dtype_policy.name == "float32" for layer in ready.members[0].model.layers)
+    views = [decode_views(p.read_bytes(), saved.sizes, 25_000_000) for p in photos]
+    stacked = {s: np.stack([v[s] for v in views]) for s in saved.sizes}
+    a, b = saved.predict(stacked), ready.predict(stacked)
+    np.testing.assert_allclose(a.member_logits, b.member_logits, atol=1e-4)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    assert list(a.labels) == list(b.labels)
+
+
 def test_folding_batch_norms_into_their_convolutions_keeps_the_outputs():
     """The folding's arithmetic, checked in float32 (where it must be exact to rounding): a plain
     and a depthwise convolution each followed by a BatchNormalization with learnt statistics are
