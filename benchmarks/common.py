@@ -258,6 +258,8 @@ def precision_row(line: dict) -> str:
             f"{r['bf16_vs_fp32_b32']:.2f} / {r['bf16_vs_fp32_b128']:.2f}",
             f"{r['bf16_best_vs_fp32_best']:.2f}",
             f"{r['top1_agreement']:.1%} ({r['max_logit_difference']:.3f})",
+            # float32 as saved (not folded), batch 32, and what folding gained it (since stop 32)
+            f"{_cell(r['saved_b32'], 1)} ({r['folded_vs_saved_fp32']:.2f})" if "saved_b32" in r else "—",
         ]
         rows.append(_row(cells))
     return "\n".join(rows)

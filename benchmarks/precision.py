@@ -8,7 +8,9 @@ measures each member at the size skinray trains and serves it (ResNet50 at 224 p
 images/s of a member's traced function (`Member.logits`, the code the score actors and the model
 replicas run) on `--images` generated photos decoded beforehand. float32 is the baseline; bfloat16
 (`skinray.precision.in_precision`: the member rebuilt under `mixed_bfloat16`, logits float32) is
-the project's figure; each at a batch of 32 (`score.batch_size`'s default) and 128. Every
+the project's figure; both as the inference engines run them (BatchNormalizations folded into
+their convolutions), each at a batch of 32 (`score.batch_size`'s default) and 128; beside them
+the model as saved (float32, not folded) at 32, for the folding's own gain. Every
 combination runs `--repeats` times, interleaved, each warmed (traced) first: medians, best and
 spread; ratios are of medians. Beside them: the top-1 agreement of the two precisions on the
 photos and the largest logit difference (untrained models answer near-uniformly: a harsh case),
@@ -33,8 +35,8 @@ BATCHES = (32, 128)
 
 
 def members(backbone: str) -> dict:
-    """One untrained model of `backbone` at its own input size, as a `Member` computing in float32 and
-    as one computing in bfloat16 (the same weights)."""
+    """One untrained model of `backbone` at its own input size, as `Member`s with the same weights:
+    as saved, and as the inference engines run it in float32 and in bfloat16."""
     from skinray.config import load_config
     from skinray.models import create_classifier
     from skinray.models.backbones import REGISTRY
@@ -46,10 +48,8 @@ def members(backbone: str) -> dict:
         overrides=[f"model.backbone={backbone}", "model.weights=none", f"model.image_size={size}"]
     )
     model = create_classifier(cfg.model, 23)
-    return {
-        p: Member(name=backbone, model=in_precision(model, p), backbone=backbone, image_size=size)
-        for p in ("float32", "bfloat16")
-    }
+    models = {"saved": model, **{p: in_precision(model, p) for p in ("float32", "bfloat16")}}
+    return {p: Member(name=backbone, model=m, backbone=backbone, image_size=size) for p, m in models.items()}
 
 
 def rate(m, images: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
@@ -80,7 +80,7 @@ def main() -> None:
         images = np.stack([decode_views(f.read_bytes(), (size,))[size] for f in files])
         for m in pair.values():  # warm: traced (the graph takes any batch size)
             m.logits(images[:2])
-        runs = {(p, b): [] for p in pair for b in BATCHES}
+        runs = {(p, b): [] for p in pair for b in BATCHES if p != "saved" or b == BATCHES[0]}
         for _ in range(args.repeats):  # interleaved, so that drift hits every side alike
             for (p, b), values in runs.items():
                 value, logits = rate(pair[p], images, b)
@@ -102,6 +102,7 @@ def main() -> None:
             "bf16_best_vs_fp32_best": round(max(median["bfloat16", n] for n in BATCHES) / best32, 3),
             "b128_vs_b32_fp32": round(median["float32", 128] / median["float32", 32], 3),
             "b128_vs_b32_bf16": round(median["bfloat16", 128] / median["bfloat16", 32], 3),
+            "folded_vs_saved_fp32": round(median["float32", 32] / median["saved", 32], 3),
             "top1_agreement": round(float((a.argmax(1) == b.argmax(1)).mean()), 4),
             "max_logit_difference": round(float(np.abs(a - b).max()), 4),
         }
