@@ -11,9 +11,10 @@ One bundle, one set of files, one machine, one run:
     bfloat16 rebuilds them: 20-35 s here, once per job) is left out, as the baselines leave out
     loading their models; that start-up and the end-to-end rate are printed beside it;
 (a) batched loop: a hand-written loop in one process: read, decode, warp a batch of 32, then call
-    each member model on it and combine (the same decode and warp functions, the same models);
+    each member model on it and combine (the same decode and warp functions, the same models as
+    the score actors run them: `Predictor.to_precision`, BatchNormalizations folded);
 (b) per image: the seed notebook's way: for each file load it, resize, then `model.predict` on a
-    batch of one, member by member (run on `--per-image` files: it is slow).
+    batch of one, member by member, the models as saved (run on `--per-image` files: it is slow).
 The bundle is the three real backbones (ResNet50, InceptionV3, EfficientNetV2S, random weights:
 speed does not depend on them) at `--size` px, 23 classes, equal weights. Precision is a column:
 (s) and (a) run in float32 and in bfloat16 (`score.precision`, `Predictor.to_precision`), each
@@ -239,11 +240,11 @@ def main() -> None:
     paths = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     classes = sorted(p.name for p in folder.iterdir())
     bundle = build_bundle(work, args.size, classes)
-    predictor = Predictor.from_path(str(bundle))
-    bf16 = Predictor.from_path(str(bundle))
+    saved, predictor, bf16 = (Predictor.from_path(str(bundle)) for _ in range(3))
+    predictor.to_precision("float32")  # as the score actors run them (folded), like bfloat16
     bf16.to_precision("bfloat16")
     xla, xla_bf16 = compiled(predictor), compiled(bf16)
-    flops = sum(model_flops(m.model) for m in predictor.members)
+    flops = sum(model_flops(m.model) for m in saved.members)
     peak, peak_bf16 = matmul_peak(), matmul_peak(dtype="bfloat16")
 
     ray.init(num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, log_to_driver=False)
@@ -258,7 +259,7 @@ def main() -> None:
     }
     for model, batch, functions, _ in loops.values():  # warm: each traced (or compiled) at its shapes
         batched_rate(model, paths[:batch], batch, functions=functions)
-    per_image_rate(predictor, paths[:2])  # warm: model.predict's function traced
+    per_image_rate(saved, paths[:2])  # warm: model.predict's function traced
     names = ("skinray", "skinray_bf16", *loops, "per_image", "end_to_end", "startup", "startup_bf16")
     rates = {k: [] for k in names}
     fp32_probabilities, bf16_probabilities = [], []
@@ -275,7 +276,7 @@ def main() -> None:
             kept = keep.get(name) if r == 0 else None
             rates[name].append(batched_rate(model, files, batch, keep=kept, functions=functions))
         start = (r * args.per_image) % len(paths)
-        rates["per_image"].append(per_image_rate(predictor, paths[start : start + args.per_image]))
+        rates["per_image"].append(per_image_rate(saved, paths[start : start + args.per_image]))
         print(
             f"repeat {r + 1}: skinray {measured['steady']:.1f} (end to end {measured['end_to_end']:.1f}, "
             f"start-up {measured['startup_seconds']:.0f} s), in bfloat16 {in_bf16['steady']:.1f} "
