@@ -99,9 +99,14 @@ def ingest_row(line: dict) -> str:
     )
 
 
+def _score_date(line: dict) -> str:
+    """The date cell of the scoring tables: the date, and the input size when not the default 96 px."""
+    return line["date"] if line.get("size", 96) == 96 else f"{line['date']}, {line['size']} px"
+
+
 def score_row(line: dict) -> str:
     cells = [
-        line["date"],
+        _score_date(line),
         _cell(line["skinray"], 1),
         f"{_cell(line['end_to_end'], 1)} ({line['startup_seconds']:.0f} s)",
         _cell(line["batched_loop"], 1),
@@ -118,7 +123,7 @@ def score_row(line: dict) -> str:
 def score_precision_row(line: dict) -> str:
     """The precision table's row of a score run (runs before 2026-12-01 have none)."""
     cells = [
-        line["date"],
+        _score_date(line),
         ", ".join(line["cpu_flags"]) or "none",
         _cell(line["skinray"], 1),
         _cell(line["skinray_bf16"], 1),
@@ -134,7 +139,7 @@ def score_precision_row(line: dict) -> str:
 def score_choices_row(line: dict) -> str:
     """The batch-size and XLA row of a score run (runs before 2026-12-01 have none)."""
     cells = [
-        line["date"],
+        _score_date(line),
         f"{_cell(line['batched_loop'], 1)} / {_cell(line['batched_loop_bf16'], 1)}",
         f"{_cell(line['batched_loop_128'], 1)} / {_cell(line['batched_loop_128_bf16'], 1)}",
         f"{line['batch_128_vs_32']:.2f} / {line['batch_128_vs_32_bf16']:.2f}",
