@@ -309,7 +309,9 @@ def test_a_bundle_is_never_overwritten(cli_bundle, members, ray_cluster, tmp_pat
     assert Predictor.from_path(str(partial)).version == resumed["version"]  # verified: every file whole
 
 
-def test_fitting_runs_in_float32_whatever_the_configured_precision(members, ray_cluster, tmp_path, monkeypatch):
+def test_fitting_runs_in_float32_whatever_the_configured_precision(
+    members, ray_cluster, tmp_path, monkeypatch
+):
     """Temperatures, weights, thresholds and sets are fitted on float32 logits even when the
     config asks bulk scoring for bfloat16 (`score.precision` is the scoring engine's, not fitting's)."""
     import skinray.inference
