@@ -10,8 +10,15 @@ from skinray import UserError
 from skinray.config import ConfigError, load_config
 
 
-def test_a_member_rebuilt_in_bfloat16_computes_in_it_and_answers_like_float32(bundle, photos):
+def _stacked_views(photos, sizes) -> dict[int, np.ndarray]:
+    """The photos decoded as a Predictor takes them: one stacked batch of views per input size."""
     from skinray.data.ingest import decode_views
+
+    views = [decode_views(p.read_bytes(), sizes, 25_000_000) for p in photos]
+    return {s: np.stack([v[s] for v in views]) for s in sizes}
+
+
+def test_a_member_rebuilt_in_bfloat16_computes_in_it_and_answers_like_float32(bundle, photos):
     from skinray.predictor import Predictor
 
     fp32, bf16 = Predictor.from_path(str(bundle)), Predictor.from_path(str(bundle))
@@ -26,8 +33,7 @@ def test_a_member_rebuilt_in_bfloat16_computes_in_it_and_answers_like_float32(bu
         for p in (fp32, bf16)
     ]
     assert "BatchNormalization" in kinds[0] and "BatchNormalization" not in kinds[1]  # folded
-    views = [decode_views(p.read_bytes(), fp32.sizes, 25_000_000) for p in photos]
-    stacked = {s: np.stack([v[s] for v in views]) for s in fp32.sizes}
+    stacked = _stacked_views(photos, fp32.sizes)
     a, b = fp32.predict(stacked), bf16.predict(stacked)
     assert b.member_logits.dtype == np.float32 and b.probabilities.dtype == np.float32
     assert np.abs(a.probabilities - b.probabilities).max() < 0.05
@@ -42,7 +48,6 @@ def test_the_inference_engines_fold_batch_norms_in_float32_too(bundle, photos):
     """`to_precision("float32")` (what score's actors and Serve's replicas call) folds the
     BatchNormalizations as bfloat16 does, and answers as the saved model does, to float32 rounding;
     a model loaded without it (to train from, or export) keeps its layers."""
-    from skinray.data.ingest import decode_views
     from skinray.predictor import Predictor
 
     saved, ready = Predictor.from_path(str(bundle)), Predictor.from_path(str(bundle))
@@ -53,8 +58,7 @@ def test_the_inference_engines_fold_batch_norms_in_float32_too(bundle, photos):
     ]
     assert "BatchNormalization" in kinds[0] and "BatchNormalization" not in kinds[1]
     assert all(layer.dtype_policy.name == "float32" for layer in ready.members[0].model.layers)
-    views = [decode_views(p.read_bytes(), saved.sizes, 25_000_000) for p in photos]
-    stacked = {s: np.stack([v[s] for v in views]) for s in saved.sizes}
+    stacked = _stacked_views(photos, saved.sizes)
     a, b = saved.predict(stacked), ready.predict(stacked)
     np.testing.assert_allclose(a.member_logits, b.member_logits, atol=1e-4)
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
