@@ -75,15 +75,15 @@ def main() -> None:
     files = sorted(p for p in (work / "train").rglob("*") if p.is_file())[: args.images]
     results, agreement = {}, {}
     for backbone in BACKBONES:
-        pair = members(backbone)
-        size = pair["float32"].image_size
+        variants = members(backbone)
+        size = variants["float32"].image_size
         images = np.stack([decode_views(f.read_bytes(), (size,))[size] for f in files])
-        for m in pair.values():  # warm: traced (the graph takes any batch size)
+        for m in variants.values():  # warm: traced (the graph takes any batch size)
             m.logits(images[:2])
-        runs = {(p, b): [] for p in pair for b in BATCHES if p != "saved" or b == BATCHES[0]}
+        runs = {(p, b): [] for p in variants for b in BATCHES if p != "saved" or b == BATCHES[0]}
         for _ in range(args.repeats):  # interleaved, so that drift hits every side alike
             for (p, b), values in runs.items():
-                value, logits = rate(pair[p], images, b)
+                value, logits = rate(variants[p], images, b)
                 values.append(value)
                 if b == BATCHES[0]:
                     agreement.setdefault(backbone, {})[p] = logits
@@ -106,7 +106,7 @@ def main() -> None:
             "top1_agreement": round(float((a.argmax(1) == b.argmax(1)).mean()), 4),
             "max_logit_difference": round(float(np.abs(a - b).max()), 4),
         }
-        del pair
+        del variants
     line = record(
         {
             "benchmark": "precision",
